@@ -1,0 +1,87 @@
+//! The HTTP client the command line uses to talk to a main or a remote.
+
+use std::time::Duration;
+
+use serde_json::Value as J;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The service answered with an error; its message is the whole story.
+    #[error("{message}")]
+    Api { status: u16, message: String },
+    #[error(
+        "cannot reach the crmsync API at {url}: {detail}. Is the service running? (`crmsync up` starts one; --api or CRMSYNC_API picks another)"
+    )]
+    Unreachable { url: String, detail: String },
+}
+
+impl ClientError {
+    /// The process exit code for this error: 1 for a refused request, 3 when the service is
+    /// unreachable.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ClientError::Api { .. } => 1,
+            ClientError::Unreachable { .. } => 3,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base: &str) -> Client {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("HTTP client builds");
+        Client { base: base.trim_end_matches('/').to_owned(), http }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<J, ClientError> {
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable { url: self.base.clone(), detail: root_cause(&e) })?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| ClientError::Unreachable { url: self.base.clone(), detail: e.to_string() })?;
+        let body: J = serde_json::from_str(&text).unwrap_or(J::String(text));
+        if (200..300).contains(&status) {
+            Ok(body)
+        } else {
+            let message = body.get("error").and_then(J::as_str).map(str::to_owned).unwrap_or_else(|| body.to_string());
+            Err(ClientError::Api { status, message })
+        }
+    }
+
+    pub async fn get(&self, path: &str, query: &[(String, String)]) -> Result<J, ClientError> {
+        self.send(self.http.get(format!("{}{path}", self.base)).query(query)).await
+    }
+
+    pub async fn post(&self, path: &str, body: &J) -> Result<J, ClientError> {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body)).await
+    }
+
+    pub async fn patch(&self, path: &str, body: &J) -> Result<J, ClientError> {
+        self.send(self.http.patch(format!("{}{path}", self.base)).json(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<J, ClientError> {
+        self.send(self.http.delete(format!("{}{path}", self.base))).await
+    }
+}
+
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}

@@ -1,0 +1,246 @@
+//! The command line: `crmsync <noun> <verb>`. Record, set, remote and status commands are
+//! clients of a service's HTTP API; `main serve`, `remote serve`, `remote init`, the offline
+//! rebuilds and `up` run the services themselves.
+
+mod client;
+mod records;
+mod services;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+pub use client::{Client, ClientError};
+
+/// The main's API address, the default of `--api`.
+pub const DEFAULT_API: &str = "http://127.0.0.1:7420";
+
+#[derive(Debug, Parser)]
+#[command(name = "crmsync", version, about = "Main/remote synchronization of a contact database over NATS JetStream")]
+pub struct Cli {
+    /// The API of the service to talk to (a main or a remote).
+    #[arg(long, global = true, env = "CRMSYNC_API", default_value = DEFAULT_API)]
+    pub api: String,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run everything locally: nats-server, a main, two demo remotes.
+    Up(UpArgs),
+    /// Run or rebuild the main.
+    #[command(subcommand)]
+    Main(MainCommand),
+    /// Create, list and show remotes (at the main); set up, run and rebuild one (at its site).
+    #[command(subcommand)]
+    Remote(RemoteCommand),
+    /// Sync sets: which records remotes hold.
+    #[command(subcommand)]
+    Set(SetCommand),
+    /// The service's state: database id, role, counts, stream position, backlog.
+    Status,
+    /// Rebuild the service behind --api (a remote) from the stream, with progress.
+    Rebuild,
+    #[command(subcommand)]
+    Contact(RecordCommand),
+    #[command(subcommand)]
+    Company(RecordCommand),
+    #[command(subcommand)]
+    Group(RecordCommand),
+    #[command(subcommand)]
+    Membership(RecordCommand),
+    #[command(subcommand)]
+    Note(RecordCommand),
+    #[command(subcommand)]
+    History(RecordCommand),
+    #[command(subcommand)]
+    Activity(RecordCommand),
+    #[command(subcommand)]
+    User(RecordCommand),
+    #[command(subcommand)]
+    Team(RecordCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Where the nats-server store, the main and the remotes keep their data.
+    #[arg(long, default_value = "crmsync-data")]
+    pub data: PathBuf,
+    /// The nats-server client port.
+    #[arg(long, default_value_t = 4222)]
+    pub nats_port: u16,
+    /// The main's API address.
+    #[arg(long, default_value = "127.0.0.1:7420")]
+    pub main_listen: SocketAddr,
+    /// The demo remotes' API addresses.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:7421,127.0.0.1:7422")]
+    pub remote_listen: Vec<SocketAddr>,
+    /// Contacts generated on first start.
+    #[arg(long, default_value_t = 1000)]
+    pub contacts: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct NatsArg {
+    /// The NATS server.
+    #[arg(long = "nats", env = "CRMSYNC_NATS", default_value = "nats://127.0.0.1:4222")]
+    pub url: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MainCommand {
+    /// Run the main service: API, projector, router.
+    Serve {
+        #[command(flatten)]
+        nats: NatsArg,
+        #[arg(long, default_value = "crmsync-data/main")]
+        data: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:7420")]
+        listen: SocketAddr,
+    },
+    /// Rebuild the main's projection from CRM_EVENTS (with the service stopped).
+    Rebuild {
+        #[command(flatten)]
+        nats: NatsArg,
+        #[arg(long, default_value = "crmsync-data/main")]
+        data: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RemoteCommand {
+    /// Register a remote at the main and write its bundle file.
+    Create {
+        name: String,
+        #[arg(long)]
+        set: String,
+        /// Days without sync after which the remote expires (2-90).
+        #[arg(long, default_value_t = 30)]
+        expires_days: u32,
+        /// Where to write the bundle (default NAME.bundle.json).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The NATS address the remote site uses, if not the main's.
+        #[arg(long)]
+        nats_url: Option<String>,
+    },
+    /// List the remotes registered at the main.
+    List,
+    /// Show one remote, with its backlog.
+    Show { name: String },
+    /// Set up a remote's data directory from its bundle.
+    Init {
+        #[arg(long)]
+        bundle: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+    },
+    /// Run a remote: sync in the background, API in front.
+    Serve {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:7421")]
+        listen: SocketAddr,
+        /// Overrides the NATS address in the bundle.
+        #[arg(long)]
+        nats: Option<String>,
+    },
+    /// Throw a remote's projection away and replay its set (with the service stopped).
+    Rebuild {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        nats: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SetCommand {
+    /// Create a sync set.
+    Create {
+        name: String,
+        /// The set holds every record of the main.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    List,
+    Show {
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RecordCommand {
+    /// Create a record: FIELD=VALUE pairs (lists comma-separated, custom.NAME=VALUE for custom fields).
+    Add {
+        fields: Vec<String>,
+        /// The whole record as a JSON object, merged under the FIELD=VALUE pairs.
+        #[arg(long = "from-json")]
+        from_json: Option<String>,
+    },
+    /// Change some fields of a record; FIELD= clears one.
+    Edit {
+        id: String,
+        fields: Vec<String>,
+        #[arg(long = "from-json")]
+        from_json: Option<String>,
+    },
+    Show {
+        id: String,
+    },
+    /// List records, optionally filtered by FIELD=VALUE pairs.
+    List {
+        filters: Vec<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        after: Option<String>,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+/// Runs the command line; returns the process exit code.
+pub async fn run(cli: Cli) -> i32 {
+    let result = match cli.command {
+        Command::Up(args) => services::up(args).await,
+        Command::Main(cmd) => services::main(cmd).await,
+        Command::Remote(RemoteCommand::Init { bundle, data }) => services::remote_init(&bundle, &data, cli.json),
+        Command::Remote(RemoteCommand::Serve { data, listen, nats }) => {
+            services::remote_serve(data, listen, nats).await
+        }
+        Command::Remote(RemoteCommand::Rebuild { data, nats }) => services::remote_rebuild(data, nats, cli.json).await,
+        command => {
+            // A client's output may go to `head` or a closed pager: end quietly like any Unix
+            // tool instead of panicking on the broken pipe. (Services keep the default of
+            // ignoring SIGPIPE, where a peer's closed socket must not kill the process.)
+            // SAFETY: restoring the default action of a signal before any thread writes.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            }
+            let client = Client::new(&cli.api);
+            return match records::run(&client, command, cli.json).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    e.exit_code()
+                }
+            };
+        }
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}

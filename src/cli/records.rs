@@ -1,0 +1,294 @@
+//! Client commands: records, sets, remotes, status, online rebuild.
+
+use std::time::Duration;
+
+use serde_json::{Value as J, json};
+
+use super::client::{Client, ClientError};
+use super::{Command, RecordCommand, RemoteCommand, SetCommand};
+use crate::model::{FieldType, Kind};
+
+pub async fn run(client: &Client, command: Command, as_json: bool) -> Result<(), ClientError> {
+    match command {
+        Command::Status => {
+            let status = client.get("/v1/status", &[]).await?;
+            print_status(&status, as_json);
+        }
+        Command::Rebuild => rebuild(client, as_json).await?,
+        Command::Set(cmd) => match cmd {
+            SetCommand::Create { name, all, description } => {
+                let body = json!({ "name": name, "all": all, "description": description });
+                let set = client.post("/v1/sets", &body).await?;
+                print_record(Kind::Set, &set, as_json);
+            }
+            SetCommand::List => print_list(Kind::Set, &client.get("/v1/sets", &[]).await?, as_json),
+            SetCommand::Show { name } => {
+                print_record(Kind::Set, &client.get(&format!("/v1/sets/{name}"), &[]).await?, as_json)
+            }
+        },
+        Command::Remote(cmd) => match cmd {
+            RemoteCommand::Create { name, set, expires_days, out, nats_url } => {
+                let body = json!({ "name": name, "set": set, "expires_days": expires_days, "nats_url": nats_url });
+                let bundle = client.post("/v1/remotes", &body).await?;
+                let path = out.unwrap_or_else(|| format!("{name}.bundle.json").into());
+                let text = serde_json::to_string_pretty(&bundle).unwrap_or_default();
+                std::fs::write(&path, text).map_err(|e| ClientError::Api {
+                    status: 0,
+                    message: format!(
+                        "the remote {name} is registered, but its bundle could not be written to {}: {e}",
+                        path.display()
+                    ),
+                })?;
+                if as_json {
+                    println!("{}", json!({ "bundle": path, "remote": bundle }));
+                } else {
+                    println!("remote {name} registered on set {set}; bundle written to {}", path.display());
+                    println!("at the remote site: crmsync remote init --bundle {} --data DIR", path.display());
+                }
+            }
+            RemoteCommand::List => print_list(Kind::Remote, &client.get("/v1/remotes", &[]).await?, as_json),
+            RemoteCommand::Show { name } => {
+                print_record(Kind::Remote, &client.get(&format!("/v1/remotes/{name}"), &[]).await?, as_json)
+            }
+            other => unreachable!("{other:?} runs locally, not through the API"),
+        },
+        Command::Contact(cmd) => record(client, Kind::Contact, cmd, as_json).await?,
+        Command::Company(cmd) => record(client, Kind::Company, cmd, as_json).await?,
+        Command::Group(cmd) => record(client, Kind::Group, cmd, as_json).await?,
+        Command::Membership(cmd) => record(client, Kind::Membership, cmd, as_json).await?,
+        Command::Note(cmd) => record(client, Kind::Note, cmd, as_json).await?,
+        Command::History(cmd) => record(client, Kind::History, cmd, as_json).await?,
+        Command::Activity(cmd) => record(client, Kind::Activity, cmd, as_json).await?,
+        Command::User(cmd) => record(client, Kind::User, cmd, as_json).await?,
+        Command::Team(cmd) => record(client, Kind::Team, cmd, as_json).await?,
+        other => unreachable!("{other:?} runs locally, not through the API"),
+    }
+    Ok(())
+}
+
+fn usage(message: String) -> ClientError {
+    ClientError::Api { status: 0, message }
+}
+
+/// Turns `FIELD=VALUE` pairs into a JSON body, typed by the kind's fields.
+pub fn pairs_to_json(kind: Kind, pairs: &[String], base: Option<&str>) -> Result<J, ClientError> {
+    let mut body = match base {
+        Some(text) => match serde_json::from_str::<J>(text) {
+            Ok(J::Object(m)) => m,
+            Ok(_) => return Err(usage("--from-json must be a JSON object".into())),
+            Err(e) => return Err(usage(format!("--from-json is not valid JSON: {e}"))),
+        },
+        None => serde_json::Map::new(),
+    };
+    for pair in pairs {
+        let Some((name, value)) = pair.split_once('=') else {
+            return Err(usage(format!(
+                "{pair:?} is not FIELD=VALUE; the fields of a {kind} are {}",
+                field_names(kind)
+            )));
+        };
+        if let Some(custom) = name.strip_prefix("custom.") {
+            let map = body.entry("custom").or_insert_with(|| json!({}));
+            if let J::Object(m) = map {
+                m.insert(custom.to_owned(), J::String(value.to_owned()));
+            }
+            continue;
+        }
+        let typed = if value.is_empty() {
+            J::Null
+        } else {
+            match kind.field(name).map(|f| f.ty) {
+                Some(FieldType::Names) => J::Array(value.split(',').map(|s| J::String(s.trim().to_owned())).collect()),
+                Some(FieldType::Bool) => {
+                    value.parse::<bool>().map(J::Bool).unwrap_or_else(|_| J::String(value.to_owned()))
+                }
+                Some(FieldType::Int) => {
+                    value.parse::<i64>().map(J::from).unwrap_or_else(|_| J::String(value.to_owned()))
+                }
+                _ => J::String(value.to_owned()),
+            }
+        };
+        body.insert(name.to_owned(), typed);
+    }
+    Ok(J::Object(body))
+}
+
+fn field_names(kind: Kind) -> String {
+    kind.fields().iter().map(|f| f.name).collect::<Vec<_>>().join(", ")
+}
+
+async fn record(client: &Client, kind: Kind, cmd: RecordCommand, as_json: bool) -> Result<(), ClientError> {
+    let base = format!("/v1/{}", kind.plural());
+    match cmd {
+        RecordCommand::Add { fields, from_json } => {
+            let body = pairs_to_json(kind, &fields, from_json.as_deref())?;
+            print_record(kind, &client.post(&base, &body).await?, as_json);
+        }
+        RecordCommand::Edit { id, fields, from_json } => {
+            let body = pairs_to_json(kind, &fields, from_json.as_deref())?;
+            print_record(kind, &client.patch(&format!("{base}/{id}"), &body).await?, as_json);
+        }
+        RecordCommand::Show { id } => print_record(kind, &client.get(&format!("{base}/{id}"), &[]).await?, as_json),
+        RecordCommand::List { filters, limit, after } => {
+            let mut query: Vec<(String, String)> = Vec::new();
+            for f in &filters {
+                let Some((k, v)) = f.split_once('=') else {
+                    return Err(usage(format!("filter {f:?} is not FIELD=VALUE")));
+                };
+                query.push((k.to_owned(), v.to_owned()));
+            }
+            query.push(("limit".into(), limit.to_string()));
+            if let Some(after) = after {
+                query.push(("after".into(), after));
+            }
+            print_list(kind, &client.get(&base, &query).await?, as_json);
+        }
+        RecordCommand::Delete { id } => {
+            let out = client.delete(&format!("{base}/{id}")).await?;
+            if as_json {
+                println!("{out}");
+            } else {
+                println!("deleted {kind} {id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn scalar(v: &J) -> String {
+    match v {
+        J::String(s) => s.clone(),
+        J::Array(items) => items.iter().map(scalar).collect::<Vec<_>>().join(","),
+        J::Object(m) => m.iter().map(|(k, v)| format!("{k}={}", scalar(v))).collect::<Vec<_>>().join(" "),
+        other => other.to_string(),
+    }
+}
+
+fn print_record(kind: Kind, record: &J, as_json: bool) {
+    if as_json {
+        println!("{record}");
+        return;
+    }
+    let Some(map) = record.as_object() else {
+        println!("{record}");
+        return;
+    };
+    println!("{kind} {}", map.get("id").map(scalar).unwrap_or_default());
+    let width = map.keys().map(String::len).max().unwrap_or(0);
+    for (k, v) in map {
+        if k != "id" {
+            println!("  {k:width$}  {}", scalar(v));
+        }
+    }
+}
+
+/// One line that says which record this is.
+fn summary(kind: Kind, r: &J) -> String {
+    let f = |name: &str| r.get(name).map(scalar).unwrap_or_default();
+    let s = match kind {
+        Kind::Contact => format!("{} {}  {}, {}", f("first_name"), f("last_name"), f("city"), f("state")),
+        Kind::Note => f("text").chars().take(60).collect(),
+        Kind::Membership => format!("{} in {}", f("contact_id"), f("group_id")),
+        Kind::History | Kind::Activity => format!("{} {}", f("type"), f("regarding")),
+        Kind::Set => {
+            if f("all") == "true" {
+                "all records".into()
+            } else {
+                f("users")
+            }
+        }
+        Kind::Remote => format!("set {}", f("set")),
+        _ => f("name"),
+    };
+    s.trim().to_owned()
+}
+
+fn print_list(kind: Kind, page: &J, as_json: bool) {
+    if as_json {
+        println!("{page}");
+        return;
+    }
+    let items = page.get("items").and_then(J::as_array).cloned().unwrap_or_default();
+    for item in &items {
+        println!("{:28}  {}", item.get("id").map(scalar).unwrap_or_default(), summary(kind, item));
+    }
+    match page.get("next").and_then(J::as_str) {
+        Some(next) => println!("(more: --after {next})"),
+        None if items.is_empty() => println!("no {}", kind.plural()),
+        None => {}
+    }
+}
+
+fn print_status(s: &J, as_json: bool) {
+    if as_json {
+        println!("{s}");
+        return;
+    }
+    let f = |k: &str| s.get(k).map(scalar).unwrap_or_default();
+    println!("role      {}", f("role"));
+    println!("database  {}", f("database_id"));
+    if f("role") == "remote" {
+        println!("remote    {} (set {})", f("remote"), f("set"));
+    }
+    let nats = s.get("nats").cloned().unwrap_or_default();
+    println!(
+        "nats      {} ({})",
+        nats.get("url").map(scalar).unwrap_or_default(),
+        if nats.get("connected") == Some(&J::Bool(true)) { "connected" } else { "not connected" }
+    );
+    if let Some(counts) = s.get("counts").and_then(J::as_object) {
+        let parts: Vec<String> = counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!("records   {}", parts.join(", "));
+    }
+    println!("applied   {} (backlog {})", f("applied"), f("backlog"));
+    if f("role") == "main" {
+        println!("outbox    {}", f("outbox"));
+    }
+    println!("quarantined {}", f("quarantined"));
+    if let Some(q) = s.get("quarantine").and_then(J::as_array) {
+        for item in q {
+            println!("  seq {}  {}  {}", scalar(&item["seq"]), scalar(&item["subject"]), scalar(&item["error"]));
+        }
+    }
+    if let Some(err) = s.get("error").and_then(J::as_str) {
+        println!("ERROR     {err}");
+    }
+    if let Some(r) = s.get("rebuilding").filter(|r| !r.is_null()) {
+        println!("rebuilding {}/{}", scalar(&r["done"]), scalar(&r["total"]));
+    }
+}
+
+async fn rebuild(client: &Client, as_json: bool) -> Result<(), ClientError> {
+    let started = client.post("/v1/rebuild", &json!({})).await?;
+    let total = started.pointer("/rebuilding/total").and_then(J::as_u64).unwrap_or(0);
+    let bar = if as_json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total) };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} records  {per_sec}  eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let status = client.get("/v1/status", &[]).await?;
+        if let Some(err) = status.get("error").and_then(J::as_str) {
+            bar.abandon();
+            return Err(ClientError::Api { status: 0, message: format!("the rebuild stopped: {err}") });
+        }
+        match status.get("rebuilding").filter(|r| !r.is_null()) {
+            Some(r) => bar.set_position(r["done"].as_u64().unwrap_or(0)),
+            None => {
+                bar.finish_and_clear();
+                let summary = status.get("last_rebuild").cloned().unwrap_or(J::Null);
+                if as_json {
+                    println!("{summary}");
+                } else {
+                    println!(
+                        "rebuilt {} records in {:.2} s",
+                        summary["records"].as_u64().unwrap_or(0),
+                        summary["seconds"].as_f64().unwrap_or(0.0)
+                    );
+                }
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! Commands that run services in this process: `up`, `main serve|rebuild`,
+//! `remote init|serve|rebuild`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::StreamExt;
+
+use super::{MainCommand, UpArgs};
+use crate::http;
+use crate::main_service::{Main, MainConfig, RemoteRequest, SetRequest};
+use crate::model::Kind;
+use crate::natsd::{NatsServer, NatsdOptions};
+use crate::remote_service::{self, Remote, RemoteConfig};
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr}: is another service using it? pick another address with the listen flag")
+    })
+}
+
+/// Serves an API in the background until `stop` is sent.
+fn spawn_api(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        if let Err(e) = http::serve(listener, router, async move {
+            let _ = rx.await;
+        })
+        .await
+        {
+            tracing::error!("API server failed: {e}");
+        }
+    });
+    (tx, task)
+}
+
+pub async fn main(cmd: MainCommand) -> anyhow::Result<()> {
+    match cmd {
+        MainCommand::Serve { nats, data, listen } => {
+            let listener = bind(listen).await?;
+            let main = Main::start(MainConfig { nats_url: nats.url, data_dir: data }).await?;
+            tracing::info!("main of database {} serving on http://{listen}", main.database_id());
+            http::serve(listener, http::main_router(main.clone()), shutdown_signal()).await?;
+            main.stop().await;
+            Ok(())
+        }
+        MainCommand::Rebuild { nats, data } => {
+            let bar = progress_bar(0);
+            let started = std::time::Instant::now();
+            let events =
+                crate::main_service::rebuild(&MainConfig { nats_url: nats.url, data_dir: data }, |done, total| {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                })
+                .await?;
+            bar.finish_and_clear();
+            println!("rebuilt the main's projection from {events} events in {:.2} s", started.elapsed().as_secs_f64());
+            Ok(())
+        }
+    }
+}
+
+fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len}  {per_sec}  eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+pub fn remote_init(bundle: &Path, data: &Path, as_json: bool) -> anyhow::Result<()> {
+    let b = remote_service::init(bundle, data)?;
+    if as_json {
+        println!("{}", serde_json::to_string(&b)?);
+    } else {
+        println!("remote {} of database {} (set {}) set up in {}", b.remote, b.database_id, b.set, data.display());
+        println!("start it with: crmsync remote serve --data {}", data.display());
+    }
+    Ok(())
+}
+
+pub async fn remote_serve(data: PathBuf, listen: SocketAddr, nats: Option<String>) -> anyhow::Result<()> {
+    let listener = bind(listen).await?;
+    let remote = Remote::start(RemoteConfig { data_dir: data, nats_url: nats }).await?;
+    tracing::info!("remote {} serving on http://{listen}", remote.bundle().remote);
+    let (stop_api, api) = spawn_api(listener, http::remote_router(remote.clone()));
+    let outcome = tokio::select! {
+        _ = shutdown_signal() => Ok(()),
+        r = remote.stopped() => r,
+    };
+    let _ = stop_api.send(());
+    let _ = api.await;
+    remote.stop().await;
+    outcome.map_err(|e| anyhow::anyhow!("sync stopped: {e}"))
+}
+
+pub async fn remote_rebuild(data: PathBuf, nats: Option<String>, as_json: bool) -> anyhow::Result<()> {
+    let remote = Remote::start(RemoteConfig { data_dir: data, nats_url: nats }).await?;
+    let total = remote.rebuild().await?;
+    let bar = if as_json { indicatif::ProgressBar::hidden() } else { progress_bar(total) };
+    let summary = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let state = remote.state();
+        if let Some(err) = state.error {
+            bar.abandon();
+            anyhow::bail!("the rebuild stopped: {err}");
+        }
+        match state.rebuilding {
+            Some(p) => bar.set_position(p.done),
+            None => break state.last_rebuild,
+        }
+    };
+    bar.finish_and_clear();
+    remote.stop().await;
+    let (records, seconds) = summary.map(|s| (s.records, s.seconds)).unwrap_or_default();
+    if as_json {
+        println!("{}", serde_json::json!({ "records": records, "seconds": seconds }));
+    } else {
+        println!("rebuilt {records} records in {seconds:.2} s");
+    }
+    Ok(())
+}
+
+const DEMO_REMOTES: [&str; 2] = ["laptop", "branch"];
+const DEMO_SET: &str = "all";
+
+pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+    if args.remote_listen.len() != DEMO_REMOTES.len() {
+        anyhow::bail!("--remote-listen takes {} addresses, one per demo remote", DEMO_REMOTES.len());
+    }
+    std::fs::create_dir_all(&args.data).with_context(|| format!("cannot create {}", args.data.display()))?;
+    let main_listener = bind(args.main_listen).await?;
+    let mut remote_listeners = Vec::new();
+    for addr in &args.remote_listen {
+        remote_listeners.push(bind(*addr).await?);
+    }
+    let store_dir = args.data.join("nats");
+    let nats =
+        tokio::task::spawn_blocking(move || NatsServer::start(&NatsdOptions { port: args.nats_port, store_dir }))
+            .await??;
+    let main = Main::start(MainConfig { nats_url: nats.url(), data_dir: args.data.join("main") }).await?;
+    let (stop_main_api, main_api) = spawn_api(main_listener, http::main_router(main.clone()));
+
+    if main.store().get(Kind::Set, DEMO_SET)?.is_none() {
+        main.create_set(&SetRequest {
+            name: DEMO_SET.into(),
+            all: true,
+            description: Some("every record of the main".into()),
+            ..Default::default()
+        })
+        .await?;
+    }
+    let mut remotes = Vec::new();
+    for (name, listener) in DEMO_REMOTES.iter().zip(remote_listeners) {
+        let dir = args.data.join("remotes").join(name);
+        if !dir.join("remote.json").exists() {
+            let bundle = match main.bundle(name) {
+                Ok(b) => b,
+                Err(_) => {
+                    main.create_remote(&RemoteRequest {
+                        name: (*name).into(),
+                        set: DEMO_SET.into(),
+                        ..Default::default()
+                    })
+                    .await?
+                }
+            };
+            let file = args.data.join("remotes").join(format!("{name}.bundle.json"));
+            std::fs::create_dir_all(args.data.join("remotes"))?;
+            std::fs::write(&file, serde_json::to_vec_pretty(&bundle)?)?;
+            remote_service::init(&file, &dir)?;
+        }
+        let remote = Remote::start(RemoteConfig { data_dir: dir, nats_url: None }).await?;
+        let api = spawn_api(listener, http::remote_router(remote.clone()));
+        remotes.push((remote, api));
+    }
+
+    if main.store().counts()?.get(&Kind::Contact).copied().unwrap_or(0) == 0 && args.contacts > 0 {
+        seed(&main, args.contacts).await?;
+    }
+
+    println!();
+    println!("crmsync is running (database {})", main.database_id());
+    println!("  main    http://{}", args.main_listen);
+    for (name, addr) in DEMO_REMOTES.iter().zip(&args.remote_listen) {
+        println!("  {name:7} http://{addr}   remote on set {DEMO_SET}");
+    }
+    println!("  nats    {}   data in {}", nats.url(), args.data.display());
+    println!();
+    println!("Try, in another terminal:");
+    println!("  crmsync status");
+    println!("  crmsync contact list state=NY --limit 5");
+    println!("  crmsync contact edit contact-1 city=Albany phone='+1 518 555 0100'");
+    println!("  crmsync --api http://{} contact show contact-1", args.remote_listen[0]);
+    println!("  crmsync --api http://{} status", args.remote_listen[1]);
+    println!();
+    println!("Ctrl-C stops everything; run `crmsync up` again to resume from the same data.");
+
+    shutdown_signal().await;
+    println!("stopping…");
+    for (remote, (stop_api, api)) in remotes {
+        let _ = stop_api.send(());
+        let _ = api.await;
+        remote.stop().await;
+    }
+    let _ = stop_main_api.send(());
+    let _ = main_api.await;
+    main.stop().await;
+    drop(nats);
+    Ok(())
+}
+
+/// Creates the demo data at the main, parents before children, a few writes at a time.
+async fn seed(main: &Main, contacts: usize) -> anyhow::Result<()> {
+    let records = crate::demo::generate(crate::demo::DemoSize::for_contacts(contacts), 42);
+    let bar = progress_bar(records.len() as u64);
+    bar.set_message("seeding");
+    let phases: [&[Kind]; 6] = [
+        &[Kind::Team],
+        &[Kind::User],
+        &[Kind::Company],
+        &[Kind::Group],
+        &[Kind::Contact],
+        &[Kind::Note, Kind::Membership],
+    ];
+    for phase in phases {
+        let batch: Vec<_> = records.iter().filter(|(k, _)| phase.contains(k)).collect();
+        let mut writes = futures::stream::iter(batch).map(|(kind, body)| main.create(*kind, body)).buffer_unordered(16);
+        while let Some(result) = writes.next().await {
+            result?;
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    println!("seeded {} demo records ({contacts} contacts)", records.len());
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! A generated, repeatable demo data set: users, teams, companies, groups, contacts across ten
+//! states, notes and group memberships. Used by `crmsync up` and the benchmarks.
+
+use serde_json::{Value as J, json};
+
+use crate::model::Kind;
+
+pub const STATES: [(&str, &[&str]); 10] = [
+    ("NY", &["Albany", "Buffalo", "New York", "Rochester", "Syracuse"]),
+    ("CT", &["Hartford", "New Haven", "Stamford"]),
+    ("PA", &["Philadelphia", "Pittsburgh", "Harrisburg"]),
+    ("NJ", &["Newark", "Trenton", "Princeton"]),
+    ("MA", &["Boston", "Worcester", "Springfield"]),
+    ("CA", &["Los Angeles", "San Francisco", "San Diego"]),
+    ("TX", &["Austin", "Dallas", "Houston"]),
+    ("IL", &["Chicago", "Springfield", "Peoria"]),
+    ("WA", &["Seattle", "Spokane", "Tacoma"]),
+    ("FL", &["Miami", "Orlando", "Tampa"]),
+];
+const FIRST: [&str; 16] = [
+    "Ann", "Bob", "Carla", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jon", "Kemal", "Lena", "Mona", "Nils",
+    "Olga", "Pablo",
+];
+const LAST: [&str; 16] = [
+    "Adams", "Baker", "Chen", "Diaz", "Evans", "Fischer", "Garcia", "Hughes", "Ito", "Jensen", "Khan", "Lopez",
+    "Moreau", "Novak", "Okafor", "Patel",
+];
+const TITLES: [&str; 6] = ["Owner", "Buyer", "Engineer", "Director", "Assistant", "Consultant"];
+const INDUSTRIES: [&str; 5] = ["Retail", "Software", "Logistics", "Health", "Finance"];
+
+/// A small deterministic generator (splitmix64): the same seed gives the same data.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+/// How much to generate.
+#[derive(Debug, Clone, Copy)]
+pub struct DemoSize {
+    pub contacts: usize,
+    pub users: usize,
+    pub companies: usize,
+    pub groups: usize,
+    /// One note for every this many contacts.
+    pub note_every: usize,
+}
+
+impl DemoSize {
+    pub fn for_contacts(contacts: usize) -> DemoSize {
+        DemoSize { contacts, users: 20, companies: (contacts / 20).max(1), groups: 5, note_every: 2 }
+    }
+}
+
+/// The records in creation order (parents before children), each a kind and a JSON body
+/// with its id.
+pub fn generate(size: DemoSize, seed: u64) -> Vec<(Kind, J)> {
+    let mut rng = Rng::new(seed);
+    let mut out = Vec::new();
+    for t in 0..3 {
+        out.push((Kind::Team, json!({ "id": format!("team-{t}"), "name": (["Sales", "Support", "Field"][t]) })));
+    }
+    for u in 0..size.users {
+        let role = if u == 0 { "administrator" } else { ["manager", "standard", "standard", "restricted"][u % 4] };
+        out.push((
+            Kind::User,
+            json!({
+                "id": format!("user-{u}"),
+                "name": format!("{} {}", rng.pick(&FIRST), rng.pick(&LAST)),
+                "email": format!("user{u}@example.com"),
+                "role": role,
+                "teams": [format!("team-{}", u % 3)],
+            }),
+        ));
+    }
+    for c in 0..size.companies {
+        let (state, cities) = rng.pick(&STATES);
+        out.push((
+            Kind::Company,
+            json!({
+                "id": format!("company-{c}"),
+                "name": format!("{} {}", rng.pick(&LAST), ["Inc", "LLC", "Group", "Partners"][c % 4]),
+                "industry": rng.pick(&INDUSTRIES),
+                "city": rng.pick(cities),
+                "state": state,
+                "country": "US",
+                "manager": format!("user-{}", c % size.users.max(1)),
+                "access": "public",
+            }),
+        ));
+    }
+    for g in 0..size.groups {
+        out.push((
+            Kind::Group,
+            json!({ "id": format!("group-{g}"), "name": (["Customers", "Prospects", "Partners", "Press", "Suppliers"][g % 5]), "access": "public" }),
+        ));
+    }
+    for i in 0..size.contacts {
+        let (state, cities) = STATES[i % STATES.len()];
+        let company = rng.below(size.companies.max(1));
+        let first = rng.pick(&FIRST);
+        let last = rng.pick(&LAST);
+        let id = format!("contact-{i}");
+        out.push((
+            Kind::Contact,
+            json!({
+                "id": id,
+                "first_name": first,
+                "last_name": last,
+                "company_id": format!("company-{company}"),
+                "title": rng.pick(&TITLES),
+                "phone": format!("+1 555 {:03} {:04}", rng.below(1000), rng.below(10_000)),
+                "email": format!("{}.{}{}@example.com", first.to_lowercase(), last.to_lowercase(), i),
+                "address1": format!("{} Main Street", 1 + rng.below(999)),
+                "city": rng.pick(cities),
+                "state": state,
+                "zip": format!("{:05}", rng.below(100_000)),
+                "country": "US",
+                "manager": format!("user-{}", rng.below(size.users.max(1))),
+                "access": "public",
+                "custom": { "source": (["web", "fair", "referral"][i % 3]) },
+            }),
+        ));
+        if size.note_every > 0 && i % size.note_every == 0 {
+            out.push((
+                Kind::Note,
+                json!({ "id": format!("note-{i}"), "contact_id": id, "text": format!("Met {first} about the {} order.", rng.pick(&INDUSTRIES).to_lowercase()) }),
+            ));
+        }
+        if size.groups > 0 && i % 4 == 0 {
+            out.push((
+                Kind::Membership,
+                json!({ "id": format!("member-{i}"), "contact_id": id, "group_id": format!("group-{}", i % size.groups) }),
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_seed_gives_the_same_data_and_every_record_is_valid() {
+        let a = generate(DemoSize::for_contacts(50), 7);
+        assert_eq!(a, generate(DemoSize::for_contacts(50), 7));
+        assert_eq!(a.iter().filter(|(k, _)| *k == Kind::Contact).count(), 50);
+        for (kind, body) in &a {
+            crate::model::parse_input(*kind, body, true).unwrap_or_else(|e| panic!("{kind}: {e}"));
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! The error of a service operation: what went wrong, in words a user can act on, and which
+//! class it belongs to (the HTTP status follows from the class).
+
+use crate::model::{InputError, Kind};
+use crate::names::NameError;
+use crate::store::StoreError;
+use crate::transport::TransportError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{0}")]
+    Input(#[from] InputError),
+    #[error("{0}")]
+    Name(#[from] NameError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("there is no {kind} with id {id:?}")]
+    NotFound { kind: Kind, id: String },
+    #[error("a {kind} with id {id:?} already exists")]
+    Exists { kind: Kind, id: String },
+    #[error("field `{field}`: there is no {kind} with id {id:?}")]
+    MissingRef { field: String, kind: Kind, id: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unavailable(#[from] TransportError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ServiceError {
+    /// The HTTP status that tells a client which class of failure this is.
+    pub fn status(&self) -> u16 {
+        match self {
+            ServiceError::Input(_) | ServiceError::Name(_) | ServiceError::Invalid(_) => 400,
+            ServiceError::NotFound { .. } => 404,
+            ServiceError::Exists { .. } | ServiceError::Conflict(_) => 409,
+            ServiceError::MissingRef { .. } => 422,
+            ServiceError::Unavailable(_) => 503,
+            ServiceError::Store(_) | ServiceError::Internal(_) => 500,
+        }
+    }
+}

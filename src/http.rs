@@ -1,0 +1,308 @@
+//! The HTTP JSON APIs of the main and of a remote. Handlers are glue: they parse, call the
+//! service, and turn its result or error into JSON with the right status.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Value as J, json};
+
+use crate::error::ServiceError;
+use crate::main_service::{Main, RemoteRequest, SetRequest};
+use crate::model::{self, Kind, Value};
+use crate::remote_service::Remote;
+use crate::store::{Store, Stored};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 1024 * 1024;
+pub const DEFAULT_LIMIT: usize = 100;
+pub const MAX_LIMIT: usize = 10_000;
+
+/// An error as the API returns it: a status and `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError { status, message: message.into() }
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> ApiError {
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            tracing::error!("{e}");
+        }
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> ApiError {
+        ServiceError::from(e).into()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn ok(status: StatusCode, body: J) -> ApiResult {
+    Ok((status, Json(body)).into_response())
+}
+
+/// Parses a request body as JSON, saying where it is wrong.
+fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<J, ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(e.status(), format!("the request body is larger than {MAX_BODY} bytes; send less at once"))
+        } else {
+            ApiError::new(e.status(), format!("cannot read the request body: {e}"))
+        }
+    })?;
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not valid JSON: {e} (line {}, column {})", e.line(), e.column()),
+        )
+    })
+}
+
+fn parse_typed<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let value = parse_body(body)?;
+    serde_json::from_value(value).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid request: {e}")))
+}
+
+fn collection(name: &str, allowed: &[Kind]) -> Result<Kind, ApiError> {
+    Kind::from_plural(name).filter(|k| allowed.contains(k)).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "unknown collection `{name}`; the collections are {}",
+                allowed.iter().map(|k| k.plural()).collect::<Vec<_>>().join(", ")
+            ),
+        )
+    })
+}
+
+fn record_json(id: &str, stored: &Stored) -> J {
+    model::to_json(id, stored.version, &stored.fields)
+}
+
+/// Whether a record matches every `field=value` filter (strings compare case-insensitively).
+fn matches(stored: &Stored, filters: &[(String, String)]) -> bool {
+    filters.iter().all(|(name, want)| match stored.fields.get(name).map(|f| &f.value) {
+        Some(Value::Str(s)) => s.eq_ignore_ascii_case(want),
+        Some(Value::Bool(b)) => b.to_string() == *want,
+        Some(Value::Int(i)) => i.to_string() == *want,
+        Some(Value::List(l)) => l.iter().any(|x| x == want),
+        Some(Value::Null) | None => want.is_empty(),
+        Some(Value::Map(_)) => false,
+    })
+}
+
+async fn list_records(store: Store, kind: Kind, params: BTreeMap<String, String>) -> ApiResult {
+    let mut limit = DEFAULT_LIMIT;
+    let mut after = None;
+    let mut filters = Vec::new();
+    for (k, v) in params {
+        match k.as_str() {
+            "limit" => {
+                limit = v.parse().ok().filter(|n| (1..=MAX_LIMIT).contains(n)).ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("limit must be a number from 1 to {MAX_LIMIT}, got {v:?}"),
+                    )
+                })?
+            }
+            "after" => after = Some(v),
+            _ if kind.field(&k).is_some() => filters.push((k, v)),
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "cannot filter {} by `{k}`: not a field. Use limit, after, or one of: {}",
+                        kind.plural(),
+                        kind.fields().iter().map(|f| f.name).collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    let page =
+        tokio::task::spawn_blocking(move || store.list(kind, after.as_deref(), limit + 1, |_, s| matches(s, &filters)))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let next = if page.len() > limit { page.get(limit - 1).map(|(id, _)| id.clone()) } else { None };
+    let items: Vec<J> = page.iter().take(limit).map(|(id, s)| record_json(id, s)).collect();
+    ok(StatusCode::OK, json!({ "items": items, "next": next }))
+}
+
+fn get_record(store: &Store, kind: Kind, id: &str) -> ApiResult {
+    match store.get(kind, id)? {
+        Some(stored) => ok(StatusCode::OK, record_json(id, &stored)),
+        None => Err(ServiceError::NotFound { kind, id: id.to_owned() }.into()),
+    }
+}
+
+async fn fallback(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no endpoint {method} {}; see the README's API section", uri.path()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The main's API
+
+pub fn main_router(main: Main) -> Router {
+    Router::new()
+        .route("/v1/status", get(main_status))
+        .route("/v1/sets", post(create_set))
+        .route("/v1/remotes", post(create_remote))
+        .route("/v1/remotes/{name}", get(show_remote))
+        .route("/v1/rebuild", post(main_rebuild))
+        .route("/v1/{collection}", get(main_list).post(main_create))
+        .route("/v1/{collection}/{id}", get(main_get).patch(main_update).delete(main_delete))
+        .fallback(fallback)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(main)
+}
+
+async fn main_status(State(main): State<Main>) -> ApiResult {
+    ok(StatusCode::OK, main.status().await?)
+}
+
+async fn main_list(
+    State(main): State<Main>,
+    Path(c): Path<String>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> ApiResult {
+    let kind = collection(&c, &Kind::ALL)?;
+    list_records(main.store().clone(), kind, q).await
+}
+
+async fn main_get(State(main): State<Main>, Path((c, id)): Path<(String, String)>) -> ApiResult {
+    let kind = collection(&c, &Kind::ALL)?;
+    get_record(main.store(), kind, &id)
+}
+
+async fn main_create(
+    State(main): State<Main>,
+    Path(c): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let kind = collection(&c, &Kind::DATA)?;
+    let body = parse_body(body)?;
+    let (id, stored) = main.create(kind, &body).await?;
+    ok(StatusCode::CREATED, record_json(&id, &stored))
+}
+
+async fn main_update(
+    State(main): State<Main>,
+    Path((c, id)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let kind = collection(&c, &Kind::DATA)?;
+    let body = parse_body(body)?;
+    let stored = main.update(kind, &id, &body).await?;
+    ok(StatusCode::OK, record_json(&id, &stored))
+}
+
+async fn main_delete(State(main): State<Main>, Path((c, id)): Path<(String, String)>) -> ApiResult {
+    let kind = collection(&c, &Kind::DATA)?;
+    main.delete(kind, &id).await?;
+    ok(StatusCode::OK, json!({ "deleted": { "kind": kind, "id": id } }))
+}
+
+async fn create_set(State(main): State<Main>, body: Result<Bytes, BytesRejection>) -> ApiResult {
+    let req: SetRequest = parse_typed(body)?;
+    let stored = main.create_set(&req).await?;
+    ok(StatusCode::CREATED, record_json(&req.name, &stored))
+}
+
+async fn create_remote(State(main): State<Main>, body: Result<Bytes, BytesRejection>) -> ApiResult {
+    let req: RemoteRequest = parse_typed(body)?;
+    let bundle = main.create_remote(&req).await?;
+    ok(StatusCode::CREATED, serde_json::to_value(bundle).unwrap_or_default())
+}
+
+async fn show_remote(State(main): State<Main>, Path(name): Path<String>) -> ApiResult {
+    let Some(stored) = main.store().get(Kind::Remote, &name)? else {
+        return Err(ServiceError::NotFound { kind: Kind::Remote, id: name }.into());
+    };
+    let mut body = record_json(&name, &stored);
+    body["backlog"] = main.remote_backlog(&name).await.into();
+    ok(StatusCode::OK, body)
+}
+
+async fn main_rebuild() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "the main rebuilds offline: stop `crmsync main serve`, run `crmsync main rebuild --data DIR`, then start it again",
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// A remote's API
+
+pub fn remote_router(remote: Remote) -> Router {
+    Router::new()
+        .route("/v1/status", get(remote_status))
+        .route("/v1/rebuild", post(remote_rebuild))
+        .route("/v1/{collection}", get(remote_list).post(remote_read_only))
+        .route("/v1/{collection}/{id}", get(remote_get).patch(remote_read_only).delete(remote_read_only))
+        .fallback(fallback)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(remote)
+}
+
+async fn remote_status(State(remote): State<Remote>) -> ApiResult {
+    ok(StatusCode::OK, remote.status().await?)
+}
+
+async fn remote_list(
+    State(remote): State<Remote>,
+    Path(c): Path<String>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> ApiResult {
+    let kind = collection(&c, &Kind::DATA)?;
+    list_records(remote.store().clone(), kind, q).await
+}
+
+async fn remote_get(State(remote): State<Remote>, Path((c, id)): Path<(String, String)>) -> ApiResult {
+    let kind = collection(&c, &Kind::DATA)?;
+    get_record(remote.store(), kind, &id)
+}
+
+async fn remote_read_only() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "this remote's records are read-only in this version: make the change at the main",
+    )
+}
+
+async fn remote_rebuild(State(remote): State<Remote>) -> ApiResult {
+    let total = remote.rebuild().await?;
+    ok(StatusCode::ACCEPTED, json!({ "rebuilding": { "done": 0, "total": total } }))
+}
+
+/// Serves `router` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+}

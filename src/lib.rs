@@ -1,0 +1,25 @@
+//! crmsync: main/remote synchronization of a contact database over NATS JetStream, with a
+//! redb projection at every site.
+//!
+//! The modules follow the architecture (see ARCHITECTURE.md):
+//! - the domain, pure and without IO: [`names`], [`model`], [`hlc`], [`routing`];
+//! - the wire format: [`wire`];
+//! - storage, the only module that knows redb: [`store`];
+//! - transport, the only module that knows NATS: [`transport`], and [`natsd`] to run a server;
+//! - the services: [`main_service`], [`remote_service`], with their HTTP APIs in [`http`];
+//! - the interfaces: [`cli`] (a client of the APIs) and [`up`] (everything on one machine).
+
+pub mod cli;
+pub mod demo;
+pub mod error;
+pub mod hlc;
+pub mod http;
+pub mod main_service;
+pub mod model;
+pub mod names;
+pub mod natsd;
+pub mod remote_service;
+pub mod routing;
+pub mod store;
+pub mod transport;
+pub mod wire;

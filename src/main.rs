@@ -1,0 +1,19 @@
+//! The `crmsync` binary: parses the command line and hands it to the library.
+
+use clap::Parser;
+
+fn main() {
+    let cli = crmsync::cli::Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CRMSYNC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("crmsync=info,warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = runtime.block_on(crmsync::cli::run(cli));
+    std::process::exit(code);
+}

@@ -1,0 +1,586 @@
+//! The main: owner of the authoritative projection, writer of `CRM_EVENTS`, router to
+//! `CRM_SYNC`.
+//!
+//! A write is published to `CRM_EVENTS` first (with `Nats-Msg-Id` and
+//! `Nats-Expected-Last-Subject-Sequence`); the projector applies it from the stream, and the
+//! write returns once the projector has applied it (read-your-writes). Nothing writes the
+//! projection except the projector, so the projection is always a prefix of the stream.
+
+mod projector;
+mod router;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+
+use crate::error::ServiceError;
+use crate::hlc::Clock;
+use crate::model::{self, Field, FieldType, Fields, Kind, Value};
+use crate::names;
+use crate::routing::SetDef;
+use crate::store::{APPLIED, DATABASE_ID, Store, Stored};
+use crate::transport::{self, Incoming, Nats, TransportError};
+use crate::wire::{self, EVENTS_STREAM, Envelope, ORIGIN_MAIN, Op, PRODUCT, SCHEMA_MAJOR};
+
+/// How long a write waits for the projector before it reports the projection as behind.
+const APPLY_WAIT: Duration = Duration::from_secs(15);
+/// How often a write is retried when another write to the same record came first.
+const MAX_ATTEMPTS: usize = 20;
+pub const PROJECTOR_BATCH: usize = 2000;
+
+#[derive(Debug, Clone)]
+pub struct MainConfig {
+    pub nats_url: String,
+    pub data_dir: PathBuf,
+}
+
+/// A remote's bundle: everything a remote site needs to set itself up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Bundle {
+    pub product: String,
+    pub schema: u32,
+    pub database_id: String,
+    pub remote: String,
+    pub set: String,
+    pub nats_url: String,
+    pub consumer: String,
+    pub expires_days: u32,
+    pub created_ms: u64,
+}
+
+pub fn consumer_name(remote: &str) -> String {
+    format!("remote-{remote}")
+}
+
+#[derive(Clone)]
+pub struct Main {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    nats: Nats,
+    config: MainConfig,
+    database_id: String,
+    clock: Clock,
+    applied: watch::Receiver<u64>,
+    shutdown: watch::Sender<bool>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Main {
+    /// Opens the main's data directory, connects to NATS, creates the streams on first start,
+    /// and starts the projector and the router.
+    pub async fn start(config: MainConfig) -> anyhow::Result<Main> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let store = Store::open(&config.data_dir.join("main.redb"))?;
+        let nats = Nats::connect(&config.nats_url, "crmsync-main").await?;
+        let stored_id = store.meta_str(DATABASE_ID)?;
+        let candidate = stored_id.clone().unwrap_or_else(names::new_id);
+        let database_id = nats.ensure_streams(&candidate).await?;
+        if let Some(stored_id) = stored_id
+            && stored_id != database_id
+        {
+            anyhow::bail!(
+                "the data directory {} belongs to database {stored_id}, but the NATS server at {} holds database {database_id}; \
+                 point --nats at the right server, or use another --data directory",
+                config.data_dir.display(),
+                config.nats_url
+            );
+        }
+        store.write(true, |t| {
+            t.set_meta_str(DATABASE_ID, &database_id)?;
+            t.set_meta_str("role", "main")
+        })?;
+        let mut sets = Vec::new();
+        store.for_each(Kind::Set, |name, stored| sets.push(SetDef::from_stored(name, &stored)))?;
+        let (applied_tx, applied) = watch::channel(store.meta(APPLIED)?);
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let notify = Arc::new(Notify::new());
+        let inner = Arc::new(Inner {
+            store: store.clone(),
+            nats: nats.clone(),
+            config,
+            database_id: database_id.clone(),
+            clock: Clock::new(),
+            applied,
+            shutdown,
+            tasks: Mutex::new(Vec::new()),
+        });
+        let projector = tokio::spawn(run_projector(
+            store.clone(),
+            nats.clone(),
+            database_id,
+            sets,
+            applied_tx,
+            notify.clone(),
+            shutdown_rx.clone(),
+        ));
+        let router = tokio::spawn(router::run(store, nats, notify, shutdown_rx));
+        inner.tasks.lock().unwrap().extend([projector, router]);
+        Ok(Main { inner })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn database_id(&self) -> &str {
+        &self.inner.database_id
+    }
+
+    /// Stops the projector and the router and waits for them.
+    pub async fn stop(&self) {
+        let _ = self.inner.shutdown.send(true);
+        let tasks: Vec<_> = std::mem::take(&mut *self.inner.tasks.lock().unwrap());
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Waits until the projector has applied `seq`.
+    pub async fn wait_applied(&self, seq: u64) -> Result<(), ServiceError> {
+        let mut rx = self.inner.applied.clone();
+        match tokio::time::timeout(APPLY_WAIT, rx.wait_for(|a| *a >= seq)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(ServiceError::Internal(format!(
+                "the change is committed to CRM_EVENTS at sequence {seq}, but the main's projection has not applied it \
+                 within {} s; it will appear once the projector catches up (see the main's log)",
+                APPLY_WAIT.as_secs()
+            ))),
+        }
+    }
+
+    /// Waits until the projector has applied everything in `CRM_EVENTS` now.
+    pub async fn catch_up(&self) -> Result<(), ServiceError> {
+        let last = self.inner.nats.last_sequence(EVENTS_STREAM).await?;
+        self.wait_applied(last).await
+    }
+
+    /// Commits one change to a record. `decide` sees the current record and returns the new
+    /// fields, `None` to delete, or an error; it is called again if another write to the same
+    /// record commits first, so no change is ever made against a stale state.
+    async fn commit(
+        &self,
+        kind: Kind,
+        id: &str,
+        decide: impl Fn(Option<&Stored>) -> Result<Decision, ServiceError>,
+    ) -> Result<Option<Stored>, ServiceError> {
+        let subject = wire::event_subject(kind, id);
+        for _ in 0..MAX_ATTEMPTS {
+            let (current, known) = self.inner.store.get_known(kind, id)?;
+            let (op, record) = match decide(current.as_ref())? {
+                Decision::Unchanged => return Ok(current),
+                Decision::Upsert(fields) => (Op::Upsert, Some(fields)),
+                Decision::Delete => (Op::Delete, None),
+            };
+            let envelope = Envelope {
+                product: PRODUCT.into(),
+                schema: SCHEMA_MAJOR,
+                db: self.inner.database_id.clone(),
+                event: names::new_id(),
+                kind,
+                id: id.to_owned(),
+                op,
+                version: known,
+                origin: ORIGIN_MAIN.into(),
+                record,
+            };
+            match self.inner.nats.publish_event(subject.clone(), &envelope.event, known, envelope.encode()).await {
+                Ok(seq) => {
+                    self.wait_applied(seq).await?;
+                    return Ok(self.inner.store.get(kind, id)?);
+                }
+                Err(TransportError::WrongLastSequence) => {
+                    // Someone else changed the record: catch up with the stream and decide again.
+                    self.catch_up().await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ServiceError::Conflict(format!(
+            "the {kind} {id} is being changed by many writers at once; {MAX_ATTEMPTS} attempts lost the race. Try again"
+        )))
+    }
+
+    /// Checks that every reference in a patch points at an existing record.
+    fn check_refs(&self, kind: Kind, patch: &model::Patch) -> Result<(), ServiceError> {
+        for (name, value) in patch {
+            let (Some(spec), Value::Str(target)) = (kind.field(name), value) else { continue };
+            if let FieldType::Ref(ref_kind) = spec.ty
+                && self.inner.store.get(ref_kind, target)?.is_none()
+            {
+                return Err(ServiceError::MissingRef { field: name.clone(), kind: ref_kind, id: target.clone() });
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn create(&self, kind: Kind, body: &serde_json::Value) -> Result<(String, Stored), ServiceError> {
+        check_data_kind(kind)?;
+        let input = model::parse_input(kind, body, true)?;
+        self.check_refs(kind, &input.patch)?;
+        let id = input.id.clone().unwrap_or_else(names::new_id);
+        let stamp = self.inner.clock.now();
+        let stored = self
+            .commit(kind, &id, |current| {
+                if current.is_some() {
+                    return Err(ServiceError::Exists { kind, id: id.clone() });
+                }
+                let mut fields = Fields::new();
+                model::apply_patch(&mut fields, &input.patch, stamp);
+                Ok(Decision::Upsert(fields))
+            })
+            .await?;
+        let stored =
+            stored.ok_or_else(|| ServiceError::Internal(format!("the new {kind} {id} is not in the projection")))?;
+        Ok((id, stored))
+    }
+
+    pub async fn update(&self, kind: Kind, id: &str, body: &serde_json::Value) -> Result<Stored, ServiceError> {
+        check_data_kind(kind)?;
+        let input = model::parse_input(kind, body, false)?;
+        self.check_refs(kind, &input.patch)?;
+        let stamp = self.inner.clock.now();
+        let stored = self
+            .commit(kind, id, |current| {
+                let Some(current) = current else {
+                    return Err(ServiceError::NotFound { kind, id: id.to_owned() });
+                };
+                let mut fields = current.fields.clone();
+                if model::apply_patch(&mut fields, &input.patch, stamp) {
+                    Ok(Decision::Upsert(fields))
+                } else {
+                    Ok(Decision::Unchanged)
+                }
+            })
+            .await?;
+        stored.ok_or_else(|| ServiceError::NotFound { kind, id: id.to_owned() })
+    }
+
+    /// Deletes a record; a contact's notes, histories, activities and memberships go first, so
+    /// no child is ever left without its contact.
+    pub async fn delete(&self, kind: Kind, id: &str) -> Result<(), ServiceError> {
+        check_data_kind(kind)?;
+        if self.inner.store.get(kind, id)?.is_none() {
+            return Err(ServiceError::NotFound { kind, id: id.to_owned() });
+        }
+        if kind == Kind::Contact {
+            for (child_kind, child_id) in self.inner.store.children(id)? {
+                self.commit(child_kind, &child_id, |current| {
+                    Ok(if current.is_some() { Decision::Delete } else { Decision::Unchanged })
+                })
+                .await?;
+            }
+        }
+        self.commit(kind, id, |current| {
+            if current.is_none() {
+                return Err(ServiceError::NotFound { kind, id: id.to_owned() });
+            }
+            Ok(Decision::Delete)
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Creates a sync set. Sets are events too, so a rebuilt main has them.
+    pub async fn create_set(&self, req: &SetRequest) -> Result<Stored, ServiceError> {
+        names::check("set name", &req.name)?;
+        if !req.all || !req.users.is_empty() || req.query.is_some() {
+            return Err(ServiceError::Invalid(
+                "this version routes only sets that hold every record: create the set with `--all` \
+                 (sets narrowed by users and a query are not supported yet)"
+                    .into(),
+            ));
+        }
+        let stamp = self.inner.clock.now();
+        let mut fields = Fields::new();
+        fields.insert("all".into(), Field { value: Value::Bool(true), stamp });
+        if let Some(d) = &req.description {
+            let patch = model::parse_input(Kind::Set, &serde_json::json!({ "description": d }), false)?.patch;
+            model::apply_patch(&mut fields, &patch, stamp);
+        }
+        let name = req.name.clone();
+        let stored = self
+            .commit(Kind::Set, &name, |current| {
+                if current.is_some() {
+                    return Err(ServiceError::Exists { kind: Kind::Set, id: name.clone() });
+                }
+                Ok(Decision::Upsert(fields.clone()))
+            })
+            .await?;
+        stored.ok_or_else(|| ServiceError::Internal("the new set is not in the projection".into()))
+    }
+
+    /// Registers a remote: creates its durable consumer on `CRM_SYNC` and returns its bundle.
+    pub async fn create_remote(&self, req: &RemoteRequest) -> Result<Bundle, ServiceError> {
+        names::check("remote name", &req.name)?;
+        names::check("set name", &req.set)?;
+        let expires_days = req.expires_days.unwrap_or(30);
+        if !(2..=90).contains(&expires_days) {
+            return Err(ServiceError::Invalid(format!(
+                "expires_days is {expires_days}; a remote expires after 2 to 90 days without syncing"
+            )));
+        }
+        if self.inner.store.get(Kind::Set, &req.set)?.is_none() {
+            return Err(ServiceError::MissingRef { field: "set".into(), kind: Kind::Set, id: req.set.clone() });
+        }
+        if self.inner.store.get(Kind::Remote, &req.name)?.is_some() {
+            return Err(ServiceError::Exists { kind: Kind::Remote, id: req.name.clone() });
+        }
+        let consumer = consumer_name(&req.name);
+        self.inner.nats.create_remote_consumer(&consumer, wire::remote_filters(&req.set, &req.name)).await?;
+        let created_ms = crate::hlc::wall_ms();
+        let stamp = self.inner.clock.now();
+        let fields: Fields = [
+            ("set", Value::Str(req.set.clone())),
+            ("expires_days", Value::Int(expires_days.into())),
+            ("created_ms", Value::Int(created_ms as i64)),
+            ("enabled", Value::Bool(true)),
+        ]
+        .into_iter()
+        .map(|(k, value)| (k.to_owned(), Field { value, stamp }))
+        .collect();
+        let name = req.name.clone();
+        self.commit(Kind::Remote, &name, |current| {
+            if current.is_some() {
+                return Err(ServiceError::Exists { kind: Kind::Remote, id: name.clone() });
+            }
+            Ok(Decision::Upsert(fields.clone()))
+        })
+        .await?;
+        Ok(Bundle {
+            product: PRODUCT.into(),
+            schema: SCHEMA_MAJOR,
+            database_id: self.inner.database_id.clone(),
+            remote: req.name.clone(),
+            set: req.set.clone(),
+            nats_url: req.nats_url.clone().unwrap_or_else(|| self.inner.config.nats_url.clone()),
+            consumer,
+            expires_days,
+            created_ms,
+        })
+    }
+
+    /// The bundle of a registered remote, as `create_remote` returned it.
+    pub fn bundle(&self, name: &str) -> Result<Bundle, ServiceError> {
+        let stored = self
+            .inner
+            .store
+            .get(Kind::Remote, name)?
+            .ok_or_else(|| ServiceError::NotFound { kind: Kind::Remote, id: name.to_owned() })?;
+        let int = |f: &str| match stored.fields.get(f).map(|f| &f.value) {
+            Some(Value::Int(i)) => *i,
+            _ => 0,
+        };
+        Ok(Bundle {
+            product: PRODUCT.into(),
+            schema: SCHEMA_MAJOR,
+            database_id: self.inner.database_id.clone(),
+            remote: name.to_owned(),
+            set: model::text(&stored.fields, "set").unwrap_or_default().to_owned(),
+            nats_url: self.inner.config.nats_url.clone(),
+            consumer: consumer_name(name),
+            expires_days: int("expires_days") as u32,
+            created_ms: int("created_ms") as u64,
+        })
+    }
+
+    /// Messages waiting for a remote, from its consumer.
+    pub async fn remote_backlog(&self, name: &str) -> Option<u64> {
+        self.inner.nats.remote_backlog(&consumer_name(name)).await.ok()
+    }
+
+    pub async fn status(&self) -> Result<serde_json::Value, ServiceError> {
+        let counts = self.inner.store.counts()?;
+        let stream_last = self.inner.nats.last_sequence(EVENTS_STREAM).await.ok();
+        let applied = self.inner.store.meta(APPLIED)?;
+        Ok(serde_json::json!({
+            "role": "main",
+            "product": PRODUCT,
+            "schema": SCHEMA_MAJOR,
+            "database_id": self.inner.database_id,
+            "nats": { "url": self.inner.config.nats_url, "connected": self.inner.nats.is_connected() },
+            "counts": counts_json(&counts),
+            "applied": applied,
+            "stream_last": stream_last,
+            "backlog": stream_last.map(|l| l.saturating_sub(applied)),
+            "outbox": self.inner.store.outbox_len()?,
+            "quarantined": self.inner.store.quarantine(0)?.0,
+        }))
+    }
+}
+
+/// What a write decided, given the current record.
+enum Decision {
+    Unchanged,
+    Upsert(Fields),
+    Delete,
+}
+
+fn check_data_kind(kind: Kind) -> Result<(), ServiceError> {
+    if Kind::DATA.contains(&kind) {
+        Ok(())
+    } else {
+        Err(ServiceError::Invalid(format!("{} are changed through /v1/{}", kind.plural(), kind.plural())))
+    }
+}
+
+pub fn counts_json(counts: &BTreeMap<Kind, u64>) -> serde_json::Value {
+    serde_json::Value::Object(
+        counts.iter().filter(|(k, _)| k.is_routed()).map(|(k, n)| (k.as_str().to_owned(), (*n).into())).collect(),
+    )
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetRequest {
+    pub name: String,
+    #[serde(default)]
+    pub all: bool,
+    #[serde(default)]
+    pub users: Vec<String>,
+    #[serde(default)]
+    pub query: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteRequest {
+    pub name: String,
+    pub set: String,
+    #[serde(default)]
+    pub expires_days: Option<u32>,
+    /// The NATS address the remote site should use, when it differs from the main's.
+    #[serde(default)]
+    pub nats_url: Option<String>,
+}
+
+/// The projector task: an ordered consumer on `CRM_EVENTS` from the stored position, applying
+/// batches, until shutdown. Any failure restarts it from the stored position.
+async fn run_projector(
+    store: Store,
+    nats: Nats,
+    database_id: String,
+    sets: Vec<SetDef>,
+    applied_tx: watch::Sender<u64>,
+    notify: Arc<Notify>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let sets = Arc::new(Mutex::new(sets));
+    loop {
+        let result = project(&store, &nats, &database_id, &sets, &applied_tx, &notify, &mut shutdown).await;
+        if *shutdown.borrow() {
+            return;
+        }
+        if let Err(e) = result {
+            tracing::warn!("projector restarting: {e:#}");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn project(
+    store: &Store,
+    nats: &Nats,
+    database_id: &str,
+    sets: &Arc<Mutex<Vec<SetDef>>>,
+    applied_tx: &watch::Sender<u64>,
+    notify: &Notify,
+    shutdown: &mut watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let start = store.meta(APPLIED)? + 1;
+    let stream = nats.stream(EVENTS_STREAM).await?;
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: "crm.evt.>".into(),
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: start },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| TransportError::request("creating the projector's consumer", e))?;
+    let mut messages = consumer.messages().await.map_err(|e| TransportError::request("reading CRM_EVENTS", e))?;
+    loop {
+        let batch = tokio::select! {
+            b = transport::next_batch(&mut messages, PROJECTOR_BATCH) => b,
+            _ = shutdown.changed() => return Ok(()),
+        };
+        let batch = match batch {
+            None => anyhow::bail!("the events consumer ended"),
+            Some(Err(e)) => anyhow::bail!("reading CRM_EVENTS: {e}"),
+            Some(Ok(batch)) => batch,
+        };
+        let incoming: Vec<Incoming> = batch.iter().filter_map(Incoming::from_message).collect();
+        let (store2, sets2, db) = (store.clone(), sets.clone(), database_id.to_owned());
+        let last = tokio::task::spawn_blocking(move || {
+            let mut sets = sets2.lock().unwrap();
+            store2.write(true, |t| projector::apply_batch(t, &mut sets, &db, &incoming))
+        })
+        .await??;
+        applied_tx.send_replace(last);
+        notify.notify_one();
+    }
+}
+
+/// Rebuilds the main's projection from `CRM_EVENTS`, offline: the main service must not be
+/// running. Routed messages already published are not published again. Returns the number of
+/// events replayed.
+pub async fn rebuild(config: &MainConfig, progress: impl Fn(u64, u64)) -> anyhow::Result<u64> {
+    let store = Store::open(&config.data_dir.join("main.redb"))?;
+    let nats = Nats::connect(&config.nats_url, "crmsync-main-rebuild").await?;
+    let database_id = store.meta_str(DATABASE_ID)?.ok_or_else(|| {
+        anyhow::anyhow!("{} holds no main database; start `crmsync main serve` first", config.data_dir.display())
+    })?;
+    let last = nats.last_sequence(EVENTS_STREAM).await?;
+    store.write(true, |t| {
+        let applied = t.meta(APPLIED)?;
+        let route_from = t.meta(projector::ROUTE_FROM)?.max(applied + 1);
+        t.clear_projection()?;
+        t.set_meta(projector::ROUTE_FROM, route_from)
+    })?;
+    let stream = nats.stream(EVENTS_STREAM).await?;
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: "crm.evt.>".into(),
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| TransportError::request("creating the rebuild consumer", e))?;
+    let mut messages = consumer.messages().await.map_err(|e| TransportError::request("reading CRM_EVENTS", e))?;
+    let mut sets = Vec::new();
+    let mut applied = 0u64;
+    let mut done = 0u64;
+    while applied < last {
+        let batch = match transport::next_batch(&mut messages, PROJECTOR_BATCH).await {
+            None => anyhow::bail!("the events consumer ended"),
+            Some(Err(e)) => anyhow::bail!("reading CRM_EVENTS: {e}"),
+            Some(Ok(batch)) => batch,
+        };
+        let incoming: Vec<Incoming> = batch.iter().filter_map(Incoming::from_message).collect();
+        done += incoming.len() as u64;
+        let s = store.clone();
+        let db = database_id.clone();
+        let (a, sets_back) = tokio::task::spawn_blocking(move || {
+            let mut sets = sets;
+            let a = s.write(false, |t| projector::apply_batch(t, &mut sets, &db, &incoming));
+            (a, sets)
+        })
+        .await?;
+        sets = sets_back;
+        applied = a?;
+        progress(applied, last);
+    }
+    store.write(true, |_| Ok(()))?;
+    Ok(done)
+}

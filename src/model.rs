@@ -1,0 +1,708 @@
+//! The records of the CRM: kinds, fields, values, and the checks a change must pass.
+//!
+//! A record is a map of field name to [`Field`]: a value and the hybrid-logical-clock stamp of
+//! the change that set it. One generic shape for every kind keeps the field-by-field merge, the
+//! wire format and the API uniform; what differs between kinds is only the table of
+//! [`FieldSpec`]s below, which drives validation and documentation alike.
+//!
+//! Architecture invariant: this module does no IO.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, MapAccess, SeqAccess, Visitor};
+use serde::ser::{SerializeMap, SerializeSeq, SerializeTuple};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::names;
+
+/// Every kind of record the events stream carries.
+///
+/// `Set` and `Remote` are the main's own configuration: they are events like any other (so the
+/// main's projection can be rebuilt from the stream alone) but are never routed to remotes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Contact,
+    Company,
+    Group,
+    Membership,
+    Note,
+    History,
+    Activity,
+    User,
+    Team,
+    Set,
+    Remote,
+}
+
+impl Kind {
+    /// The kinds a user edits as CRM data, in the order the command line lists them.
+    pub const DATA: [Kind; 9] = [
+        Kind::Contact,
+        Kind::Company,
+        Kind::Group,
+        Kind::Membership,
+        Kind::Note,
+        Kind::History,
+        Kind::Activity,
+        Kind::User,
+        Kind::Team,
+    ];
+
+    /// Every kind, data and configuration.
+    pub const ALL: [Kind; 11] = [
+        Kind::Contact,
+        Kind::Company,
+        Kind::Group,
+        Kind::Membership,
+        Kind::Note,
+        Kind::History,
+        Kind::Activity,
+        Kind::User,
+        Kind::Team,
+        Kind::Set,
+        Kind::Remote,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Contact => "contact",
+            Kind::Company => "company",
+            Kind::Group => "group",
+            Kind::Membership => "membership",
+            Kind::Note => "note",
+            Kind::History => "history",
+            Kind::Activity => "activity",
+            Kind::User => "user",
+            Kind::Team => "team",
+            Kind::Set => "set",
+            Kind::Remote => "remote",
+        }
+    }
+
+    /// The collection name used in API paths (`/v1/contacts`).
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::Contact => "contacts",
+            Kind::Company => "companies",
+            Kind::Group => "groups",
+            Kind::Membership => "memberships",
+            Kind::Note => "notes",
+            Kind::History => "histories",
+            Kind::Activity => "activities",
+            Kind::User => "users",
+            Kind::Team => "teams",
+            Kind::Set => "sets",
+            Kind::Remote => "remotes",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    pub fn from_plural(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.plural() == s)
+    }
+
+    /// Small stable number of the kind, used in storage keys.
+    pub fn code(self) -> u8 {
+        Kind::ALL.iter().position(|k| *k == self).unwrap_or(0) as u8
+    }
+
+    /// Whether records of this kind travel to remotes.
+    pub fn is_routed(self) -> bool {
+        !matches!(self, Kind::Set | Kind::Remote)
+    }
+
+    /// The field naming the contact a child record belongs to. Children follow their contact
+    /// in routing and go with it when it is deleted.
+    pub fn parent_field(self) -> Option<&'static str> {
+        match self {
+            Kind::Membership | Kind::Note | Kind::History | Kind::Activity => Some("contact_id"),
+            _ => None,
+        }
+    }
+
+    pub fn fields(self) -> &'static [FieldSpec] {
+        match self {
+            Kind::Contact => CONTACT,
+            Kind::Company => COMPANY,
+            Kind::Group => GROUP,
+            Kind::Membership => MEMBERSHIP,
+            Kind::Note => NOTE,
+            Kind::History => HISTORY,
+            Kind::Activity => ACTIVITY,
+            Kind::User => USER,
+            Kind::Team => TEAM,
+            Kind::Set => SET,
+            Kind::Remote => REMOTE,
+        }
+    }
+
+    pub fn field(self, name: &str) -> Option<&'static FieldSpec> {
+        self.fields().iter().find(|f| f.name == name)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a field may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldType {
+    /// A string of at most this many bytes.
+    Text(usize),
+    /// One of the listed strings.
+    Choice(&'static [&'static str]),
+    /// The id of a record of this kind.
+    Ref(Kind),
+    /// A list of ids or names, each a subject token.
+    Names,
+    Bool,
+    Int,
+    /// A map of custom field name to string value.
+    Custom,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct FieldSpec {
+    pub name: &'static str,
+    pub ty: FieldType,
+    /// Must be present on create and cannot be cleared.
+    pub required: bool,
+}
+
+const fn f(name: &'static str, ty: FieldType) -> FieldSpec {
+    FieldSpec { name, ty, required: false }
+}
+
+const fn req(name: &'static str, ty: FieldType) -> FieldSpec {
+    FieldSpec { name, ty, required: true }
+}
+
+/// Short text: names, phone numbers, cities.
+const SHORT: FieldType = FieldType::Text(256);
+/// Long text: a note's body, a history's details.
+const LONG: FieldType = FieldType::Text(64 * 1024);
+pub const ACCESS_LEVELS: &[&str] = &["public", "private", "limited"];
+pub const ROLES: &[&str] = &["administrator", "manager", "standard", "restricted", "browse"];
+/// Most custom fields on one record, and the longest custom value.
+pub const MAX_CUSTOM_FIELDS: usize = 100;
+pub const MAX_CUSTOM_VALUE: usize = 1024;
+/// Most entries in a list of names (users, teams).
+pub const MAX_NAMES: usize = 1000;
+
+const ACCESS: [FieldSpec; 4] = [
+    f("manager", FieldType::Ref(Kind::User)),
+    f("access", FieldType::Choice(ACCESS_LEVELS)),
+    f("access_users", FieldType::Names),
+    f("access_teams", FieldType::Names),
+];
+
+const CONTACT: &[FieldSpec] = &[
+    f("first_name", SHORT),
+    f("last_name", SHORT),
+    f("company", SHORT),
+    f("company_id", FieldType::Ref(Kind::Company)),
+    f("title", SHORT),
+    f("phone", SHORT),
+    f("mobile", SHORT),
+    f("email", SHORT),
+    f("address1", SHORT),
+    f("address2", SHORT),
+    f("city", SHORT),
+    f("state", SHORT),
+    f("zip", SHORT),
+    f("country", SHORT),
+    f("website", SHORT),
+    f("custom", FieldType::Custom),
+    ACCESS[0],
+    ACCESS[1],
+    ACCESS[2],
+    ACCESS[3],
+];
+
+const COMPANY: &[FieldSpec] = &[
+    req("name", SHORT),
+    f("industry", SHORT),
+    f("phone", SHORT),
+    f("email", SHORT),
+    f("website", SHORT),
+    f("address1", SHORT),
+    f("address2", SHORT),
+    f("city", SHORT),
+    f("state", SHORT),
+    f("zip", SHORT),
+    f("country", SHORT),
+    f("custom", FieldType::Custom),
+    ACCESS[0],
+    ACCESS[1],
+    ACCESS[2],
+    ACCESS[3],
+];
+
+const GROUP: &[FieldSpec] =
+    &[req("name", SHORT), f("description", FieldType::Text(4096)), ACCESS[0], ACCESS[1], ACCESS[2], ACCESS[3]];
+
+const MEMBERSHIP: &[FieldSpec] =
+    &[req("contact_id", FieldType::Ref(Kind::Contact)), req("group_id", FieldType::Ref(Kind::Group))];
+
+const NOTE: &[FieldSpec] = &[
+    req("contact_id", FieldType::Ref(Kind::Contact)),
+    req("text", LONG),
+    f("date", SHORT),
+    f("author", FieldType::Ref(Kind::User)),
+];
+
+const HISTORY: &[FieldSpec] = &[
+    req("contact_id", FieldType::Ref(Kind::Contact)),
+    f("type", SHORT),
+    f("regarding", SHORT),
+    f("details", LONG),
+    f("date", SHORT),
+    f("duration_minutes", FieldType::Int),
+    f("user", FieldType::Ref(Kind::User)),
+];
+
+const ACTIVITY: &[FieldSpec] = &[
+    req("contact_id", FieldType::Ref(Kind::Contact)),
+    f("type", SHORT),
+    f("regarding", SHORT),
+    f("details", LONG),
+    f("due", SHORT),
+    f("done", FieldType::Bool),
+    f("user", FieldType::Ref(Kind::User)),
+];
+
+const USER: &[FieldSpec] =
+    &[req("name", SHORT), f("email", SHORT), f("role", FieldType::Choice(ROLES)), f("teams", FieldType::Names)];
+
+const TEAM: &[FieldSpec] = &[req("name", SHORT), f("description", FieldType::Text(4096))];
+
+const SET: &[FieldSpec] = &[
+    f("description", FieldType::Text(4096)),
+    f("users", FieldType::Names),
+    f("all", FieldType::Bool),
+    f("query", FieldType::Text(4096)),
+];
+
+const REMOTE: &[FieldSpec] = &[
+    req("set", FieldType::Ref(Kind::Set)),
+    f("expires_days", FieldType::Int),
+    f("created_ms", FieldType::Int),
+    f("enabled", FieldType::Bool),
+];
+
+/// A field value. The shapes are few on purpose: each maps onto MessagePack and JSON one to
+/// one, so the wire contract in `schemas/` can describe it exactly.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum Value {
+    /// A cleared field. Kept with its stamp so a later merge knows when it was cleared.
+    #[default]
+    Null,
+    Bool(bool),
+    Int(i64),
+    Str(String),
+    List(Vec<String>),
+    Map(BTreeMap<String, String>),
+}
+
+impl Value {
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Value::Null => serde_json::Value::Null,
+            Value::Bool(b) => (*b).into(),
+            Value::Int(i) => (*i).into(),
+            Value::Str(s) => s.clone().into(),
+            Value::List(l) => l.clone().into(),
+            Value::Map(m) => serde_json::Value::Object(m.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect()),
+        }
+    }
+}
+
+impl Serialize for Value {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Value::Null => s.serialize_unit(),
+            Value::Bool(b) => s.serialize_bool(*b),
+            Value::Int(i) => s.serialize_i64(*i),
+            Value::Str(v) => s.serialize_str(v),
+            Value::List(l) => {
+                let mut seq = s.serialize_seq(Some(l.len()))?;
+                for item in l {
+                    seq.serialize_element(item)?;
+                }
+                seq.end()
+            }
+            Value::Map(m) => {
+                let mut map = s.serialize_map(Some(m.len()))?;
+                for (k, v) in m {
+                    map.serialize_entry(k, v)?;
+                }
+                map.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Value {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Value;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("nil, a boolean, an integer, a string, a list of strings or a map of strings")
+            }
+            fn visit_unit<E>(self) -> Result<Value, E> {
+                Ok(Value::Null)
+            }
+            fn visit_none<E>(self) -> Result<Value, E> {
+                Ok(Value::Null)
+            }
+            fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+                Ok(Value::Bool(b))
+            }
+            fn visit_i64<E>(self, i: i64) -> Result<Value, E> {
+                Ok(Value::Int(i))
+            }
+            fn visit_u64<E: de::Error>(self, u: u64) -> Result<Value, E> {
+                i64::try_from(u).map(Value::Int).map_err(|_| E::custom("integer out of range"))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+                Ok(Value::Str(s.to_owned()))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Value, E> {
+                Ok(Value::Str(s))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+                let mut l = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+                while let Some(item) = seq.next_element::<String>()? {
+                    l.push(item);
+                }
+                Ok(Value::List(l))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+                let mut m = BTreeMap::new();
+                while let Some((k, v)) = map.next_entry::<String, String>()? {
+                    m.insert(k, v);
+                }
+                Ok(Value::Map(m))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A field's value and the HLC stamp of the change that set it. On the wire: `[value, stamp]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Field {
+    pub value: Value,
+    pub stamp: u64,
+}
+
+impl Serialize for Field {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut t = s.serialize_tuple(2)?;
+        t.serialize_element(&self.value)?;
+        t.serialize_element(&self.stamp)?;
+        t.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Field {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Field, D::Error> {
+        let (value, stamp) = <(Value, u64)>::deserialize(d)?;
+        Ok(Field { value, stamp })
+    }
+}
+
+/// The fields of one record.
+pub type Fields = BTreeMap<String, Field>;
+
+/// Reads a string field, if set.
+pub fn text<'a>(fields: &'a Fields, name: &str) -> Option<&'a str> {
+    fields.get(name).and_then(|f| f.value.as_str())
+}
+
+/// A change to some fields of a record, as checked input: `Value::Null` clears a field.
+pub type Patch = Vec<(String, Value)>;
+
+/// Why an input record was refused. Each message names the field and what it accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InputError {
+    #[error("the body must be a JSON object of field names to values, got {0}")]
+    NotAnObject(&'static str),
+    #[error("unknown field `{field}` for a {kind}; its fields are: {known}")]
+    UnknownField { kind: Kind, field: String, known: String },
+    #[error("field `{field}` of a {kind} must be {expected}, got {got}")]
+    WrongType { kind: Kind, field: String, expected: String, got: String },
+    #[error("field `{field}` of a {kind} is required")]
+    Missing { kind: Kind, field: &'static str },
+    #[error("field `{field}`: {source}")]
+    BadName { field: String, source: names::NameError },
+    #[error("`{0}` cannot be changed: it is set by the server")]
+    ReadOnly(&'static str),
+}
+
+fn json_type(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "null".into(),
+        serde_json::Value::Bool(_) => "a boolean".into(),
+        serde_json::Value::Number(n) => format!("the number {n}"),
+        serde_json::Value::String(s) if s.len() > 40 => format!("a string of {} bytes", s.len()),
+        serde_json::Value::String(s) => format!("the string {s:?}"),
+        serde_json::Value::Array(a) => format!("a list of {} items", a.len()),
+        serde_json::Value::Object(_) => "an object".into(),
+    }
+}
+
+impl FieldType {
+    fn describe(self) -> String {
+        match self {
+            FieldType::Text(max) => format!("a string of at most {max} bytes"),
+            FieldType::Choice(c) => format!("one of {}", c.join(", ")),
+            FieldType::Ref(kind) => format!("the id of a {kind} (1-64 of A-Z a-z 0-9 _ -)"),
+            FieldType::Names => format!("a list of at most {MAX_NAMES} ids (1-64 of A-Z a-z 0-9 _ -)"),
+            FieldType::Bool => "true or false".into(),
+            FieldType::Int => "an integer".into(),
+            FieldType::Custom => format!(
+                "an object of at most {MAX_CUSTOM_FIELDS} custom fields, each a string of at most {MAX_CUSTOM_VALUE} bytes"
+            ),
+        }
+    }
+
+    /// Checks one JSON value against this type and converts it.
+    fn check(self, v: &serde_json::Value) -> Option<Result<Value, names::NameError>> {
+        use serde_json::Value as J;
+        Some(Ok(match (self, v) {
+            (FieldType::Text(max), J::String(s)) if s.len() <= max => Value::Str(s.clone()),
+            (FieldType::Choice(c), J::String(s)) if c.contains(&s.as_str()) => Value::Str(s.clone()),
+            (FieldType::Ref(_), J::String(s)) => {
+                if let Err(e) = names::check("id", s) {
+                    return Some(Err(e));
+                }
+                Value::Str(s.clone())
+            }
+            (FieldType::Names, J::Array(items)) if items.len() <= MAX_NAMES => {
+                let mut out = Vec::with_capacity(items.len());
+                for item in items {
+                    let J::String(s) = item else { return None };
+                    if let Err(e) = names::check("name", s) {
+                        return Some(Err(e));
+                    }
+                    out.push(s.clone());
+                }
+                Value::List(out)
+            }
+            (FieldType::Bool, J::Bool(b)) => Value::Bool(*b),
+            (FieldType::Int, J::Number(n)) => Value::Int(n.as_i64()?),
+            (FieldType::Custom, J::Object(m)) if m.len() <= MAX_CUSTOM_FIELDS => {
+                let mut out = BTreeMap::new();
+                for (k, v) in m {
+                    if let Err(e) = names::check("custom field name", k) {
+                        return Some(Err(e));
+                    }
+                    match v {
+                        J::String(s) if s.len() <= MAX_CUSTOM_VALUE => {
+                            out.insert(k.clone(), s.clone());
+                        }
+                        _ => return None,
+                    }
+                }
+                Value::Map(out)
+            }
+            _ => return None,
+        }))
+    }
+}
+
+/// What an input body carried besides its fields.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Input {
+    /// A client-chosen id (create only).
+    pub id: Option<String>,
+    pub patch: Patch,
+}
+
+/// Checks a JSON body for a record of `kind`. `creating` allows an `id` and enforces required
+/// fields; an update may name any subset of fields, and `null` clears one.
+pub fn parse_input(kind: Kind, body: &serde_json::Value, creating: bool) -> Result<Input, InputError> {
+    let serde_json::Value::Object(map) = body else {
+        return Err(InputError::NotAnObject(match body {
+            serde_json::Value::Array(_) => "a list",
+            serde_json::Value::String(_) => "a string",
+            serde_json::Value::Number(_) => "a number",
+            serde_json::Value::Bool(_) => "a boolean",
+            _ => "null",
+        }));
+    };
+    let mut input = Input::default();
+    for (name, v) in map {
+        if name == "id" {
+            if !creating {
+                return Err(InputError::ReadOnly("id"));
+            }
+            let serde_json::Value::String(id) = v else {
+                return Err(InputError::WrongType {
+                    kind,
+                    field: "id".into(),
+                    expected: "a string".into(),
+                    got: json_type(v),
+                });
+            };
+            names::check("id", id).map_err(|source| InputError::BadName { field: "id".into(), source })?;
+            input.id = Some(id.clone());
+            continue;
+        }
+        if name == "version" {
+            return Err(InputError::ReadOnly("version"));
+        }
+        let Some(spec) = kind.field(name) else {
+            return Err(InputError::UnknownField {
+                kind,
+                field: name.clone(),
+                known: kind.fields().iter().map(|f| f.name).collect::<Vec<_>>().join(", "),
+            });
+        };
+        if v.is_null() {
+            if spec.required {
+                return Err(InputError::Missing { kind, field: spec.name });
+            }
+            input.patch.push((name.clone(), Value::Null));
+            continue;
+        }
+        match spec.ty.check(v) {
+            Some(Ok(value)) => input.patch.push((name.clone(), value)),
+            Some(Err(source)) => return Err(InputError::BadName { field: name.clone(), source }),
+            None => {
+                return Err(InputError::WrongType {
+                    kind,
+                    field: name.clone(),
+                    expected: spec.ty.describe(),
+                    got: json_type(v),
+                });
+            }
+        }
+    }
+    if creating {
+        for spec in kind.fields().iter().filter(|s| s.required) {
+            if !input.patch.iter().any(|(n, _)| n == spec.name) {
+                return Err(InputError::Missing { kind, field: spec.name });
+            }
+        }
+    }
+    Ok(input)
+}
+
+/// Applies a checked patch: each field whose value changes gets `stamp`. Returns whether
+/// anything changed, so a no-op update commits nothing.
+pub fn apply_patch(fields: &mut Fields, patch: &Patch, stamp: u64) -> bool {
+    let mut changed = false;
+    for (name, value) in patch {
+        let same = fields.get(name).is_some_and(|f| f.value == *value)
+            || (value == &Value::Null && !fields.contains_key(name));
+        if !same {
+            fields.insert(name.clone(), Field { value: value.clone(), stamp });
+            changed = true;
+        }
+    }
+    changed
+}
+
+/// A record as the API shows it: `id`, `version`, then every field that holds a value.
+pub fn to_json(id: &str, version: u64, fields: &Fields) -> serde_json::Value {
+    let mut obj = serde_json::Map::with_capacity(fields.len() + 2);
+    obj.insert("id".into(), id.into());
+    obj.insert("version".into(), version.into());
+    for (name, field) in fields {
+        if field.value != Value::Null {
+            obj.insert(name.clone(), field.value.to_json());
+        }
+    }
+    serde_json::Value::Object(obj)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn create_needs_required_fields() {
+        let err = parse_input(Kind::Note, &json!({"text": "hi"}), true).unwrap_err();
+        assert_eq!(err.to_string(), "field `contact_id` of a note is required");
+    }
+
+    #[test]
+    fn unknown_and_wrong_typed_fields_are_named() {
+        let err = parse_input(Kind::Contact, &json!({"nickname": "x"}), true).unwrap_err();
+        assert!(err.to_string().starts_with("unknown field `nickname` for a contact; its fields are: first_name"));
+        let err = parse_input(Kind::Contact, &json!({"phone": 5}), true).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "field `phone` of a contact must be a string of at most 256 bytes, got the number 5"
+        );
+        let err = parse_input(Kind::Contact, &json!({"access": "secret"}), true).unwrap_err();
+        assert!(err.to_string().contains("one of public, private, limited"));
+    }
+
+    #[test]
+    fn oversized_values_are_refused() {
+        let long = "x".repeat(257);
+        let err = parse_input(Kind::Contact, &json!({"city": long}), true).unwrap_err();
+        assert!(err.to_string().contains("got a string of 257 bytes"), "{err}");
+    }
+
+    #[test]
+    fn ids_must_be_tokens() {
+        let err = parse_input(Kind::Contact, &json!({"id": "a.b"}), true).unwrap_err();
+        assert!(err.to_string().contains("use only"), "{err}");
+        let err = parse_input(Kind::Note, &json!({"contact_id": "x>", "text": "t"}), true).unwrap_err();
+        assert!(err.to_string().starts_with("field `contact_id`"), "{err}");
+    }
+
+    #[test]
+    fn patch_stamps_only_changed_fields() {
+        let mut fields = Fields::new();
+        let input = parse_input(Kind::Contact, &json!({"city": "Albany", "state": "NY"}), true).unwrap();
+        assert!(apply_patch(&mut fields, &input.patch, 10));
+        let input = parse_input(Kind::Contact, &json!({"city": "Albany", "state": "CT"}), false).unwrap();
+        assert!(apply_patch(&mut fields, &input.patch, 20));
+        assert_eq!(fields["city"].stamp, 10);
+        assert_eq!(fields["state"].stamp, 20);
+        assert!(!apply_patch(&mut fields, &input.patch, 30));
+    }
+
+    #[test]
+    fn values_round_trip_through_messagepack() {
+        let mut fields = Fields::new();
+        for (i, v) in [
+            Value::Null,
+            Value::Bool(true),
+            Value::Int(-5),
+            Value::Str("x".into()),
+            Value::List(vec!["a".into()]),
+            Value::Map([("k".to_string(), "v".to_string())].into()),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            fields.insert(format!("f{i}"), Field { value: v, stamp: i as u64 });
+        }
+        let bytes = rmp_serde::to_vec_named(&fields).unwrap();
+        let back: Fields = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(back, fields);
+    }
+}

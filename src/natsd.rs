@@ -1,0 +1,176 @@
+//! Running a local nats-server: for `crmsync up`, the benchmarks and the tests.
+//!
+//! The binary is looked up in this order: `$CRMSYNC_NATS_SERVER`; `.tools/bin/nats-server` in
+//! the checkout the crmsync binary was built from (where `ops/install-nats-server` puts it);
+//! then `nats-server` on `PATH`.
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NatsdError {
+    #[error(
+        "nats-server was not found (looked at $CRMSYNC_NATS_SERVER, {} and on PATH). \
+         Install the pinned version with `ops/install-nats-server` from the crmsync checkout, \
+         or set CRMSYNC_NATS_SERVER to its path",
+        .0.display()
+    )]
+    NotFound(PathBuf),
+    #[error("cannot start {}: {source}", binary.display())]
+    Spawn { binary: PathBuf, source: std::io::Error },
+    #[error("nats-server exited at start ({status}); its output:\n{output}")]
+    Exited { status: String, output: String },
+    #[error("nats-server did not accept connections on port {port} within {secs} s; its log is {}", log.display())]
+    Timeout { port: u16, secs: u64, log: PathBuf },
+    #[error("cannot prepare {}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// The checkout-local install location, relative to the source tree this binary came from.
+fn checkout_binary() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/bin/nats-server")
+}
+
+pub fn find_binary() -> Result<PathBuf, NatsdError> {
+    if let Some(p) = std::env::var_os("CRMSYNC_NATS_SERVER") {
+        return Ok(PathBuf::from(p));
+    }
+    let local = checkout_binary();
+    if local.is_file() {
+        return Ok(local);
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join("nats-server");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(NatsdError::NotFound(local))
+}
+
+/// A free TCP port on the loopback interface.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(4222)
+}
+
+#[derive(Debug, Clone)]
+pub struct NatsdOptions {
+    /// 0 picks a free port.
+    pub port: u16,
+    /// JetStream store directory; its parent also receives `nats-server.log`.
+    pub store_dir: PathBuf,
+}
+
+/// A nats-server child process, stopped when dropped.
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+    pub store_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl NatsServer {
+    pub fn start(opts: &NatsdOptions) -> Result<NatsServer, NatsdError> {
+        let binary = find_binary()?;
+        let port = if opts.port == 0 { free_port() } else { opts.port };
+        std::fs::create_dir_all(&opts.store_dir)
+            .map_err(|source| NatsdError::Io { path: opts.store_dir.clone(), source })?;
+        let log = opts
+            .store_dir
+            .with_file_name(format!("{}.log", opts.store_dir.file_name().and_then(|n| n.to_str()).unwrap_or("nats")));
+        let child = Command::new(&binary)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(&opts.store_dir)
+            .arg("-l")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| NatsdError::Spawn { binary: binary.clone(), source })?;
+        let mut server = NatsServer { child: Some(child), port, store_dir: opts.store_dir.clone(), log };
+        server.wait_ready(Duration::from_secs(15))?;
+        Ok(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn wait_ready(&mut self, limit: Duration) -> Result<(), NatsdError> {
+        let start = Instant::now();
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                let mut output = String::new();
+                if let Some(mut err) = child.stderr.take() {
+                    let _ = err.read_to_string(&mut output);
+                }
+                if let Ok(log) = std::fs::read_to_string(&self.log) {
+                    output.push_str(
+                        &log.lines()
+                            .rev()
+                            .take(20)
+                            .collect::<Vec<_>>()
+                            .into_iter()
+                            .rev()
+                            .collect::<Vec<_>>()
+                            .join("\n"),
+                    );
+                }
+                self.child = None;
+                return Err(NatsdError::Exited { status: status.to_string(), output });
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                return Err(NatsdError::Timeout { port: self.port, secs: limit.as_secs(), log: self.log.clone() });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the server cleanly (SIGTERM), waiting for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) with a pid we own; the worst case is ESRCH if it already exited.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() > deadline => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+    }
+
+    /// Starts the server again on the same port and store, after [`NatsServer::stop`].
+    pub fn restart(&mut self) -> Result<(), NatsdError> {
+        self.stop();
+        let again = NatsServer::start(&NatsdOptions { port: self.port, store_dir: self.store_dir.clone() })?;
+        *self = again;
+        Ok(())
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

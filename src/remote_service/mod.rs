@@ -1,0 +1,370 @@
+//! A remote: pulls its sync set from `CRM_SYNC` through the durable consumer the main created
+//! for it, and keeps a redb projection that its own API reads while it syncs.
+//!
+//! Each batch is applied with its stream position in one durable transaction and only then
+//! acknowledged (the consumer acknowledges all messages up to the one acked), so a crash at any
+//! point redelivers at most what was not committed, and redelivery is harmless: an envelope
+//! whose version is not newer than the one held is skipped.
+
+mod apply;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::error::ServiceError;
+use crate::main_service::{Bundle, counts_json};
+use crate::store::{APPLIED, DATABASE_ID, Store};
+use crate::transport::{self, Incoming, Nats, TransportError};
+use crate::wire::{PRODUCT, SCHEMA_MAJOR};
+
+pub const SYNC_BATCH: usize = 1000;
+const BUNDLE_FILE: &str = "remote.json";
+const STORE_FILE: &str = "remote.redb";
+/// Set while a rebuild has emptied the projection but the consumer may not be reset yet.
+const REBUILD_PENDING: &str = "rebuild_pending";
+
+/// Sets up a remote's data directory from a bundle file.
+pub fn init(bundle_file: &Path, data_dir: &Path) -> anyhow::Result<Bundle> {
+    let text = std::fs::read_to_string(bundle_file)
+        .map_err(|e| anyhow::anyhow!("cannot read the bundle {}: {e}", bundle_file.display()))?;
+    let bundle: Bundle = serde_json::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a crmsync bundle ({e}); use the file `crmsync remote create` wrote",
+            bundle_file.display()
+        )
+    })?;
+    if bundle.product != PRODUCT || bundle.schema != SCHEMA_MAJOR {
+        anyhow::bail!(
+            "the bundle is for {} schema {}, and this is {PRODUCT} schema {SCHEMA_MAJOR}: main and remotes must run the same version",
+            bundle.product,
+            bundle.schema
+        );
+    }
+    let existing = data_dir.join(BUNDLE_FILE);
+    if existing.exists() {
+        let old: Option<Bundle> = std::fs::read_to_string(&existing).ok().and_then(|t| serde_json::from_str(&t).ok());
+        match old {
+            Some(old) if old.remote == bundle.remote && old.database_id == bundle.database_id => return Ok(old),
+            _ => anyhow::bail!(
+                "{} already holds a remote database; choose an empty directory for remote {}",
+                data_dir.display(),
+                bundle.remote
+            ),
+        }
+    }
+    std::fs::create_dir_all(data_dir)?;
+    let store = Store::open(&data_dir.join(STORE_FILE))?;
+    store.write(true, |t| {
+        t.set_meta_str(DATABASE_ID, &bundle.database_id)?;
+        t.set_meta_str("role", "remote")
+    })?;
+    let tmp = data_dir.join("remote.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&bundle)?)?;
+    std::fs::rename(&tmp, &existing)?;
+    Ok(bundle)
+}
+
+pub fn read_bundle(data_dir: &Path) -> anyhow::Result<Bundle> {
+    let path = data_dir.join(BUNDLE_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a remote's data directory ({}: {e}); set it up with `crmsync remote init --bundle FILE --data DIR`",
+            data_dir.display(),
+            path.display()
+        )
+    })?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    pub data_dir: PathBuf,
+    /// Overrides the NATS address in the bundle.
+    pub nats_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SyncState {
+    /// Why sync stopped, if it did.
+    pub error: Option<String>,
+    pub rebuilding: Option<Progress>,
+    pub last_rebuild: Option<RebuildSummary>,
+    /// Messages left in the consumer, as of the last message delivered.
+    pub pending: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Progress {
+    pub done: u64,
+    pub total: u64,
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct RebuildSummary {
+    pub records: u64,
+    pub seconds: f64,
+}
+
+#[derive(Clone)]
+pub struct Remote {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    bundle: Bundle,
+    nats: Nats,
+    nats_url: String,
+    state: Mutex<SyncState>,
+    rebuild_tx: mpsc::Sender<oneshot::Sender<Result<u64, String>>>,
+    shutdown: watch::Sender<bool>,
+    /// Ends when sync stops, with the reason if it was an error.
+    done: Mutex<Option<tokio::task::JoinHandle<Result<(), String>>>>,
+}
+
+impl Remote {
+    pub async fn start(config: RemoteConfig) -> anyhow::Result<Remote> {
+        let bundle = read_bundle(&config.data_dir)?;
+        let store = Store::open(&config.data_dir.join(STORE_FILE))?;
+        let nats_url = config.nats_url.clone().unwrap_or_else(|| bundle.nats_url.clone());
+        let nats = Nats::connect(&nats_url, &format!("crmsync-remote-{}", bundle.remote)).await?;
+        let (rebuild_tx, rebuild_rx) = mpsc::channel(4);
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            store,
+            bundle,
+            nats,
+            nats_url,
+            state: Mutex::new(SyncState::default()),
+            rebuild_tx,
+            shutdown,
+            done: Mutex::new(None),
+        });
+        let task = tokio::spawn(run_sync(inner.clone(), rebuild_rx, shutdown_rx));
+        *inner.done.lock().unwrap() = Some(task);
+        Ok(Remote { inner })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn bundle(&self) -> &Bundle {
+        &self.inner.bundle
+    }
+
+    pub fn state(&self) -> SyncState {
+        self.inner.state.lock().unwrap().clone()
+    }
+
+    /// Waits until sync stops: `Err` carries the reason when it stopped on an error.
+    pub async fn stopped(&self) -> Result<(), String> {
+        let task = self.inner.done.lock().unwrap().take();
+        match task {
+            Some(task) => task.await.unwrap_or_else(|e| Err(e.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    pub async fn stop(&self) {
+        let _ = self.inner.shutdown.send(true);
+        let _ = self.stopped().await;
+    }
+
+    /// Throws the projection away and replays the set from the start of `CRM_SYNC`. Returns
+    /// the number of messages to replay; progress shows in [`Remote::state`].
+    pub async fn rebuild(&self) -> Result<u64, ServiceError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .rebuild_tx
+            .send(tx)
+            .await
+            .map_err(|_| ServiceError::Invalid("sync has stopped; see `crmsync status` for why".into()))?;
+        rx.await
+            .map_err(|_| ServiceError::Internal("sync stopped during the rebuild".into()))?
+            .map_err(ServiceError::Internal)
+    }
+
+    pub async fn status(&self) -> Result<serde_json::Value, ServiceError> {
+        let store = &self.inner.store;
+        let counts = store.counts()?;
+        let (quarantined, recent) = store.quarantine(10)?;
+        let backlog = self.inner.nats.remote_backlog(&self.inner.bundle.consumer).await.ok();
+        let state = self.state();
+        Ok(serde_json::json!({
+            "role": "remote",
+            "product": PRODUCT,
+            "schema": SCHEMA_MAJOR,
+            "database_id": self.inner.bundle.database_id,
+            "remote": self.inner.bundle.remote,
+            "set": self.inner.bundle.set,
+            "nats": { "url": self.inner.nats_url, "connected": self.inner.nats.is_connected() },
+            "counts": counts_json(&counts),
+            "applied": store.meta(APPLIED)?,
+            "backlog": backlog,
+            "quarantined": quarantined,
+            "quarantine": recent.iter().map(|(seq, q)| serde_json::json!({
+                "seq": seq, "subject": q.subject, "error": q.error, "bytes": q.payload.len(),
+            })).collect::<Vec<_>>(),
+            "error": state.error,
+            "rebuilding": state.rebuilding,
+            "last_rebuild": state.last_rebuild,
+        }))
+    }
+}
+
+struct Rebuild {
+    started: Instant,
+    done: u64,
+    total: u64,
+}
+
+async fn run_sync(
+    inner: Arc<Inner>,
+    mut rebuild_rx: mpsc::Receiver<oneshot::Sender<Result<u64, String>>>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let mut rebuild: Option<Rebuild> = None;
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let result = sync(&inner, &mut rebuild_rx, &mut shutdown, &mut rebuild).await;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(SyncStop::Fatal(msg)) => {
+                tracing::error!("sync stopped: {msg}");
+                inner.state.lock().unwrap().error = Some(msg.clone());
+                return Err(msg);
+            }
+            Err(SyncStop::Retry(msg)) => {
+                tracing::warn!("sync interrupted, retrying: {msg}");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
+}
+
+enum SyncStop {
+    /// Stop syncing: a message that does not belong here, or a broken store.
+    Fatal(String),
+    /// Try again from the stored position (NATS unreachable, consumer busy).
+    Retry(String),
+}
+
+impl From<TransportError> for SyncStop {
+    fn from(e: TransportError) -> SyncStop {
+        SyncStop::Retry(e.to_string())
+    }
+}
+
+async fn sync(
+    inner: &Arc<Inner>,
+    rebuild_rx: &mut mpsc::Receiver<oneshot::Sender<Result<u64, String>>>,
+    shutdown: &mut watch::Receiver<bool>,
+    rebuild: &mut Option<Rebuild>,
+) -> Result<(), SyncStop> {
+    let store = &inner.store;
+    let fatal = |e: crate::store::StoreError| SyncStop::Fatal(e.to_string());
+    if store.meta(REBUILD_PENDING).map_err(fatal)? == 1 {
+        let total = inner.nats.reset_remote_consumer(&inner.bundle.consumer).await?;
+        store.write(true, |t| t.set_meta(REBUILD_PENDING, 0)).map_err(fatal)?;
+        rebuild.get_or_insert(Rebuild { started: Instant::now(), done: 0, total });
+    }
+    let consumer = inner.nats.remote_consumer(&inner.bundle.consumer).await?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(SYNC_BATCH)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+        .map_err(|e| TransportError::request("pulling from the remote's consumer", e))?;
+    loop {
+        let batch = tokio::select! {
+            _ = shutdown.changed() => return Ok(()),
+            req = rebuild_rx.recv() => {
+                let Some(reply) = req else { return Ok(()) };
+                // The pull requests already at the server stay in place: after the reset they
+                // deliver from the start of the stream.
+                let result = start_rebuild(inner).await;
+                let _ = reply.send(result.as_ref().map(|r| r.total).map_err(|e| e.to_string()));
+                match result {
+                    Ok(r) => {
+                        inner.state.lock().unwrap().rebuilding = Some(Progress { done: 0, total: r.total });
+                        if r.total == 0 {
+                            finish_if_empty(inner, &r);
+                        } else {
+                            *rebuild = Some(r);
+                        }
+                    }
+                    Err(e) => return Err(SyncStop::Retry(e.to_string())),
+                }
+                continue;
+            }
+            b = transport::next_batch(&mut messages, SYNC_BATCH) => b,
+        };
+        let batch = match batch {
+            None => return Err(SyncStop::Retry("the consumer's message stream ended".into())),
+            Some(Err(e)) => return Err(SyncStop::Retry(format!("pulling messages: {e}"))),
+            Some(Ok(batch)) => batch,
+        };
+        let incoming: Vec<Incoming> = batch.iter().filter_map(Incoming::from_message).collect();
+        let pending = incoming.last().map(|m| m.pending);
+        let db = inner.bundle.database_id.clone();
+        let s = store.clone();
+        let applied = tokio::task::spawn_blocking(move || s.write(true, |t| apply::apply_batch(t, &db, &incoming)))
+            .await
+            .map_err(|e| SyncStop::Fatal(e.to_string()))?
+            .map_err(fatal)?;
+        if applied.taken > 0
+            && let Err(e) = batch[applied.taken - 1].ack().await
+        {
+            // The batch is committed; an unacknowledged batch is redelivered and skipped.
+            tracing::warn!("acknowledging a batch failed: {e}");
+        }
+        if let Some(foreign) = applied.foreign {
+            return Err(SyncStop::Fatal(foreign.to_string()));
+        }
+        let mut state = inner.state.lock().unwrap();
+        state.pending = pending;
+        if let Some(r) = rebuild.as_mut() {
+            r.done += applied.taken as u64;
+            state.rebuilding = Some(Progress { done: r.done.min(r.total), total: r.total });
+            if pending == Some(0) || r.done >= r.total {
+                state.rebuilding = None;
+                state.last_rebuild =
+                    Some(RebuildSummary { records: r.done, seconds: r.started.elapsed().as_secs_f64() });
+                *rebuild = None;
+            }
+        }
+    }
+}
+
+/// An empty set rebuilds at once: there is nothing to wait for.
+fn finish_if_empty(inner: &Inner, r: &Rebuild) {
+    if r.total == 0 {
+        let mut state = inner.state.lock().unwrap();
+        state.rebuilding = None;
+        state.last_rebuild = Some(RebuildSummary { records: 0, seconds: r.started.elapsed().as_secs_f64() });
+    }
+}
+
+/// Empties the projection and moves the consumer back to the start of the stream. The
+/// pending flag makes a crash between the two finish the reset on the next start.
+async fn start_rebuild(inner: &Inner) -> Result<Rebuild, ServiceError> {
+    let started = Instant::now();
+    inner.store.write(true, |t| {
+        t.clear_projection()?;
+        t.set_meta(REBUILD_PENDING, 1)
+    })?;
+    let total = inner.nats.reset_remote_consumer(&inner.bundle.consumer).await?;
+    inner.store.write(true, |t| t.set_meta(REBUILD_PENDING, 0))?;
+    Ok(Rebuild { started, done: 0, total })
+}

@@ -1,0 +1,464 @@
+//! The redb projection: the only module that knows redb.
+//!
+//! One file per service (main or remote), owned by that service alone. Tables:
+//!
+//! | table | key | value |
+//! | --- | --- | --- |
+//! | one per [`Kind`] (`contact`, …) | record id | [`Stored`]: version and fields |
+//! | `children` | (contact id, kind code, child id) | () |
+//! | `gone` | (kind code, id) | version of the delete or leave |
+//! | `outbox` | sequence | [`OutboxEntry`]: a routed message not yet acknowledged by NATS |
+//! | `quarantine` | stream sequence | [`Quarantined`]: a message that did not decode |
+//! | `meta` | name | u64 (stream positions, counters) |
+//! | `meta_str` | name | string (database id, role) |
+//!
+//! Architecture invariant: a stream position is only ever written in the same transaction as
+//! the changes it stands for, so a crash at any point leaves a projection that is exactly the
+//! stream up to the stored position.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use redb::{
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
+    TableDefinition, WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Fields, Kind};
+
+const RECORDS: [TableDefinition<&str, &[u8]>; 11] = [
+    TableDefinition::new("contact"),
+    TableDefinition::new("company"),
+    TableDefinition::new("group"),
+    TableDefinition::new("membership"),
+    TableDefinition::new("note"),
+    TableDefinition::new("history"),
+    TableDefinition::new("activity"),
+    TableDefinition::new("user"),
+    TableDefinition::new("team"),
+    TableDefinition::new("set"),
+    TableDefinition::new("remote"),
+];
+const CHILDREN: TableDefinition<(&str, u8, &str), ()> = TableDefinition::new("children");
+const GONE: TableDefinition<(u8, &str), u64> = TableDefinition::new("gone");
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const META_STR: TableDefinition<&str, &str> = TableDefinition::new("meta_str");
+
+fn records(kind: Kind) -> TableDefinition<'static, &'static str, &'static [u8]> {
+    RECORDS[kind.code() as usize]
+}
+
+/// Meta keys.
+pub const APPLIED: &str = "applied";
+pub const DATABASE_ID: &str = "database_id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "the database file {} is in use by another crmsync process; stop it first, or ask it through its API",
+        .0.display()
+    )]
+    InUse(PathBuf),
+    #[error("cannot open the database file {}: {source}", path.display())]
+    Open { path: PathBuf, source: redb::DatabaseError },
+    #[error("database error: {0}")]
+    Redb(#[from] redb::Error),
+    #[error("a stored {what} does not decode ({detail}); rebuild the projection")]
+    Corrupt { what: &'static str, detail: String },
+}
+
+macro_rules! redb_errors {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> StoreError {
+                StoreError::Redb(e.into())
+            }
+        }
+    )*};
+}
+redb_errors!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError, redb::SetDurabilityError);
+
+/// A record as stored: its version at the main and its fields. On disk: `[version, fields]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stored {
+    pub version: u64,
+    pub fields: Fields,
+}
+
+impl Stored {
+    fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec(self).expect("record encodes")
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Stored, StoreError> {
+        rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt { what: "record", detail: e.to_string() })
+    }
+}
+
+/// A routed message waiting for its publish acknowledgement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    pub subject: String,
+    pub msg_id: String,
+    #[serde(with = "serde_bytes_compat")]
+    pub payload: Vec<u8>,
+    /// A delete or leave: expires from `CRM_SYNC` after the longest remote expiry.
+    pub tombstone: bool,
+}
+
+/// A message that could not be decoded, kept as it came.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Quarantined {
+    pub subject: String,
+    pub error: String,
+    #[serde(with = "serde_bytes_compat")]
+    pub payload: Vec<u8>,
+}
+
+/// Stores byte vectors as MessagePack binary rather than as an array of integers.
+mod serde_bytes_compat {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(b) = seq.next_element::<u8>()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
+}
+
+/// A handle on a service's redb file. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (or creates) the file, refusing clearly if another process holds it.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = match Database::create(path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::InUse(path.to_owned())),
+            Err(source) => return Err(StoreError::Open { path: path.to_owned(), source }),
+        };
+        let store = Store { db: Arc::new(db), path: path.to_owned() };
+        store.write(true, |_| Ok(()))?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` in one write transaction and commits it. `durable` makes the commit wait for
+    /// the disk; a non-durable commit becomes durable with the next durable one.
+    pub fn write<R>(
+        &self,
+        durable: bool,
+        f: impl FnOnce(&mut Tables<'_>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let mut txn = self.db.begin_write()?;
+        if !durable {
+            txn.set_durability(Durability::None)?;
+        }
+        let result = {
+            let mut tables = Tables::open(&txn)?;
+            f(&mut tables)?
+        };
+        txn.commit()?;
+        Ok(result)
+    }
+
+    fn read_txn(&self) -> Result<ReadTransaction, StoreError> {
+        Ok(self.db.begin_read()?)
+    }
+
+    pub fn get(&self, kind: Kind, id: &str) -> Result<Option<Stored>, StoreError> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(records(kind))?;
+        table.get(id)?.map(|v| Stored::decode(v.value())).transpose()
+    }
+
+    /// A record and the version it is known at (held, or deleted at).
+    pub fn get_known(&self, kind: Kind, id: &str) -> Result<(Option<Stored>, u64), StoreError> {
+        let txn = self.read_txn()?;
+        let held = txn.open_table(records(kind))?.get(id)?.map(|v| Stored::decode(v.value())).transpose()?;
+        let gone = txn.open_table(GONE)?.get((kind.code(), id))?.map(|v| v.value()).unwrap_or(0);
+        let known = held.as_ref().map(|s| s.version).unwrap_or(0).max(gone);
+        Ok((held, known))
+    }
+
+    /// Records of `kind` in id order, after `after`, that pass `keep`, at most `limit`.
+    pub fn list(
+        &self,
+        kind: Kind,
+        after: Option<&str>,
+        limit: usize,
+        mut keep: impl FnMut(&str, &Stored) -> bool,
+    ) -> Result<Vec<(String, Stored)>, StoreError> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(records(kind))?;
+        let range = match after {
+            Some(after) => table.range::<&str>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))?,
+            None => table.range::<&str>(..)?,
+        };
+        let mut out = Vec::new();
+        for item in range {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item?;
+            let stored = Stored::decode(v.value())?;
+            if keep(k.value(), &stored) {
+                out.push((k.value().to_owned(), stored));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every record of `kind`, for scans that must see all of them (routing a new set).
+    pub fn for_each(&self, kind: Kind, mut f: impl FnMut(&str, Stored)) -> Result<(), StoreError> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(records(kind))?;
+        for item in table.iter()? {
+            let (k, v) = item?;
+            f(k.value(), Stored::decode(v.value())?);
+        }
+        Ok(())
+    }
+
+    pub fn counts(&self) -> Result<BTreeMap<Kind, u64>, StoreError> {
+        let txn = self.read_txn()?;
+        let mut out = BTreeMap::new();
+        for kind in Kind::ALL {
+            out.insert(kind, txn.open_table(records(kind))?.len()?);
+        }
+        Ok(out)
+    }
+
+    pub fn meta(&self, key: &str) -> Result<u64, StoreError> {
+        let txn = self.read_txn()?;
+        Ok(txn.open_table(META)?.get(key)?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    pub fn meta_str(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let txn = self.read_txn()?;
+        Ok(txn.open_table(META_STR)?.get(key)?.map(|v| v.value().to_owned()))
+    }
+
+    /// The oldest outbox entries, in order.
+    pub fn outbox_head(&self, limit: usize) -> Result<Vec<(u64, OutboxEntry)>, StoreError> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(OUTBOX)?;
+        let mut out = Vec::new();
+        for item in table.iter()?.take(limit) {
+            let (k, v) = item?;
+            let entry = rmp_serde::from_slice(v.value())
+                .map_err(|e| StoreError::Corrupt { what: "outbox entry", detail: e.to_string() })?;
+            out.push((k.value(), entry));
+        }
+        Ok(out)
+    }
+
+    pub fn outbox_len(&self) -> Result<u64, StoreError> {
+        Ok(self.read_txn()?.open_table(OUTBOX)?.len()?)
+    }
+
+    /// Quarantined messages, newest last, at most `limit`.
+    pub fn quarantine(&self, limit: usize) -> Result<(u64, Vec<(u64, Quarantined)>), StoreError> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(QUARANTINE)?;
+        let total = table.len()?;
+        let mut out = Vec::new();
+        for item in table.iter()?.rev().take(limit) {
+            let (k, v) = item?;
+            let q = rmp_serde::from_slice(v.value())
+                .map_err(|e| StoreError::Corrupt { what: "quarantined message", detail: e.to_string() })?;
+            out.push((k.value(), q));
+        }
+        out.reverse();
+        Ok((total, out))
+    }
+
+    /// The ids of a contact's children, by kind.
+    pub fn children(&self, parent: &str) -> Result<Vec<(Kind, String)>, StoreError> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(CHILDREN)?;
+        let mut out = Vec::new();
+        for item in table.range((parent, 0u8, "")..)? {
+            let (k, _) = item?;
+            let (p, code, id) = k.value();
+            if p != parent {
+                break;
+            }
+            out.push((Kind::ALL[code as usize], id.to_owned()));
+        }
+        Ok(out)
+    }
+}
+
+/// The tables of one write transaction, opened once for the whole batch.
+pub struct Tables<'txn> {
+    records: Vec<Table<'txn, &'static str, &'static [u8]>>,
+    children: Table<'txn, (&'static str, u8, &'static str), ()>,
+    gone: Table<'txn, (u8, &'static str), u64>,
+    outbox: Table<'txn, u64, &'static [u8]>,
+    quarantine: Table<'txn, u64, &'static [u8]>,
+    meta: Table<'txn, &'static str, u64>,
+    meta_str: Table<'txn, &'static str, &'static str>,
+}
+
+impl<'txn> Tables<'txn> {
+    fn open(txn: &'txn WriteTransaction) -> Result<Tables<'txn>, StoreError> {
+        let mut records = Vec::with_capacity(RECORDS.len());
+        for def in RECORDS {
+            records.push(txn.open_table(def)?);
+        }
+        Ok(Tables {
+            records,
+            children: txn.open_table(CHILDREN)?,
+            gone: txn.open_table(GONE)?,
+            outbox: txn.open_table(OUTBOX)?,
+            quarantine: txn.open_table(QUARANTINE)?,
+            meta: txn.open_table(META)?,
+            meta_str: txn.open_table(META_STR)?,
+        })
+    }
+
+    pub fn get(&self, kind: Kind, id: &str) -> Result<Option<Stored>, StoreError> {
+        self.records[kind.code() as usize].get(id)?.map(|v| Stored::decode(v.value())).transpose()
+    }
+
+    /// The version a record is known at: held, or deleted/left at that version.
+    pub fn known_version(&self, kind: Kind, id: &str) -> Result<u64, StoreError> {
+        let held = self.get(kind, id)?.map(|s| s.version).unwrap_or(0);
+        let gone = self.gone.get((kind.code(), id))?.map(|v| v.value()).unwrap_or(0);
+        Ok(held.max(gone))
+    }
+
+    pub fn put(&mut self, kind: Kind, id: &str, stored: &Stored) -> Result<(), StoreError> {
+        if let Some(field) = kind.parent_field() {
+            let new_parent = crate::model::text(&stored.fields, field);
+            let old = self.get(kind, id)?;
+            let old_parent = old.as_ref().and_then(|o| crate::model::text(&o.fields, field));
+            if let Some(old_parent) = old_parent.filter(|p| Some(*p) != new_parent) {
+                self.children.remove((old_parent, kind.code(), id))?;
+            }
+            if let Some(parent) = new_parent {
+                self.children.insert((parent, kind.code(), id), ())?;
+            }
+        }
+        self.records[kind.code() as usize].insert(id, stored.encode().as_slice())?;
+        self.gone.remove((kind.code(), id))?;
+        Ok(())
+    }
+
+    /// Removes a record, remembering the version it went at so an older copy arriving later
+    /// is not applied. Returns the record that was held.
+    pub fn remove(&mut self, kind: Kind, id: &str, version: u64) -> Result<Option<Stored>, StoreError> {
+        let old = self.records[kind.code() as usize].remove(id)?.map(|v| Stored::decode(v.value())).transpose()?;
+        if let Some(parent) =
+            old.as_ref().and_then(|o| kind.parent_field().and_then(|f| crate::model::text(&o.fields, f)))
+        {
+            self.children.remove((parent, kind.code(), id))?;
+        }
+        if version > 0 {
+            self.gone.insert((kind.code(), id), version)?;
+        }
+        Ok(old)
+    }
+
+    /// Every record of `kind`, in id order.
+    pub fn for_each(&self, kind: Kind, mut f: impl FnMut(&str, Stored)) -> Result<(), StoreError> {
+        for item in self.records[kind.code() as usize].iter()? {
+            let (k, v) = item?;
+            f(k.value(), Stored::decode(v.value())?);
+        }
+        Ok(())
+    }
+
+    pub fn children(&self, parent: &str) -> Result<Vec<(Kind, String)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.children.range((parent, 0u8, "")..)? {
+            let (k, _) = item?;
+            let (p, code, id) = k.value();
+            if p != parent {
+                break;
+            }
+            out.push((Kind::ALL[code as usize], id.to_owned()));
+        }
+        Ok(out)
+    }
+
+    pub fn push_outbox(&mut self, entry: &OutboxEntry) -> Result<(), StoreError> {
+        let next = self.meta("outbox_next")?;
+        self.outbox.insert(next, rmp_serde::to_vec(entry).expect("outbox entry encodes").as_slice())?;
+        self.set_meta("outbox_next", next + 1)
+    }
+
+    /// Drops outbox entries up to and including `last`, once NATS acknowledged them.
+    pub fn pop_outbox(&mut self, last: u64) -> Result<(), StoreError> {
+        self.outbox.retain_in(..=last, |_, _| false)?;
+        Ok(())
+    }
+
+    pub fn quarantine(&mut self, seq: u64, q: &Quarantined) -> Result<(), StoreError> {
+        self.quarantine.insert(seq, rmp_serde::to_vec(q).expect("quarantine entry encodes").as_slice())?;
+        Ok(())
+    }
+
+    pub fn meta(&self, key: &str) -> Result<u64, StoreError> {
+        Ok(self.meta.get(key)?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    pub fn set_meta(&mut self, key: &str, value: u64) -> Result<(), StoreError> {
+        self.meta.insert(key, value)?;
+        Ok(())
+    }
+
+    pub fn meta_str(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.meta_str.get(key)?.map(|v| v.value().to_owned()))
+    }
+
+    pub fn set_meta_str(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.meta_str.insert(key, value)?;
+        Ok(())
+    }
+
+    /// Empties the projection (records, children, tombstones, the applied position) for a
+    /// rebuild. The outbox and the quarantine are history, not projection: they stay.
+    pub fn clear_projection(&mut self) -> Result<(), StoreError> {
+        for table in &mut self.records {
+            table.retain(|_, _| false)?;
+        }
+        self.children.retain(|_, _| false)?;
+        self.gone.retain(|_, _| false)?;
+        self.set_meta(APPLIED, 0)
+    }
+}

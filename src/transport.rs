@@ -1,0 +1,278 @@
+//! NATS JetStream: the only module that knows async-nats. Streams, consumers, publishing.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer, stream};
+
+use crate::wire::{EVENTS_STREAM, SYNC_STREAM, UP_STREAM};
+
+/// How long NATS remembers a `Nats-Msg-Id` to drop a duplicate publish.
+pub const DEDUP_WINDOW: Duration = Duration::from_secs(120);
+/// Deletes and leaves stay in `CRM_SYNC` this long: the longest a remote may stay offline.
+pub const TOMBSTONE_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+/// How long a delivered message waits for its ack before redelivery: long enough for a batch
+/// to be committed, short enough that a remote restarted after a crash resumes quickly.
+pub const ACK_WAIT: Duration = Duration::from_secs(10);
+const DATABASE_ID_KEY: &str = "crmsync.database_id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error(
+        "cannot reach NATS at {url}: {source}. Is nats-server running there? \
+         (`crmsync up` starts one; `ops/install-nats-server` installs it)"
+    )]
+    Connect { url: String, source: async_nats::ConnectError },
+    #[error("NATS request failed while {doing}: {detail}")]
+    Request { doing: String, detail: String },
+    #[error("the change conflicts with a newer version of the record (wrong last sequence)")]
+    WrongLastSequence,
+}
+
+impl TransportError {
+    pub fn request(doing: impl Into<String>, err: impl std::fmt::Display) -> TransportError {
+        TransportError::Request { doing: doing.into(), detail: err.to_string() }
+    }
+}
+
+/// A connection and its JetStream context.
+#[derive(Clone)]
+pub struct Nats {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+}
+
+impl Nats {
+    /// Connects, waiting for the first connection; after that the client reconnects by itself
+    /// for as long as the process runs.
+    pub async fn connect(url: &str, name: &str) -> Result<Nats, TransportError> {
+        let client = async_nats::ConnectOptions::new()
+            .name(name)
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|source| TransportError::Connect { url: url.to_owned(), source })?;
+        let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(10)).build(client.clone());
+        Ok(Nats { client, js })
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Creates the three streams if they are missing and returns the database id kept in the
+    /// events stream's metadata, making `candidate` the id of a new database.
+    pub async fn ensure_streams(&self, candidate: &str) -> Result<String, TransportError> {
+        let database_id = match self.js.get_stream(EVENTS_STREAM).await {
+            Ok(mut s) => {
+                let info = s.info().await.map_err(|e| TransportError::request("reading CRM_EVENTS", e))?;
+                info.config.metadata.get(DATABASE_ID_KEY).cloned().unwrap_or_else(|| candidate.to_owned())
+            }
+            Err(_) => {
+                let metadata = HashMap::from([(DATABASE_ID_KEY.to_owned(), candidate.to_owned())]);
+                self.js
+                    .create_stream(stream::Config {
+                        name: EVENTS_STREAM.into(),
+                        description: Some("crmsync: every committed change, the source of truth".into()),
+                        subjects: vec!["crm.evt.>".into()],
+                        storage: stream::StorageType::File,
+                        duplicate_window: DEDUP_WINDOW,
+                        allow_direct: true,
+                        metadata,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| TransportError::request("creating CRM_EVENTS", e))?;
+                candidate.to_owned()
+            }
+        };
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: SYNC_STREAM.into(),
+                description: Some("crmsync: latest state of each record in each target".into()),
+                subjects: vec!["crm.sync.>".into()],
+                storage: stream::StorageType::File,
+                max_messages_per_subject: 1,
+                duplicate_window: DEDUP_WINDOW,
+                allow_message_ttl: true,
+                allow_direct: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| TransportError::request("creating CRM_SYNC", e))?;
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: UP_STREAM.into(),
+                description: Some("crmsync: edits made at remotes, on their way to the main".into()),
+                subjects: vec!["crm.up.>".into()],
+                storage: stream::StorageType::File,
+                retention: stream::RetentionPolicy::WorkQueue,
+                duplicate_window: DEDUP_WINDOW,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| TransportError::request("creating CRM_UP", e))?;
+        Ok(database_id)
+    }
+
+    pub async fn stream(&self, name: &str) -> Result<stream::Stream<()>, TransportError> {
+        self.js.get_stream_no_info(name).await.map_err(|e| TransportError::request(format!("opening {name}"), e))
+    }
+
+    /// The last sequence of a stream.
+    pub async fn last_sequence(&self, name: &str) -> Result<u64, TransportError> {
+        let mut s =
+            self.js.get_stream(name).await.map_err(|e| TransportError::request(format!("opening {name}"), e))?;
+        let info = s.info().await.map_err(|e| TransportError::request(format!("reading {name}"), e))?;
+        Ok(info.state.last_sequence)
+    }
+
+    /// Publishes one event with deduplication and optimistic concurrency, and waits for the ack.
+    pub async fn publish_event(
+        &self,
+        subject: String,
+        msg_id: &str,
+        expected_last_subject_sequence: u64,
+        payload: Vec<u8>,
+    ) -> Result<u64, TransportError> {
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(payload.into())
+            .message_id(msg_id)
+            .expected_last_subject_sequence(expected_last_subject_sequence);
+        let ack = self
+            .js
+            .send_publish(subject, publish)
+            .await
+            .map_err(|e| TransportError::request("publishing an event", e))?
+            .await;
+        match ack {
+            Ok(ack) => Ok(ack.sequence),
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                Err(TransportError::WrongLastSequence)
+            }
+            Err(e) => Err(TransportError::request("publishing an event", e)),
+        }
+    }
+
+    /// Publishes routed messages in order, pipelined, and waits for every ack.
+    pub async fn publish_routed(&self, batch: &[(String, String, Vec<u8>, bool)]) -> Result<(), TransportError> {
+        let mut acks = Vec::with_capacity(batch.len());
+        for (subject, msg_id, payload, tombstone) in batch {
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", msg_id.as_str());
+            if *tombstone {
+                headers.insert("Nats-TTL", format!("{}s", TOMBSTONE_TTL.as_secs()).as_str());
+            }
+            let ack = self
+                .js
+                .publish_with_headers(subject.clone(), headers, payload.clone().into())
+                .await
+                .map_err(|e| TransportError::request("publishing to CRM_SYNC", e))?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await.map_err(|e| TransportError::request("publishing to CRM_SYNC", e))?;
+        }
+        Ok(())
+    }
+
+    /// Creates a remote's durable consumer on `CRM_SYNC`, filtered to its two subjects. The
+    /// remote itself only ever pulls from it (and resets it to rebuild).
+    pub async fn create_remote_consumer(
+        &self,
+        consumer_name: &str,
+        filters: Vec<String>,
+    ) -> Result<(), TransportError> {
+        let stream = self.stream(SYNC_STREAM).await?;
+        stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(consumer_name.to_owned()),
+                description: Some("crmsync remote".into()),
+                deliver_policy: consumer::DeliverPolicy::All,
+                ack_policy: consumer::AckPolicy::All,
+                ack_wait: ACK_WAIT,
+                filter_subjects: filters,
+                max_ack_pending: 100_000,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| TransportError::request(format!("creating consumer {consumer_name}"), e))?;
+        Ok(())
+    }
+
+    pub async fn remote_consumer(
+        &self,
+        consumer_name: &str,
+    ) -> Result<consumer::Consumer<consumer::pull::Config>, TransportError> {
+        let stream = self.stream(SYNC_STREAM).await?;
+        stream
+            .get_consumer(consumer_name)
+            .await
+            .map_err(|e| TransportError::request(format!("opening consumer {consumer_name}"), e))
+    }
+
+    /// Moves a remote's consumer back to the start of the stream, for a rebuild.
+    pub async fn reset_remote_consumer(&self, consumer_name: &str) -> Result<u64, TransportError> {
+        let stream = self.stream(SYNC_STREAM).await?;
+        let resp = stream
+            .reset_consumer(consumer_name, Some(1))
+            .await
+            .map_err(|e| TransportError::request(format!("resetting consumer {consumer_name}"), e))?;
+        Ok(resp.info.num_pending)
+    }
+
+    /// Messages waiting for a remote: not yet delivered plus delivered but unacknowledged.
+    pub async fn remote_backlog(&self, consumer_name: &str) -> Result<u64, TransportError> {
+        let mut c = self.remote_consumer(consumer_name).await?;
+        let info =
+            c.info().await.map_err(|e| TransportError::request(format!("reading consumer {consumer_name}"), e))?;
+        Ok(info.num_pending + info.num_ack_pending as u64)
+    }
+}
+
+/// A message taken off a stream, reduced to what the projections need.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub seq: u64,
+    /// Messages still waiting after this one, as the server counted at delivery.
+    pub pending: u64,
+    pub subject: String,
+    pub payload: bytes::Bytes,
+}
+
+impl Incoming {
+    pub fn from_message(msg: &jetstream::Message) -> Option<Incoming> {
+        let info = msg.info().ok()?;
+        Some(Incoming {
+            seq: info.stream_sequence,
+            pending: info.pending,
+            subject: msg.subject.to_string(),
+            payload: msg.payload.clone(),
+        })
+    }
+}
+
+/// Waits for one message, then takes whatever else is already there, up to `max`: batches
+/// grow with the backlog and shrink to one message when traffic is light, so the latency of a
+/// single change stays that of one message.
+pub async fn next_batch<S, E>(messages: &mut S, max: usize) -> Option<Result<Vec<jetstream::Message>, E>>
+where
+    S: futures::Stream<Item = Result<jetstream::Message, E>> + Unpin,
+{
+    use futures::{FutureExt, StreamExt};
+    let first = match messages.next().await? {
+        Ok(m) => m,
+        Err(e) => return Some(Err(e)),
+    };
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match messages.next().now_or_never() {
+            Some(Some(Ok(m))) => batch.push(m),
+            Some(Some(Err(e))) if batch.is_empty() => return Some(Err(e)),
+            _ => break,
+        }
+    }
+    Some(Ok(batch))
+}

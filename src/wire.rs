@@ -1,0 +1,242 @@
+//! The wire format: the envelope every message carries, as MessagePack, and the subjects.
+//!
+//! The JSON Schema documents in `schemas/` describe exactly what is encoded here; a test
+//! checks real messages against them. Change this module only together with them, and bump
+//! [`SCHEMA_MAJOR`] for any change an older reader could not decode.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Fields, Kind};
+
+pub const PRODUCT: &str = "crmsync";
+/// Schema major version. Main and remotes must agree on it.
+pub const SCHEMA_MAJOR: u32 = 1;
+
+pub const EVENTS_STREAM: &str = "CRM_EVENTS";
+pub const SYNC_STREAM: &str = "CRM_SYNC";
+pub const UP_STREAM: &str = "CRM_UP";
+
+/// The origin of changes made through the main's API.
+pub const ORIGIN_MAIN: &str = "main";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    /// The record's full state.
+    Upsert,
+    /// The record was deleted at the main.
+    Delete,
+    /// The record left this target; it still exists at the main.
+    Leave,
+}
+
+/// Every message on every stream is one envelope.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub product: String,
+    pub schema: u32,
+    /// The database id of the main this message belongs to.
+    pub db: String,
+    /// Unique id of the change (a ULID).
+    pub event: String,
+    pub kind: Kind,
+    pub id: String,
+    pub op: Op,
+    /// On `CRM_SYNC`: the record's version at the main, i.e. the `CRM_EVENTS` sequence of the
+    /// change. On `CRM_EVENTS`: the version the change was made against (0 for a new record).
+    pub version: u64,
+    /// `main`, or the name of the remote where the change was made.
+    pub origin: String,
+    /// The record's fields, for `upsert`; absent for `delete` and `leave`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<Fields>,
+}
+
+/// The part of an envelope that says whose it is. Decoded on its own when a whole envelope
+/// does not decode, to tell a message of another product or schema from a corrupt one.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Header {
+    pub product: String,
+    pub schema: u32,
+    pub db: String,
+}
+
+impl Envelope {
+    pub fn encode(&self) -> Vec<u8> {
+        // Encoding a plain struct of strings, integers and maps into a Vec cannot fail.
+        rmp_serde::to_vec_named(self).expect("envelope encodes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Envelope, rmp_serde::decode::Error> {
+        rmp_serde::from_slice(bytes)
+    }
+
+    pub fn header(&self) -> Header {
+        Header { product: self.product.clone(), schema: self.schema, db: self.db.clone() }
+    }
+}
+
+/// What a message's header says about whether this reader may apply it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "refusing a message of {their_product} schema {their_schema} for database {their_db}: \
+     this side runs {PRODUCT} schema {SCHEMA_MAJOR} for database {our_db}. \
+     {advice}"
+)]
+pub struct Foreign {
+    pub their_product: String,
+    pub their_schema: u32,
+    pub their_db: String,
+    pub our_db: String,
+    pub advice: &'static str,
+}
+
+impl Header {
+    /// Checks that a message belongs to this product, schema and database.
+    pub fn check(&self, our_db: &str) -> Result<(), Foreign> {
+        let advice = if self.product != PRODUCT {
+            "Another application is publishing on crmsync's subjects; give it other subjects."
+        } else if self.schema != SCHEMA_MAJOR {
+            "Main and remotes must run the same schema version: upgrade the older side, then re-create the remote."
+        } else if self.db != our_db {
+            "This remote was created for another main database: re-create it with `crmsync remote create` at the right main."
+        } else {
+            return Ok(());
+        };
+        Err(Foreign {
+            their_product: self.product.clone(),
+            their_schema: self.schema,
+            their_db: self.db.clone(),
+            our_db: our_db.to_owned(),
+            advice,
+        })
+    }
+}
+
+/// What decoding a message found.
+#[derive(Debug)]
+pub enum Decoded {
+    Ok(Envelope),
+    /// A well-formed message that belongs elsewhere: stop, acknowledge nothing.
+    Foreign(Foreign),
+    /// Bytes that are not an envelope: quarantine and go on.
+    Malformed(String),
+}
+
+/// Decodes a message and checks that it belongs to `our_db`.
+pub fn decode_checked(bytes: &[u8], our_db: &str) -> Decoded {
+    match Envelope::decode(bytes) {
+        Ok(env) => match env.header().check(our_db) {
+            Ok(()) => Decoded::Ok(env),
+            Err(f) => Decoded::Foreign(f),
+        },
+        Err(err) => match rmp_serde::from_slice::<Header>(bytes) {
+            Ok(h) if h.check(our_db).is_err() => Decoded::Foreign(h.check(our_db).unwrap_err()),
+            _ => Decoded::Malformed(err.to_string()),
+        },
+    }
+}
+
+pub fn event_subject(kind: Kind, id: &str) -> String {
+    format!("crm.evt.{kind}.{id}")
+}
+
+/// The subject token of a target: a set's name, or `~` and a remote's name for its
+/// subscription list.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Target {
+    Set(String),
+    Subscriptions(String),
+}
+
+impl Target {
+    pub fn token(&self) -> String {
+        match self {
+            Target::Set(name) => name.clone(),
+            Target::Subscriptions(remote) => format!("~{remote}"),
+        }
+    }
+}
+
+pub fn sync_subject(target: &Target, kind: Kind, id: &str) -> String {
+    format!("crm.sync.{}.{kind}.{id}", target.token())
+}
+
+/// The filter subjects of a remote's consumer: its set and its own subscription list.
+pub fn remote_filters(set: &str, remote: &str) -> Vec<String> {
+    vec![
+        format!("crm.sync.{}.>", Target::Set(set.to_owned()).token()),
+        format!("crm.sync.{}.>", Target::Subscriptions(remote.to_owned()).token()),
+    ]
+}
+
+/// Parses `crm.evt.<kind>.<id>` or `crm.sync.<target>.<kind>.<id>` into kind and id.
+pub fn subject_record(subject: &str) -> Option<(Kind, &str)> {
+    let mut parts = subject.rsplitn(3, '.');
+    let id = parts.next()?;
+    let kind = Kind::parse(parts.next()?)?;
+    Some((kind, id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Field, Value};
+
+    fn sample(db: &str) -> Envelope {
+        let mut record = Fields::new();
+        record.insert("city".into(), Field { value: Value::Str("Albany".into()), stamp: 7 });
+        Envelope {
+            product: PRODUCT.into(),
+            schema: SCHEMA_MAJOR,
+            db: db.into(),
+            event: "01J".into(),
+            kind: Kind::Contact,
+            id: "c1".into(),
+            op: Op::Upsert,
+            version: 3,
+            origin: ORIGIN_MAIN.into(),
+            record: Some(record),
+        }
+    }
+
+    #[test]
+    fn envelope_round_trips() {
+        let env = sample("db1");
+        assert!(matches!(decode_checked(&env.encode(), "db1"), Decoded::Ok(e) if e == env));
+    }
+
+    #[test]
+    fn another_database_is_refused_with_both_ids() {
+        let Decoded::Foreign(f) = decode_checked(&sample("db1").encode(), "db2") else { panic!() };
+        let msg = f.to_string();
+        assert!(msg.contains("db1") && msg.contains("db2"), "{msg}");
+    }
+
+    #[test]
+    fn another_schema_is_refused_even_if_the_body_differs() {
+        #[derive(Serialize)]
+        struct Future {
+            product: &'static str,
+            schema: u32,
+            db: &'static str,
+            body: Vec<u8>,
+        }
+        let bytes = rmp_serde::to_vec_named(&Future { product: PRODUCT, schema: 9, db: "db1", body: vec![1] }).unwrap();
+        let Decoded::Foreign(f) = decode_checked(&bytes, "db1") else { panic!() };
+        assert!(f.to_string().contains("schema 9"));
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        assert!(matches!(decode_checked(b"\xc1garbage", "db1"), Decoded::Malformed(_)));
+    }
+
+    #[test]
+    fn subjects_parse_back() {
+        assert_eq!(subject_record("crm.evt.contact.c1"), Some((Kind::Contact, "c1")));
+        let s = sync_subject(&Target::Subscriptions("r1".into()), Kind::Note, "n1");
+        assert_eq!(s, "crm.sync.~r1.note.n1");
+        assert_eq!(subject_record(&s), Some((Kind::Note, "n1")));
+    }
+}

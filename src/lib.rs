@@ -20,6 +20,7 @@ pub mod names;
 pub mod natsd;
 pub mod remote_service;
 pub mod routing;
+pub mod schema;
 pub mod store;
 pub mod transport;
 pub mod wire;

@@ -41,21 +41,41 @@ impl TransportError {
 pub struct Nats {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
+    /// Counts connections made: it changes on every reconnect, so long-running consumers can
+    /// start afresh at once instead of waiting for a heartbeat to time out.
+    pub connections: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Nats {
     /// Connects, waiting for the first connection; after that the client reconnects by itself
     /// for as long as the process runs.
     pub async fn connect(url: &str, name: &str) -> Result<Nats, TransportError> {
+        let (tx, connections) = tokio::sync::watch::channel(0u64);
         let client = async_nats::ConnectOptions::new()
             .name(name)
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(5))
+            // Retry quickly: the server is usually on the same host or network, and every
+            // second without a connection is a second of writes refused.
+            .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 100).min(1000)))
+            .event_callback(move |event| {
+                let tx = tx.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            tx.send_modify(|n| *n += 1);
+                            tracing::info!("connected to NATS");
+                        }
+                        async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
+                        other => tracing::debug!("NATS: {other}"),
+                    }
+                }
+            })
             .connect(url)
             .await
             .map_err(|source| TransportError::Connect { url: url.to_owned(), source })?;
         let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(10)).build(client.clone());
-        Ok(Nats { client, js })
+        Ok(Nats { client, js, connections })
     }
 
     pub fn is_connected(&self) -> bool {
@@ -152,6 +172,12 @@ impl Nats {
             Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
                 Err(TransportError::WrongLastSequence)
             }
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::TimedOut => Err(TransportError::Request {
+                doing: "publishing an event".into(),
+                detail: "NATS did not confirm the change in time; it may still be committed once NATS is back, \
+                         so read the record before trying again"
+                    .into(),
+            }),
             Err(e) => Err(TransportError::request("publishing an event", e)),
         }
     }
@@ -213,11 +239,12 @@ impl Nats {
             .map_err(|e| TransportError::request(format!("opening consumer {consumer_name}"), e))
     }
 
-    /// Moves a remote's consumer back to the start of the stream, for a rebuild.
-    pub async fn reset_remote_consumer(&self, consumer_name: &str) -> Result<u64, TransportError> {
+    /// Moves a remote's consumer to stream sequence `next` (1 replays everything), dropping
+    /// any delivered but unacknowledged messages. Returns the messages now pending.
+    pub async fn reset_remote_consumer(&self, consumer_name: &str, next: u64) -> Result<u64, TransportError> {
         let stream = self.stream(SYNC_STREAM).await?;
         let resp = stream
-            .reset_consumer(consumer_name, Some(1))
+            .reset_consumer(consumer_name, Some(next.max(1)))
             .await
             .map_err(|e| TransportError::request(format!("resetting consumer {consumer_name}"), e))?;
         Ok(resp.info.num_pending)

@@ -13,6 +13,8 @@ use clap::{Args, Parser, Subcommand};
 
 pub use client::{Client, ClientError};
 
+use crate::remote_service::RemoteConfig;
+
 /// The main's API address, the default of `--api`.
 pub const DEFAULT_API: &str = "http://127.0.0.1:7420";
 
@@ -149,6 +151,9 @@ pub enum RemoteCommand {
         /// Overrides the NATS address in the bundle.
         #[arg(long)]
         nats: Option<String>,
+        /// Most messages applied per transaction.
+        #[arg(long, default_value_t = crate::remote_service::SYNC_BATCH)]
+        batch: usize,
     },
     /// Throw a remote's projection away and replay its set (with the service stopped).
     Rebuild {
@@ -214,8 +219,8 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Up(args) => services::up(args).await,
         Command::Main(cmd) => services::main(cmd).await,
         Command::Remote(RemoteCommand::Init { bundle, data }) => services::remote_init(&bundle, &data, cli.json),
-        Command::Remote(RemoteCommand::Serve { data, listen, nats }) => {
-            services::remote_serve(data, listen, nats).await
+        Command::Remote(RemoteCommand::Serve { data, listen, nats, batch }) => {
+            services::remote_serve(RemoteConfig { data_dir: data, nats_url: nats, batch }, listen).await
         }
         Command::Remote(RemoteCommand::Rebuild { data, nats }) => services::remote_rebuild(data, nats, cli.json).await,
         command => {

@@ -95,9 +95,9 @@ pub fn remote_init(bundle: &Path, data: &Path, as_json: bool) -> anyhow::Result<
     Ok(())
 }
 
-pub async fn remote_serve(data: PathBuf, listen: SocketAddr, nats: Option<String>) -> anyhow::Result<()> {
+pub async fn remote_serve(config: RemoteConfig, listen: SocketAddr) -> anyhow::Result<()> {
     let listener = bind(listen).await?;
-    let remote = Remote::start(RemoteConfig { data_dir: data, nats_url: nats }).await?;
+    let remote = Remote::start(config).await?;
     tracing::info!("remote {} serving on http://{listen}", remote.bundle().remote);
     let (stop_api, api) = spawn_api(listener, http::remote_router(remote.clone()));
     let outcome = tokio::select! {
@@ -111,7 +111,7 @@ pub async fn remote_serve(data: PathBuf, listen: SocketAddr, nats: Option<String
 }
 
 pub async fn remote_rebuild(data: PathBuf, nats: Option<String>, as_json: bool) -> anyhow::Result<()> {
-    let remote = Remote::start(RemoteConfig { data_dir: data, nats_url: nats }).await?;
+    let remote = Remote::start(RemoteConfig { nats_url: nats, ..RemoteConfig::new(data) }).await?;
     let total = remote.rebuild().await?;
     let bar = if as_json { indicatif::ProgressBar::hidden() } else { progress_bar(total) };
     let summary = loop {
@@ -186,7 +186,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             std::fs::write(&file, serde_json::to_vec_pretty(&bundle)?)?;
             remote_service::init(&file, &dir)?;
         }
-        let remote = Remote::start(RemoteConfig { data_dir: dir, nats_url: None }).await?;
+        let remote = Remote::start(RemoteConfig::new(dir)).await?;
         let api = spawn_api(listener, http::remote_router(remote.clone()));
         remotes.push((remote, api));
     }

@@ -510,10 +510,13 @@ async fn project(
         .await
         .map_err(|e| TransportError::request("creating the projector's consumer", e))?;
     let mut messages = consumer.messages().await.map_err(|e| TransportError::request("reading CRM_EVENTS", e))?;
+    let mut connections = nats.connections.clone();
+    connections.mark_unchanged();
     loop {
         let batch = tokio::select! {
             b = transport::next_batch(&mut messages, PROJECTOR_BATCH) => b,
             _ = shutdown.changed() => return Ok(()),
+            _ = connections.changed() => anyhow::bail!("reconnected to NATS; reading on from the stored position"),
         };
         let batch = match batch {
             None => anyhow::bail!("the events consumer ended"),

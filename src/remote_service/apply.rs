@@ -50,7 +50,10 @@ pub fn apply_batch(t: &mut Tables<'_>, db_id: &str, batch: &[Incoming]) -> Resul
                 out.quarantined += 1;
             }
         }
-        t.set_meta(APPLIED, msg.seq)?;
+        // A redelivered older message must not move the position back.
+        if msg.seq > t.meta(APPLIED)? {
+            t.set_meta(APPLIED, msg.seq)?;
+        }
         out.taken += 1;
     }
     Ok(out)

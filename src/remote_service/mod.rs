@@ -23,8 +23,6 @@ use crate::wire::{PRODUCT, SCHEMA_MAJOR};
 pub const SYNC_BATCH: usize = 1000;
 const BUNDLE_FILE: &str = "remote.json";
 const STORE_FILE: &str = "remote.redb";
-/// Set while a rebuild has emptied the projection but the consumer may not be reset yet.
-const REBUILD_PENDING: &str = "rebuild_pending";
 
 /// Sets up a remote's data directory from a bundle file.
 pub fn init(bundle_file: &Path, data_dir: &Path) -> anyhow::Result<Bundle> {
@@ -84,6 +82,14 @@ pub struct RemoteConfig {
     pub data_dir: PathBuf,
     /// Overrides the NATS address in the bundle.
     pub nats_url: Option<String>,
+    /// Most messages applied in one transaction ([`SYNC_BATCH`] unless tuned).
+    pub batch: usize,
+}
+
+impl RemoteConfig {
+    pub fn new(data_dir: PathBuf) -> RemoteConfig {
+        RemoteConfig { data_dir, nats_url: None, batch: SYNC_BATCH }
+    }
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -118,6 +124,7 @@ struct Inner {
     bundle: Bundle,
     nats: Nats,
     nats_url: String,
+    batch: usize,
     state: Mutex<SyncState>,
     rebuild_tx: mpsc::Sender<oneshot::Sender<Result<u64, String>>>,
     shutdown: watch::Sender<bool>,
@@ -138,6 +145,7 @@ impl Remote {
             bundle,
             nats,
             nats_url,
+            batch: config.batch.max(1),
             state: Mutex::new(SyncState::default()),
             rebuild_tx,
             shutdown,
@@ -220,6 +228,8 @@ struct Rebuild {
     started: Instant,
     done: u64,
     total: u64,
+    /// Told the number of messages to replay once the consumer has been reset.
+    reply: Option<oneshot::Sender<Result<u64, String>>>,
 }
 
 async fn run_sync(
@@ -238,8 +248,12 @@ async fn run_sync(
             Err(SyncStop::Fatal(msg)) => {
                 tracing::error!("sync stopped: {msg}");
                 inner.state.lock().unwrap().error = Some(msg.clone());
+                if let Some(reply) = rebuild.take().and_then(|r| r.reply) {
+                    let _ = reply.send(Err(msg.clone()));
+                }
                 return Err(msg);
             }
+            Err(SyncStop::Restart) => continue,
             Err(SyncStop::Retry(msg)) => {
                 tracing::warn!("sync interrupted, retrying: {msg}");
             }
@@ -256,6 +270,8 @@ enum SyncStop {
     Fatal(String),
     /// Try again from the stored position (NATS unreachable, consumer busy).
     Retry(String),
+    /// Pull afresh at once from the stored position (a rebuild emptied the projection).
+    Restart,
 }
 
 impl From<TransportError> for SyncStop {
@@ -264,6 +280,13 @@ impl From<TransportError> for SyncStop {
     }
 }
 
+/// One run of the pull loop, from the stored position until an error, a rebuild or shutdown.
+///
+/// Every run starts by resetting the consumer to just after the last message this remote has
+/// committed. The consumer acknowledges all messages up to the one acked, so a message that
+/// was delivered but never applied (to a process that was killed, or to a pull loop that was
+/// dropped) must not be left pending behind newer ones: a later ack would cover it. The reset
+/// clears those deliveries and replays exactly from the stored position.
 async fn sync(
     inner: &Arc<Inner>,
     rebuild_rx: &mut mpsc::Receiver<oneshot::Sender<Result<u64, String>>>,
@@ -272,43 +295,48 @@ async fn sync(
 ) -> Result<(), SyncStop> {
     let store = &inner.store;
     let fatal = |e: crate::store::StoreError| SyncStop::Fatal(e.to_string());
-    if store.meta(REBUILD_PENDING).map_err(fatal)? == 1 {
-        let total = inner.nats.reset_remote_consumer(&inner.bundle.consumer).await?;
-        store.write(true, |t| t.set_meta(REBUILD_PENDING, 0)).map_err(fatal)?;
-        rebuild.get_or_insert(Rebuild { started: Instant::now(), done: 0, total });
+    let applied = store.meta(APPLIED).map_err(fatal)?;
+    let pending = inner.nats.reset_remote_consumer(&inner.bundle.consumer, applied + 1).await?;
+    if let Some(r) = rebuild.as_mut()
+        && let Some(reply) = r.reply.take()
+    {
+        r.total = pending;
+        let _ = reply.send(Ok(pending));
+        let mut state = inner.state.lock().unwrap();
+        if pending == 0 {
+            state.rebuilding = None;
+            state.last_rebuild = Some(RebuildSummary { records: 0, seconds: r.started.elapsed().as_secs_f64() });
+            *rebuild = None;
+        } else {
+            state.rebuilding = Some(Progress { done: 0, total: pending });
+        }
     }
     let consumer = inner.nats.remote_consumer(&inner.bundle.consumer).await?;
     let mut messages = consumer
         .stream()
-        .max_messages_per_batch(SYNC_BATCH)
+        .max_messages_per_batch(inner.batch)
         .heartbeat(Duration::from_secs(5))
         .expires(Duration::from_secs(30))
         .messages()
         .await
         .map_err(|e| TransportError::request("pulling from the remote's consumer", e))?;
+    let mut connections = inner.nats.connections.clone();
+    connections.mark_unchanged();
     loop {
         let batch = tokio::select! {
             _ = shutdown.changed() => return Ok(()),
+            _ = connections.changed() => return Err(SyncStop::Restart),
             req = rebuild_rx.recv() => {
                 let Some(reply) = req else { return Ok(()) };
-                // The pull requests already at the server stay in place: after the reset they
-                // deliver from the start of the stream.
-                let result = start_rebuild(inner).await;
-                let _ = reply.send(result.as_ref().map(|r| r.total).map_err(|e| e.to_string()));
-                match result {
-                    Ok(r) => {
-                        inner.state.lock().unwrap().rebuilding = Some(Progress { done: 0, total: r.total });
-                        if r.total == 0 {
-                            finish_if_empty(inner, &r);
-                        } else {
-                            *rebuild = Some(r);
-                        }
-                    }
-                    Err(e) => return Err(SyncStop::Retry(e.to_string())),
+                let started = Instant::now();
+                if let Err(e) = store.write(true, |t| t.clear_projection()) {
+                    let _ = reply.send(Err(e.to_string()));
+                    return Err(fatal(e));
                 }
-                continue;
+                *rebuild = Some(Rebuild { started, done: 0, total: 0, reply: Some(reply) });
+                return Err(SyncStop::Restart);
             }
-            b = transport::next_batch(&mut messages, SYNC_BATCH) => b,
+            b = transport::next_batch(&mut messages, inner.batch) => b,
         };
         let batch = match batch {
             None => return Err(SyncStop::Retry("the consumer's message stream ended".into())),
@@ -317,6 +345,13 @@ async fn sync(
         };
         let incoming: Vec<Incoming> = batch.iter().filter_map(Incoming::from_message).collect();
         let pending = incoming.last().map(|m| m.pending);
+        tracing::debug!(
+            messages = incoming.len(),
+            first = incoming.first().map(|m| m.seq),
+            last = incoming.last().map(|m| m.seq),
+            pending,
+            "applying a batch"
+        );
         let db = inner.bundle.database_id.clone();
         let s = store.clone();
         let applied = tokio::task::spawn_blocking(move || s.write(true, |t| apply::apply_batch(t, &db, &incoming)))
@@ -326,7 +361,8 @@ async fn sync(
         if applied.taken > 0
             && let Err(e) = batch[applied.taken - 1].ack().await
         {
-            // The batch is committed; an unacknowledged batch is redelivered and skipped.
+            // The batch is committed; an unacknowledged batch is replayed from the stored
+            // position on the next run and skipped by version.
             tracing::warn!("acknowledging a batch failed: {e}");
         }
         if let Some(foreign) = applied.foreign {
@@ -345,26 +381,4 @@ async fn sync(
             }
         }
     }
-}
-
-/// An empty set rebuilds at once: there is nothing to wait for.
-fn finish_if_empty(inner: &Inner, r: &Rebuild) {
-    if r.total == 0 {
-        let mut state = inner.state.lock().unwrap();
-        state.rebuilding = None;
-        state.last_rebuild = Some(RebuildSummary { records: 0, seconds: r.started.elapsed().as_secs_f64() });
-    }
-}
-
-/// Empties the projection and moves the consumer back to the start of the stream. The
-/// pending flag makes a crash between the two finish the reset on the next start.
-async fn start_rebuild(inner: &Inner) -> Result<Rebuild, ServiceError> {
-    let started = Instant::now();
-    inner.store.write(true, |t| {
-        t.clear_projection()?;
-        t.set_meta(REBUILD_PENDING, 1)
-    })?;
-    let total = inner.nats.reset_remote_consumer(&inner.bundle.consumer).await?;
-    inner.store.write(true, |t| t.set_meta(REBUILD_PENDING, 0))?;
-    Ok(Rebuild { started, done: 0, total })
 }

@@ -1,0 +1,127 @@
+//! The wire contract as JSON Schema, generated from the same field tables the code validates
+//! with, so the documents in `schemas/` cannot drift from what is sent (a test compares them
+//! and checks real messages against them).
+//!
+//! MessagePack maps are described as JSON objects: a client decodes a message with any
+//! MessagePack library and validates the result as JSON.
+
+use serde_json::{Value as J, json};
+
+use crate::model::{FieldType, Kind, MAX_CUSTOM_FIELDS, MAX_CUSTOM_VALUE, MAX_NAMES};
+use crate::names::MAX_NAME_LEN;
+use crate::wire::{PRODUCT, SCHEMA_MAJOR};
+
+const DRAFT: &str = "https://json-schema.org/draft/2020-12/schema";
+
+fn token() -> J {
+    json!({ "type": "string", "pattern": format!("^[A-Za-z0-9_-]{{1,{MAX_NAME_LEN}}}$") })
+}
+
+fn value_schema(ty: FieldType) -> J {
+    match ty {
+        FieldType::Text(max) => json!({ "type": "string", "maxLength": max }),
+        FieldType::Choice(options) => json!({ "enum": options }),
+        FieldType::Ref(kind) => {
+            let mut t = token();
+            t["description"] = format!("the id of a {kind}").into();
+            t
+        }
+        FieldType::Names => json!({ "type": "array", "items": token(), "maxItems": MAX_NAMES }),
+        FieldType::Bool => json!({ "type": "boolean" }),
+        FieldType::Int => json!({ "type": "integer" }),
+        FieldType::Custom => json!({
+            "type": "object",
+            "maxProperties": MAX_CUSTOM_FIELDS,
+            "propertyNames": token(),
+            "additionalProperties": { "type": "string", "maxLength": MAX_CUSTOM_VALUE },
+        }),
+    }
+}
+
+/// A record's fields as they travel: each field `[value, stamp]`, the value `null` when the
+/// field was cleared, the stamp a hybrid logical clock (milliseconds << 16 | counter).
+pub fn record_schema(kind: Kind) -> J {
+    let properties: serde_json::Map<String, J> = kind
+        .fields()
+        .iter()
+        .map(|f| {
+            let field = json!({
+                "type": "array",
+                "prefixItems": [
+                    { "anyOf": [{ "type": "null" }, value_schema(f.ty)] },
+                    { "type": "integer", "minimum": 0, "description": "HLC stamp of the change that set the field" },
+                ],
+                "minItems": 2,
+                "maxItems": 2,
+            });
+            (f.name.to_owned(), field)
+        })
+        .collect();
+    let required: Vec<&str> = kind.fields().iter().filter(|f| f.required).map(|f| f.name).collect();
+    json!({
+        "$schema": DRAFT,
+        "$id": format!("urn:crmsync:schema:{SCHEMA_MAJOR}:{kind}"),
+        "title": format!("crmsync {kind} record"),
+        "description": format!(
+            "The fields of a {kind} in the `record` of an envelope. Each field is [value, stamp]; a value of null is a cleared field."
+        ),
+        "type": "object",
+        "properties": properties,
+        "required": required,
+        "additionalProperties": false,
+    })
+}
+
+/// The envelope every message on `CRM_EVENTS`, `CRM_SYNC` and `CRM_UP` carries.
+pub fn envelope_schema() -> J {
+    let kinds: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+    let mut defs = serde_json::Map::new();
+    let mut rules = Vec::new();
+    for kind in Kind::ALL {
+        let mut schema = record_schema(kind);
+        let obj = schema.as_object_mut().expect("an object");
+        obj.remove("$schema");
+        obj.remove("$id");
+        defs.insert(kind.as_str().to_owned(), schema);
+        rules.push(json!({
+            "if": { "properties": { "kind": { "const": kind.as_str() } } },
+            "then": { "properties": { "record": { "$ref": format!("#/$defs/{kind}") } } },
+        }));
+    }
+    json!({
+        "$schema": DRAFT,
+        "$id": format!("urn:crmsync:schema:{SCHEMA_MAJOR}:envelope"),
+        "title": "crmsync message envelope",
+        "description": "Every message is one MessagePack map of this shape. A reader refuses a message whose product, schema or db is not its own.",
+        "type": "object",
+        "properties": {
+            "product": { "const": PRODUCT },
+            "schema": { "const": SCHEMA_MAJOR, "description": "schema major version" },
+            "db": { "type": "string", "description": "database id of the main (a ULID)" },
+            "event": { "type": "string", "description": "unique id of the change (a ULID)" },
+            "kind": { "enum": kinds },
+            "id": token(),
+            "op": { "enum": ["upsert", "delete", "leave"] },
+            "version": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "CRM_SYNC: the CRM_EVENTS sequence of the change that caused the message (newer wins). CRM_EVENTS: the record's version the change was made against (0 for a new record)."
+            },
+            "origin": { "type": "string", "description": "`main`, or the name of the remote where the change was made" },
+            "record": { "type": "object", "description": "the record's fields; present for upsert, absent for delete and leave" },
+        },
+        "required": ["product", "schema", "db", "event", "kind", "id", "op", "version", "origin"],
+        "additionalProperties": false,
+        "allOf": rules,
+        "$defs": defs,
+    })
+}
+
+/// Every schema document, by file name under `schemas/`.
+pub fn documents() -> Vec<(String, J)> {
+    let mut out = vec![("envelope.schema.json".to_owned(), envelope_schema())];
+    for kind in Kind::ALL {
+        out.push((format!("records/{kind}.schema.json"), record_schema(kind)));
+    }
+    out
+}

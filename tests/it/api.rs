@@ -1,0 +1,125 @@
+//! Bad input at the API: a 4xx that says what is wrong, and nothing written.
+
+use crmsync::model::Kind;
+use serde_json::json;
+
+use crate::harness::Env;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_with_a_reason_and_nothing_is_written() {
+    let env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let contact = env.api.create(Kind::Contact, json!({ "first_name": "Ann" })).await;
+    let before = env.api.status().await;
+
+    let long = "x".repeat(300);
+    let contact_path = format!("/v1/contacts/{contact}");
+    let cases: Vec<(&str, &str, serde_json::Value, u16, &str)> = vec![
+        ("POST", "/v1/contacts", json!({ "nickname": "A" }), 400, "unknown field `nickname`"),
+        ("POST", "/v1/contacts", json!({ "first_name": 5 }), 400, "must be a string"),
+        ("POST", "/v1/contacts", json!({ "city": long }), 400, "at most 256 bytes"),
+        ("POST", "/v1/contacts", json!({ "custom": { "a": 1 } }), 400, "custom fields"),
+        ("POST", "/v1/contacts", json!({ "access": "secret" }), 400, "one of public, private, limited"),
+        ("POST", "/v1/contacts", json!(["a"]), 400, "must be a JSON object"),
+        ("POST", "/v1/contacts", json!({ "id": "a.b" }), 400, "contains '.'"),
+        ("POST", "/v1/contacts", json!({ "id": "a*" }), 400, "contains '*'"),
+        ("POST", "/v1/contacts", json!({ "id": "a>" }), 400, "contains '>'"),
+        ("POST", "/v1/contacts", json!({ "id": "a b" }), 400, "contains ' '"),
+        ("POST", "/v1/contacts", json!({ "id": "a".repeat(65) }), 400, "the limit is 64"),
+        ("POST", "/v1/contacts", json!({ "id": contact }), 409, "already exists"),
+        ("POST", "/v1/notes", json!({ "text": "orphan" }), 400, "`contact_id` of a note is required"),
+        ("POST", "/v1/notes", json!({ "contact_id": "nobody", "text": "t" }), 422, "no contact with id \"nobody\""),
+        ("POST", "/v1/widgets", json!({}), 404, "unknown collection `widgets`"),
+        ("PATCH", &contact_path, json!({ "id": "other" }), 400, "cannot be changed"),
+        ("PATCH", "/v1/contacts/nobody", json!({ "city": "X" }), 404, "no contact with id"),
+        ("POST", "/v1/sets", json!({ "name": "a.b", "all": true }), 400, "contains '.'"),
+        ("POST", "/v1/sets", json!({ "name": "s", "all": true, "colour": 1 }), 400, "unknown field `colour`"),
+        ("POST", "/v1/remotes", json!({ "name": "r>", "set": "everyone" }), 400, "contains '>'"),
+        ("POST", "/v1/remotes", json!({ "name": "r", "set": "nope" }), 422, "no set with id \"nope\""),
+        ("POST", "/v1/remotes", json!({ "name": "r", "set": "everyone", "expires_days": 365 }), 400, "2 to 90 days"),
+    ];
+    for (method, path, body, want_status, want_text) in cases {
+        let (status, resp) = match method {
+            "POST" => env.api.post(path, &body).await,
+            _ => env.api.patch(path, &body).await,
+        };
+        let message = resp["error"].as_str().unwrap_or_default();
+        assert_eq!(status, want_status, "{method} {path} {body}: {resp}");
+        assert!(message.contains(want_text), "{method} {path} {body}: {message:?} should say {want_text:?}");
+    }
+
+    // Invalid JSON and an oversized body.
+    let (status, resp) = env.api.post_raw("/v1/contacts", b"{\"first_name\": \"A\",".to_vec()).await;
+    assert_eq!(status, 400);
+    assert!(resp["error"].as_str().unwrap().contains("not valid JSON"), "{resp}");
+    let huge = format!("{{\"first_name\": \"{}\"}}", "x".repeat(2 * 1024 * 1024));
+    let (status, resp) = env.api.post_raw("/v1/contacts", huge.into_bytes()).await;
+    assert_eq!(status, 413);
+    assert!(resp["error"].as_str().unwrap().contains("larger than"), "{resp}");
+    let (status, resp) = env.api.get("/v1/contacts?colour=red").await;
+    assert_eq!(status, 400);
+    assert!(resp["error"].as_str().unwrap().contains("not a field"), "{resp}");
+
+    // Nothing was written: the stream and the projection are where they were.
+    let after = env.api.status().await;
+    assert_eq!(before["stream_last"], after["stream_last"]);
+    assert_eq!(before["counts"], after["counts"]);
+    let (_, page) = env.api.get("/v1/contacts").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_filter_and_page() {
+    let env = Env::start().await;
+    for i in 0..25 {
+        let state = if i % 5 == 0 { "NY" } else { "CT" };
+        env.api.create(Kind::Contact, json!({ "id": format!("c{i:02}"), "state": state })).await;
+    }
+    let (status, page) = env.api.get("/v1/contacts?state=ny").await;
+    assert_eq!(status, 200);
+    let ids: Vec<_> = page["items"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(ids, ["c00", "c05", "c10", "c15", "c20"]);
+    let (_, first) = env.api.get("/v1/contacts?limit=10").await;
+    assert_eq!(first["items"].as_array().unwrap().len(), 10);
+    assert_eq!(first["next"], "c09");
+    let (_, second) = env.api.get("/v1/contacts?limit=10&after=c09").await;
+    assert_eq!(second["items"][0]["id"], "c10");
+    let (_, last) = env.api.get("/v1/contacts?limit=10&after=c19").await;
+    assert_eq!(last["items"].as_array().unwrap().len(), 5);
+    assert!(last["next"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_prints_one_clear_line_and_exits_non_zero_on_errors() {
+    let env = Env::start().await;
+    let bin = env!("CARGO_BIN_EXE_crmsync");
+    let run_at = |api: &str, args: &[&str]| {
+        let out = std::process::Command::new(bin).arg("--api").arg(api).args(args).output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let run = |args: &[&str]| run_at(&env.api.base, args);
+    let (code, out, err) = run(&["contact", "add", "id=c1", "first_name=Ann", "custom.source=fair", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let c: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((c["id"].as_str(), c["custom"]["source"].as_str()), (Some("c1"), Some("fair")));
+    let (code, out, _) = run(&["contact", "edit", "c1", "city=Albany", "first_name="]);
+    assert_eq!(code, 0);
+    assert!(out.contains("Albany") && !out.contains("Ann"), "{out}");
+    let (code, _, err) = run(&["contact", "add", "bogus=1"]);
+    assert_eq!(code, 1);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: unknown field `bogus`"), "{err}");
+    let (code, out, _) = run(&["status", "--json"]);
+    assert_eq!(code, 0);
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["role"], "main");
+    assert_eq!(status["counts"]["contact"], 1);
+    assert_eq!(status["database_id"], env.main().database_id());
+    let (code, _, err) = run_at("http://127.0.0.1:1", &["status"]);
+    assert_eq!(code, 3);
+    assert!(err.contains("cannot reach the crmsync API"), "{err}");
+}

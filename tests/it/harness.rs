@@ -1,0 +1,262 @@
+//! Starts what a test needs: a nats-server, a main, remotes; and reads what a user would read.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use crmsync::main_service::{Main, MainConfig, RemoteRequest, SetRequest};
+use crmsync::model::{Fields, Kind};
+use crmsync::natsd::{NatsServer, NatsdOptions};
+use crmsync::remote_service::{self, Remote, RemoteConfig};
+use serde_json::Value as J;
+use tempfile::TempDir;
+
+/// Everything a record holds, by kind and id: what "the same records" means in assertions.
+pub type Snapshot = BTreeMap<(Kind, String), Fields>;
+
+pub struct Env {
+    pub dir: TempDir,
+    pub nats: NatsServer,
+    main: Option<Main>,
+    pub api: Api,
+    stop_api: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// A service's HTTP API, as a client sees it.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(base: String) -> Api {
+        Api { base, http: reqwest::Client::new() }
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> (u16, J) {
+        let resp = req.send().await.expect("the API answers");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("a body");
+        (status, serde_json::from_str(&text).unwrap_or(J::String(text)))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, J) {
+        self.send(self.http.get(format!("{}{path}", self.base))).await
+    }
+
+    pub async fn post(&self, path: &str, body: &J) -> (u16, J) {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body)).await
+    }
+
+    pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> (u16, J) {
+        self.send(self.http.post(format!("{}{path}", self.base)).header("content-type", "application/json").body(body))
+            .await
+    }
+
+    pub async fn patch(&self, path: &str, body: &J) -> (u16, J) {
+        self.send(self.http.patch(format!("{}{path}", self.base)).json(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, J) {
+        self.send(self.http.delete(format!("{}{path}", self.base))).await
+    }
+
+    /// Creates a record and returns its id, failing the test on anything but 201.
+    pub async fn create(&self, kind: Kind, body: J) -> String {
+        let (status, resp) = self.post(&format!("/v1/{}", kind.plural()), &body).await;
+        assert_eq!(status, 201, "creating a {kind} from {body}: {resp}");
+        resp["id"].as_str().expect("an id").to_owned()
+    }
+
+    pub async fn status(&self) -> J {
+        let (status, body) = self.get("/v1/status").await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+}
+
+/// Serves a router on a free loopback port; returns its base URL and a stop handle.
+pub async fn serve(router: axum::Router) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(crmsync::http::serve(listener, router, async move {
+        let _ = rx.await;
+    }));
+    (format!("http://{addr}"), tx)
+}
+
+pub struct RemoteHandle {
+    pub remote: Remote,
+    pub api: Api,
+    pub data_dir: std::path::PathBuf,
+    stop_api: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl RemoteHandle {
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop_api.take() {
+            let _ = tx.send(());
+        }
+        self.remote.stop().await;
+    }
+}
+
+impl Env {
+    /// A nats-server on a free port and a main with its API, all under one temporary directory.
+    pub async fn start() -> Env {
+        // CRMSYNC_LOG=crmsync=debug shows the services' logs with a failing test's output.
+        let filter = tracing_subscriber::EnvFilter::try_from_env("CRMSYNC_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("crmsync=warn"));
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        let dir = tempfile::tempdir().unwrap();
+        let store_dir = dir.path().join("nats");
+        let nats = tokio::task::spawn_blocking(move || NatsServer::start(&NatsdOptions { port: 0, store_dir }))
+            .await
+            .unwrap()
+            .expect("nats-server starts (run ops/install-nats-server)");
+        let main = Main::start(MainConfig { nats_url: nats.url(), data_dir: dir.path().join("main") }).await.unwrap();
+        let (base, stop_api) = serve(crmsync::http::main_router(main.clone())).await;
+        Env { dir, nats, main: Some(main), api: Api::new(base), stop_api: Some(stop_api) }
+    }
+
+    pub fn main(&self) -> &Main {
+        self.main.as_ref().expect("the main is running")
+    }
+
+    pub fn main_config(&self) -> MainConfig {
+        MainConfig { nats_url: self.nats.url(), data_dir: self.dir.path().join("main") }
+    }
+
+    /// Stops the main (API, projector, router) so its redb file is free.
+    pub async fn stop_main(&mut self) {
+        if let Some(tx) = self.stop_api.take() {
+            let _ = tx.send(());
+        }
+        if let Some(main) = self.main.take() {
+            main.stop().await;
+        }
+        // The API server drops its handle on the main once its connections close.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    /// Starts the main again on the same data, with a new API address.
+    pub async fn restart_main(&mut self) {
+        let main = Main::start(self.main_config()).await.unwrap();
+        let (base, stop_api) = serve(crmsync::http::main_router(main.clone())).await;
+        self.main = Some(main);
+        self.api = Api::new(base);
+        self.stop_api = Some(stop_api);
+    }
+
+    pub async fn create_all_set(&self, name: &str) {
+        self.main().create_set(&SetRequest { name: name.into(), all: true, ..Default::default() }).await.unwrap();
+    }
+
+    /// Registers a remote at the main and sets up its data directory from the bundle file,
+    /// as `remote create` and `remote init` do.
+    pub async fn init_remote(&self, name: &str, set: &str) -> std::path::PathBuf {
+        let bundle = self
+            .main()
+            .create_remote(&RemoteRequest { name: name.into(), set: set.into(), ..Default::default() })
+            .await
+            .unwrap();
+        let bundle_file = self.dir.path().join(format!("{name}.bundle.json"));
+        std::fs::write(&bundle_file, serde_json::to_vec(&bundle).unwrap()).unwrap();
+        let data_dir = self.dir.path().join("remotes").join(name);
+        remote_service::init(&bundle_file, &data_dir).unwrap();
+        data_dir
+    }
+
+    pub async fn start_remote(&self, data_dir: &std::path::Path) -> RemoteHandle {
+        let remote = Remote::start(RemoteConfig::new(data_dir.to_owned())).await.unwrap();
+        let (base, stop_api) = serve(crmsync::http::remote_router(remote.clone())).await;
+        RemoteHandle { remote, api: Api::new(base), data_dir: data_dir.to_owned(), stop_api: Some(stop_api) }
+    }
+
+    pub async fn remote(&self, name: &str, set: &str) -> RemoteHandle {
+        let dir = self.init_remote(name, set).await;
+        self.start_remote(&dir).await
+    }
+}
+
+/// Every routed record of a store.
+pub fn snapshot(store: &crmsync::store::Store) -> Snapshot {
+    let mut out = Snapshot::new();
+    for kind in Kind::DATA {
+        store
+            .for_each(kind, |id, stored| {
+                out.insert((kind, id.to_owned()), stored.fields);
+            })
+            .unwrap();
+    }
+    out
+}
+
+/// Polls `check` until it returns true, or fails the test with `what` after `limit`.
+pub async fn wait_for<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until a remote holds exactly what the main holds.
+pub async fn wait_converged(main: &Main, remote: &crmsync::store::Store) {
+    let start = Instant::now();
+    loop {
+        let (m, r) = (snapshot(main.store()), snapshot(remote));
+        if m == r {
+            return;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let missing: Vec<_> = m.keys().filter(|k| !r.contains_key(*k)).take(5).collect();
+            let extra: Vec<_> = r.keys().filter(|k| !m.contains_key(*k)).take(5).collect();
+            let differ: Vec<_> =
+                m.iter().filter(|(k, v)| r.get(*k).is_some_and(|rv| rv != *v)).map(|(k, _)| k).take(5).collect();
+            panic!(
+                "the remote did not converge on the main: main {} records, remote {}; missing {missing:?}, extra {extra:?}, different {differ:?}",
+                m.len(),
+                r.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Creates `n` contacts (with a note each second one) at the main, a few at a time.
+pub async fn seed_contacts(main: &Main, n: usize, prefix: &str) {
+    use futures::StreamExt;
+    let bodies: Vec<J> = (0..n)
+        .map(|i| {
+            serde_json::json!({
+                "id": format!("{prefix}{i}"),
+                "first_name": format!("First{i}"),
+                "last_name": "Tester",
+                "city": "Albany",
+                "state": (["NY", "CT", "PA"][i % 3]),
+                "custom": { "n": i.to_string() },
+            })
+        })
+        .collect();
+    let mut writes = futures::stream::iter(bodies.iter()).map(|b| main.create(Kind::Contact, b)).buffer_unordered(32);
+    while let Some(r) = writes.next().await {
+        r.unwrap();
+    }
+}
+
+impl Env {
+    /// A separate NATS connection, for looking at the streams as an operator would.
+    pub async fn main_nats(&self) -> crmsync::transport::Nats {
+        crmsync::transport::Nats::connect(&self.nats.url(), "test").await.unwrap()
+    }
+}

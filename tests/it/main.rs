@@ -1,0 +1,10 @@
+//! The integration tests: one binary, each test against its own real nats-server (a free
+//! port, a temporary store), real redb files, and the services' real HTTP APIs.
+
+mod harness;
+
+mod api;
+mod pipeline;
+mod rebuild;
+mod resilience;
+mod wire;

@@ -1,0 +1,120 @@
+//! Crashes and outages: a remote killed mid catch-up, nats-server restarted under load.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crmsync::model::Kind;
+use crmsync::store::Store;
+use serde_json::json;
+
+use crate::harness::{Api, Env, seed_contacts, snapshot, wait_converged};
+
+fn remote_process(dir: &std::path::Path, port: u16, batch: usize) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
+        .args(["remote", "serve", "--listen", &format!("127.0.0.1:{port}"), "--batch", &batch.to_string(), "--data"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(if std::env::var_os("CRMSYNC_TEST_LOGS").is_some() { Stdio::inherit() } else { Stdio::null() })
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn contacts_at(api: &Api) -> Option<u64> {
+    let resp = reqwest::get(format!("{}/v1/status", api.base)).await.ok()?;
+    let body: serde_json::Value = resp.json().await.ok()?;
+    body["counts"]["contact"].as_u64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_killed_in_the_middle_of_a_catch_up_resumes_with_exactly_the_mains_records() {
+    let env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let dir = env.init_remote("laptop", "everyone").await;
+    const N: u64 = 3000;
+    seed_contacts(env.main(), N as usize, "c").await;
+    for i in 0..200 {
+        env.main().update(Kind::Contact, &format!("c{i}"), &json!({ "city": "Troy" })).await.unwrap();
+    }
+
+    // Small batches, so the catch-up takes many transactions and the kill lands inside it.
+    let port = crmsync::natsd::free_port();
+    let api = Api::new(format!("http://127.0.0.1:{port}"));
+    let mut child = remote_process(&dir, port, 20);
+    let start = Instant::now();
+    let seen = loop {
+        if let Some(n) = contacts_at(&api).await
+            && n > 0
+        {
+            break n;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "the remote never started applying");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    child.start_kill().unwrap(); // SIGKILL
+    child.wait().await.unwrap();
+    let held = Store::open(&dir.join("remote.redb")).unwrap().counts().unwrap()[&Kind::Contact];
+    assert!(held < N, "the kill came after the catch-up ended ({held} of {N} held, {seen} seen)");
+
+    let mut child = remote_process(&dir, port, 200);
+    let start = Instant::now();
+    loop {
+        let n = contacts_at(&api).await;
+        if n == Some(N) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "the restarted remote holds {n:?} of {N} contacts");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    // Exactly the main's records: none missing, none doubled, every field the main's.
+    let store = Store::open(&dir.join("remote.redb")).unwrap();
+    assert_eq!(snapshot(&store), snapshot(env.main().store()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restarted_under_main_and_remote_loses_no_acknowledged_write() {
+    let mut env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let remote = env.remote("laptop", "everyone").await;
+    let mut acknowledged = Vec::new();
+    for i in 0..30 {
+        acknowledged.push(env.api.create(Kind::Contact, json!({ "id": format!("before{i}") })).await);
+    }
+
+    let nats = &mut env.nats;
+    tokio::task::block_in_place(|| nats.stop());
+    // While NATS is down the main refuses writes with a clear error rather than losing them.
+    let (status, body) = env.api.post("/v1/contacts", &json!({ "id": "during" })).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("NATS"), "{body}");
+    let nats = &mut env.nats;
+    tokio::task::block_in_place(|| nats.restart()).unwrap();
+
+    // Both reconnect by themselves: writes go through again and reach the remote.
+    let start = Instant::now();
+    let mut i = 0;
+    while i < 30 {
+        let (status, body) = env.api.post("/v1/contacts", &json!({ "id": format!("after{i}") })).await;
+        match status {
+            201 => {
+                acknowledged.push(body["id"].as_str().unwrap().to_owned());
+                i += 1;
+            }
+            // A write refused during the reconnect was not acknowledged; try again.
+            409 | 503 => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => panic!("unexpected {other}: {body}"),
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "the main did not recover: {body}");
+    }
+    wait_converged(env.main(), remote.remote.store()).await;
+    for id in &acknowledged {
+        assert!(env.main().store().get(Kind::Contact, id).unwrap().is_some(), "{id} lost at the main");
+        assert!(remote.remote.store().get(Kind::Contact, id).unwrap().is_some(), "{id} lost at the remote");
+    }
+    let status = remote.api.status().await;
+    assert_eq!(status["nats"]["connected"], true);
+    assert!(status["error"].is_null(), "{status}");
+    remote.stop().await;
+}

@@ -41,7 +41,7 @@ const RECORDS: [TableDefinition<&str, &[u8]>; 11] = [
     TableDefinition::new("set"),
     TableDefinition::new("remote"),
 ];
-const CHILDREN: TableDefinition<(&str, u8, &str), ()> = TableDefinition::new("children");
+const CHILDREN: TableDefinition<ChildKey, ()> = TableDefinition::new("children");
 const GONE: TableDefinition<(u8, &str), u64> = TableDefinition::new("gone");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
@@ -309,24 +309,29 @@ impl Store {
     /// The ids of a contact's children, by kind.
     pub fn children(&self, parent: &str) -> Result<Vec<(Kind, String)>, StoreError> {
         let txn = self.read_txn()?;
-        let table = txn.open_table(CHILDREN)?;
-        let mut out = Vec::new();
-        for item in table.range((parent, 0u8, "")..)? {
-            let (k, _) = item?;
-            let (p, code, id) = k.value();
-            if p != parent {
-                break;
-            }
-            out.push((Kind::ALL[code as usize], id.to_owned()));
-        }
-        Ok(out)
+        children_of(&txn.open_table(CHILDREN)?, parent)
     }
+}
+
+type ChildKey = (&'static str, u8, &'static str);
+
+fn children_of(table: &impl ReadableTable<ChildKey, ()>, parent: &str) -> Result<Vec<(Kind, String)>, StoreError> {
+    let mut out = Vec::new();
+    for item in table.range((parent, 0u8, "")..)? {
+        let (k, _) = item?;
+        let (p, code, id) = k.value();
+        if p != parent {
+            break;
+        }
+        out.push((Kind::ALL[code as usize], id.to_owned()));
+    }
+    Ok(out)
 }
 
 /// The tables of one write transaction, opened once for the whole batch.
 pub struct Tables<'txn> {
     records: Vec<Table<'txn, &'static str, &'static [u8]>>,
-    children: Table<'txn, (&'static str, u8, &'static str), ()>,
+    children: Table<'txn, ChildKey, ()>,
     gone: Table<'txn, (u8, &'static str), u64>,
     outbox: Table<'txn, u64, &'static [u8]>,
     quarantine: Table<'txn, u64, &'static [u8]>,
@@ -404,16 +409,7 @@ impl<'txn> Tables<'txn> {
     }
 
     pub fn children(&self, parent: &str) -> Result<Vec<(Kind, String)>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.children.range((parent, 0u8, "")..)? {
-            let (k, _) = item?;
-            let (p, code, id) = k.value();
-            if p != parent {
-                break;
-            }
-            out.push((Kind::ALL[code as usize], id.to_owned()));
-        }
-        Ok(out)
+        children_of(&self.children, parent)
     }
 
     pub fn push_outbox(&mut self, entry: &OutboxEntry) -> Result<(), StoreError> {

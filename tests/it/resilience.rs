@@ -118,3 +118,98 @@ async fn nats_restarted_under_main_and_remote_loses_no_acknowledged_write() {
     assert!(status["error"].is_null(), "{status}");
     remote.stop().await;
 }
+
+fn main_process(nats_url: &str, dir: &std::path::Path, port: u16) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
+        .args(["main", "serve", "--nats", nats_url, "--listen", &format!("127.0.0.1:{port}"), "--data"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(if std::env::var_os("CRMSYNC_TEST_LOGS").is_some() { Stdio::inherit() } else { Stdio::null() })
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_survives_a_main_killed_between_commit_and_publish() {
+    use crmsync::wire::{EVENTS_STREAM, SYNC_STREAM};
+    let mut env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let remote_dir = env.init_remote("laptop", "everyone").await;
+    env.stop_main().await;
+    let data = env.main_config().data_dir;
+    let port = crmsync::natsd::free_port();
+    let api = Api::new(format!("http://127.0.0.1:{port}"));
+    let mut main = main_process(&env.nats.url(), &data, port);
+    let start = Instant::now();
+    while reqwest::get(format!("{}/v1/status", api.base)).await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(20), "the main did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Writers keep going while the main is killed under them.
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let api = api.clone();
+            tokio::spawn(async move {
+                let mut acknowledged = Vec::new();
+                for i in 0.. {
+                    let id = format!("w{w}-{i}");
+                    let resp = reqwest::Client::new()
+                        .post(format!("{}/v1/contacts", api.base))
+                        .json(&json!({ "id": id, "city": "Albany" }))
+                        .send()
+                        .await;
+                    match resp {
+                        Ok(r) if r.status().as_u16() == 201 => acknowledged.push(id),
+                        _ => break,
+                    }
+                }
+                acknowledged
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    main.start_kill().unwrap(); // SIGKILL, wherever it is: mid-commit, mid-projection, mid-routing
+    main.wait().await.unwrap();
+    let mut acknowledged = Vec::new();
+    for w in writers {
+        acknowledged.extend(w.await.unwrap());
+    }
+    assert!(acknowledged.len() > 50, "only {} writes before the kill", acknowledged.len());
+
+    let mut main = main_process(&env.nats.url(), &data, port);
+    let nats = env.main_nats().await;
+    wait_for_status(&api, |s| s["outbox"] == 0 && s["backlog"] == 0).await;
+    main.start_kill().unwrap();
+    main.wait().await.unwrap();
+
+    // Every committed contact event was routed exactly once: CRM_SYNC holds one message per
+    // event, no more (a republished copy would be a second message), no fewer.
+    let events = nats.last_sequence(EVENTS_STREAM).await.unwrap();
+    let routed = nats.last_sequence(SYNC_STREAM).await.unwrap();
+    assert_eq!(routed, events - 2, "{events} events (a set, a remote, the contacts), {routed} routed");
+    let store = Store::open(&data.join("main.redb")).unwrap();
+    for id in &acknowledged {
+        assert!(store.get(Kind::Contact, id).unwrap().is_some(), "acknowledged {id} is missing");
+    }
+    drop(store);
+    env.restart_main().await;
+    let remote = env.start_remote(&remote_dir).await;
+    wait_converged(env.main(), remote.remote.store()).await;
+    remote.stop().await;
+}
+
+async fn wait_for_status(api: &Api, done: impl Fn(&serde_json::Value) -> bool) {
+    let start = Instant::now();
+    loop {
+        if let Ok(resp) = reqwest::get(format!("{}/v1/status", api.base)).await
+            && let Ok(s) = resp.json::<serde_json::Value>().await
+            && done(&s)
+        {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "the main did not settle");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -9,6 +9,9 @@ pub enum ClientError {
     /// The service answered with an error; its message is the whole story.
     #[error("{message}")]
     Api { status: u16, message: String },
+    /// The command line itself was wrong.
+    #[error("{0}")]
+    Usage(String),
     #[error(
         "cannot reach the crmsync API at {url}: {detail}. Is the service running? (`crmsync up` starts one; --api or CRMSYNC_API picks another)"
     )]
@@ -16,11 +19,12 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// The process exit code for this error: 1 for a refused request, 3 when the service is
-    /// unreachable.
+    /// The process exit code for this error: 1 for a refused request, 2 for a usage error,
+    /// 3 when the service is unreachable.
     pub fn exit_code(&self) -> i32 {
         match self {
             ClientError::Api { .. } => 1,
+            ClientError::Usage(_) => 2,
             ClientError::Unreachable { .. } => 3,
         }
     }

@@ -48,22 +48,31 @@ pub enum Command {
     Status,
     /// Rebuild the service behind --api (a remote) from the stream, with progress.
     Rebuild,
+    /// Contacts: people, with company, address, custom fields, record manager and access.
     #[command(subcommand)]
     Contact(RecordCommand),
+    /// Companies.
     #[command(subcommand)]
     Company(RecordCommand),
+    /// Groups of contacts.
     #[command(subcommand)]
     Group(RecordCommand),
+    /// Group memberships (contact_id, group_id).
     #[command(subcommand)]
     Membership(RecordCommand),
+    /// Notes on a contact.
     #[command(subcommand)]
     Note(RecordCommand),
+    /// Histories: calls, meetings, e-mails done with a contact.
     #[command(subcommand)]
     History(RecordCommand),
+    /// Activities: calls, meetings, to-dos scheduled with a contact.
     #[command(subcommand)]
     Activity(RecordCommand),
+    /// Users, with role and teams.
     #[command(subcommand)]
     User(RecordCommand),
+    /// Teams of users.
     #[command(subcommand)]
     Team(RecordCommand),
 }
@@ -119,6 +128,7 @@ pub enum RemoteCommand {
     /// Register a remote at the main and write its bundle file.
     Create {
         name: String,
+        /// The sync set the remote holds.
         #[arg(long)]
         set: String,
         /// Days without sync after which the remote expires (2-90).

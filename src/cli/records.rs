@@ -67,7 +67,7 @@ pub async fn run(client: &Client, command: Command, as_json: bool) -> Result<(),
 }
 
 fn usage(message: String) -> ClientError {
-    ClientError::Api { status: 0, message }
+    ClientError::Usage(message)
 }
 
 /// Turns `FIELD=VALUE` pairs into a JSON body, typed by the kind's fields.

@@ -3,12 +3,15 @@
 //!
 //! The modules follow the architecture (see ARCHITECTURE.md):
 //! - the domain, pure and without IO: [`names`], [`model`], [`hlc`], [`routing`];
-//! - the wire format: [`wire`];
+//! - the wire format: [`wire`], and [`schema`] for its JSON Schema documents;
 //! - storage, the only module that knows redb: [`store`];
 //! - transport, the only module that knows NATS: [`transport`], and [`natsd`] to run a server;
 //! - the services: [`main_service`], [`remote_service`], with their HTTP APIs in [`http`];
-//! - the interfaces: [`cli`] (a client of the APIs) and [`up`] (everything on one machine).
+//! - the interfaces: [`cli`] (a client of the APIs, and `crmsync up`: everything on one
+//!   machine) and [`bench`] (the benchmark);
+//! - [`error`]: the error of a service operation; [`demo`]: generated demo data.
 
+pub mod bench;
 pub mod cli;
 pub mod demo;
 pub mod error;

@@ -15,6 +15,8 @@ pub const TOMBSTONE_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
 /// How long a delivered message waits for its ack before redelivery: long enough for a batch
 /// to be committed, short enough that a remote restarted after a crash resumes quickly.
 pub const ACK_WAIT: Duration = Duration::from_secs(10);
+/// Publish acknowledgements awaited at most at once by one pipelined publisher.
+pub const PUBLISH_WINDOW: usize = 1024;
 const DATABASE_ID_KEY: &str = "crmsync.database_id";
 
 #[derive(Debug, thiserror::Error)]
@@ -184,22 +186,40 @@ impl Nats {
 
     /// Publishes routed messages in order, pipelined, and waits for every ack.
     pub async fn publish_routed(&self, batch: &[(String, String, Vec<u8>, bool)]) -> Result<(), TransportError> {
-        let mut acks = Vec::with_capacity(batch.len());
-        for (subject, msg_id, payload, tombstone) in batch {
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Msg-Id", msg_id.as_str());
-            if *tombstone {
-                headers.insert("Nats-TTL", format!("{}s", TOMBSTONE_TTL.as_secs()).as_str());
+        let messages: Vec<_> = batch
+            .iter()
+            .map(|(subject, msg_id, payload, tombstone)| {
+                let mut headers = HeaderMap::new();
+                headers.insert("Nats-Msg-Id", msg_id.as_str());
+                if *tombstone {
+                    headers.insert("Nats-TTL", format!("{}s", TOMBSTONE_TTL.as_secs()).as_str());
+                }
+                let publish =
+                    jetstream::message::PublishMessage::build().payload(payload.clone().into()).headers(headers);
+                (subject.clone(), publish)
+            })
+            .collect();
+        self.publish_pipelined(messages).await.map_err(|e| TransportError::request("publishing to CRM_SYNC", e))
+    }
+
+    /// Publishes messages in order with at most [`PUBLISH_WINDOW`] acks outstanding, and waits
+    /// for every ack. (Holding more unresolved acks than the context's in-flight limit would
+    /// wait forever for a permit.)
+    pub async fn publish_pipelined(
+        &self,
+        messages: impl IntoIterator<Item = (String, jetstream::message::PublishMessage)>,
+    ) -> Result<(), async_nats::Error> {
+        let mut in_flight = std::collections::VecDeque::with_capacity(PUBLISH_WINDOW);
+        for (subject, publish) in messages {
+            if in_flight.len() >= PUBLISH_WINDOW
+                && let Some(ack) = in_flight.pop_front()
+            {
+                ack.await?;
             }
-            let ack = self
-                .js
-                .publish_with_headers(subject.clone(), headers, payload.clone().into())
-                .await
-                .map_err(|e| TransportError::request("publishing to CRM_SYNC", e))?;
-            acks.push(ack);
+            in_flight.push_back(self.js.send_publish(subject, publish).await?);
         }
-        for ack in acks {
-            ack.await.map_err(|e| TransportError::request("publishing to CRM_SYNC", e))?;
+        for ack in in_flight {
+            ack.await?;
         }
         Ok(())
     }

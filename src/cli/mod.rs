@@ -35,6 +35,9 @@ pub struct Cli {
 pub enum Command {
     /// Run everything locally: nats-server, a main, two demo remotes.
     Up(UpArgs),
+    /// Measure rebuild, catch-up, commit, latency, memory and disk beside the raw limits of
+    /// NATS and redb, on a nats-server of its own.
+    Bench(crate::bench::BenchArgs),
     /// Run or rebuild the main.
     #[command(subcommand)]
     Main(MainCommand),
@@ -227,6 +230,7 @@ pub enum RecordCommand {
 pub async fn run(cli: Cli) -> i32 {
     let result = match cli.command {
         Command::Up(args) => services::up(args).await,
+        Command::Bench(args) => crate::bench::run(args, cli.json).await,
         Command::Main(cmd) => services::main(cmd).await,
         Command::Remote(RemoteCommand::Init { bundle, data }) => services::remote_init(&bundle, &data, cli.json),
         Command::Remote(RemoteCommand::Serve { data, listen, nats, batch }) => {

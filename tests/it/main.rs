@@ -4,6 +4,7 @@
 mod harness;
 
 mod api;
+mod bench;
 mod pipeline;
 mod rebuild;
 mod resilience;

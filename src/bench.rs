@@ -1,0 +1,797 @@
+//! `crmsync bench`: how fast a remote is ready and how soon a change arrives, each figure
+//! beside the raw limit of NATS and redb measured in the same run on the same machine.
+//!
+//! Everything runs for real: a nats-server of its own, the main and the remote as separate
+//! `crmsync` processes (so their memory can be read), driven through their HTTP APIs. The
+//! figures are medians of `--runs` runs. Nothing here asserts a timing; the output says where
+//! a target is met or missed.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::StreamExt;
+use serde_json::{Value as J, json};
+
+use crate::demo::{DemoSize, generate};
+use crate::main_service::{Main, MainConfig, SetRequest};
+use crate::model::Kind;
+use crate::natsd::{NatsServer, NatsdOptions, free_port};
+use crate::transport::Nats;
+use crate::wire::{Envelope, ORIGIN_MAIN, Op, PRODUCT, SCHEMA_MAJOR, SYNC_STREAM};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Contacts at the main, one data set each (companies, groups, notes and memberships come with them).
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
+    pub contacts: Vec<usize>,
+    /// Runs per figure; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Seed of the generated data.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Changes committed per commit figure.
+    #[arg(long, default_value_t = 4000)]
+    pub commit_changes: usize,
+    /// Changes timed from the main's API to the remote's.
+    #[arg(long, default_value_t = 1000)]
+    pub latency_changes: usize,
+    /// Concurrent HTTP clients writing to the main.
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// A tiny run that only shows the benchmark works (for CI).
+    #[arg(long)]
+    pub smoke: bool,
+}
+
+impl BenchArgs {
+    fn effective(mut self) -> BenchArgs {
+        if self.smoke {
+            self.contacts = vec![1000];
+            self.runs = 1;
+            self.commit_changes = 200;
+            self.latency_changes = 50;
+            self.clients = 8;
+        }
+        self.runs = self.runs.max(1);
+        self
+    }
+}
+
+/// A directory removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(label: &str) -> anyhow::Result<Scratch> {
+        let dir = std::env::temp_dir().join(format!(
+            "crmsync-bench-{}-{label}-{}",
+            std::process::id(),
+            crate::names::new_id()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Scratch(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `crmsync` child process with an API, killed when dropped.
+struct Service {
+    child: tokio::process::Child,
+    base: String,
+}
+
+impl Service {
+    async fn spawn(args: &[&str], port: u16) -> anyhow::Result<Service> {
+        let exe = std::env::current_exe().context("finding the crmsync binary")?;
+        let child = tokio::process::Command::new(exe)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting a crmsync service")?;
+        let service = Service { child, base: format!("http://127.0.0.1:{port}") };
+        let http = reqwest::Client::new();
+        let start = Instant::now();
+        while http.get(format!("{}/v1/status", service.base)).send().await.is_err() {
+            anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "a crmsync service did not start: {args:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(service)
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Peak resident memory of the process so far, in bytes.
+    fn peak_memory(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    }
+
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: kill(2) on our own child.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+    }
+}
+
+async fn get(http: &reqwest::Client, url: String) -> anyhow::Result<J> {
+    let resp = http.get(&url).send().await?;
+    anyhow::ensure!(resp.status().is_success(), "GET {url}: {}", resp.status());
+    Ok(resp.json().await?)
+}
+
+async fn post(http: &reqwest::Client, url: String, body: &J) -> anyhow::Result<J> {
+    let resp = http.post(&url).json(body).send().await?;
+    let status = resp.status();
+    let body: J = resp.json().await.unwrap_or(J::Null);
+    anyhow::ensure!(status.is_success(), "POST {url}: {status} {body}");
+    Ok(body)
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    if xs.is_empty() { 0.0 } else { xs[xs.len() / 2] }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Writes records to an API with `clients` requests in flight, parents before children.
+/// Returns the seconds it took.
+async fn load(http: &reqwest::Client, base: &str, records: &[(Kind, J)], clients: usize) -> anyhow::Result<f64> {
+    let phases: [&[Kind]; 6] = [
+        &[Kind::Team],
+        &[Kind::User],
+        &[Kind::Company],
+        &[Kind::Group],
+        &[Kind::Contact],
+        &[Kind::Note, Kind::Membership],
+    ];
+    let start = Instant::now();
+    for phase in phases {
+        let batch: Vec<_> = records.iter().filter(|(k, _)| phase.contains(k)).collect();
+        let mut writes = futures::stream::iter(batch)
+            .map(|(kind, body)| post(http, format!("{base}/v1/{}", kind.plural()), body))
+            .buffer_unordered(clients);
+        while let Some(r) = writes.next().await {
+            r?;
+        }
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+struct Figures {
+    json: serde_json::Map<String, J>,
+    lines: Vec<(String, String, String, String)>,
+}
+
+impl Figures {
+    fn new() -> Figures {
+        Figures { json: serde_json::Map::new(), lines: Vec::new() }
+    }
+
+    fn line(&mut self, figure: &str, crmsync: String, raw: String, ratio: String) {
+        self.lines.push((figure.to_owned(), crmsync, raw, ratio));
+    }
+
+    fn set(&mut self, key: &str, value: J) {
+        self.json.insert(key.to_owned(), value);
+    }
+}
+
+fn rate(n: f64, secs: f64) -> f64 {
+    if secs > 0.0 { n / secs } else { 0.0 }
+}
+
+fn fmt_rate(r: f64) -> String {
+    let r = r.round() as u64;
+    let s = r.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.0}%", x * 100.0)
+}
+
+pub async fn run(args: BenchArgs, as_json: bool) -> anyhow::Result<()> {
+    let args = args.effective();
+    let mut report = serde_json::Map::new();
+    report.insert("machine".into(), machine());
+    report.insert("runs".into(), args.runs.into());
+    report.insert("seed".into(), args.seed.into());
+    let mut sizes = Vec::new();
+    for &n in &args.contacts {
+        eprintln!("bench: {n} contacts …");
+        let mut figures = Figures::new();
+        data_set_figures(&args, n, &mut figures).await.with_context(|| format!("benchmarking {n} contacts"))?;
+        if !as_json {
+            print_table(&format!("{n} contacts"), &figures);
+        }
+        figures.json.insert("contacts".into(), n.into());
+        sizes.push(J::Object(figures.json));
+    }
+    report.insert("sizes".into(), sizes.into());
+    eprintln!("bench: commit …");
+    let mut figures = Figures::new();
+    commit_figures(&args, &mut figures).await.context("benchmarking commits")?;
+    routing_figures(&mut figures);
+    if !as_json {
+        print_table("commit and routing", &figures);
+    }
+    report.insert("commit".into(), J::Object(figures.json));
+    if as_json {
+        println!("{}", J::Object(report));
+    }
+    Ok(())
+}
+
+fn machine() -> J {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    json!({ "cores": cores, "cpu": cpu })
+}
+
+fn print_table(title: &str, figures: &Figures) {
+    println!();
+    println!("{title}");
+    println!("{:<44} {:>22} {:>26} {:>8}", "figure", "crmsync", "raw baseline (same run)", "ratio");
+    for (figure, crmsync, raw, ratio) in &figures.lines {
+        println!("{figure:<44} {crmsync:>22} {raw:>26} {ratio:>8}");
+    }
+}
+
+/// Rebuild, catch-up, latency, memory and disk for one data set.
+async fn data_set_figures(args: &BenchArgs, contacts: usize, figures: &mut Figures) -> anyhow::Result<()> {
+    let scratch = Scratch::new("data")?;
+    let store_dir = scratch.0.join("nats");
+    let nats = tokio::task::spawn_blocking(move || NatsServer::start(&NatsdOptions { port: 0, store_dir })).await??;
+    let http = reqwest::Client::builder().pool_max_idle_per_host(args.clients).build()?;
+    let main_port = free_port();
+    let main_dir = scratch.0.join("main");
+    let main_dir_s = main_dir.to_string_lossy().into_owned();
+    let main = Service::spawn(
+        &["main", "serve", "--nats", &nats.url(), "--data", &main_dir_s, "--listen", &format!("127.0.0.1:{main_port}")],
+        main_port,
+    )
+    .await?;
+    post(&http, format!("{}/v1/sets", main.base), &json!({ "name": "all", "all": true })).await?;
+
+    // Load the data set through the API, as clients would.
+    let records = generate(DemoSize::for_contacts(contacts), args.seed);
+    let secs = load(&http, &main.base, &records, args.clients).await?;
+    let n = records.len() as f64;
+    figures.line(
+        &format!("load through HTTP, {} clients (records/s)", args.clients),
+        format!("{} ({secs:.1} s)", fmt_rate(rate(n, secs))),
+        String::new(),
+        String::new(),
+    );
+    figures.set("load", json!({ "records": records.len(), "seconds": secs, "per_second": rate(n, secs) }));
+
+    // A remote on the whole set: its first sync is a rebuild too.
+    let bundle = post(&http, format!("{}/v1/remotes", main.base), &json!({ "name": "r100", "set": "all" })).await?;
+    let bundle_file = scratch.0.join("r100.bundle.json");
+    std::fs::write(&bundle_file, serde_json::to_vec(&bundle)?)?;
+    let remote_dir = scratch.0.join("r100");
+    crate::remote_service::init(&bundle_file, &remote_dir)?;
+    let remote_dir_s = remote_dir.to_string_lossy().into_owned();
+    let remote_port = free_port();
+    let remote_args = ["remote", "serve", "--data", &remote_dir_s, "--listen", &format!("127.0.0.1:{remote_port}")];
+    let mut remote = Service::spawn(&remote_args, remote_port).await?;
+    wait_synced(&http, &remote.base, records.len() as u64).await?;
+
+    // Rebuilds, with a reader at the remote's API meanwhile.
+    let mut rebuild_secs = Vec::new();
+    let mut read_p99 = Vec::new();
+    for _ in 0..args.runs {
+        let (secs, p99) = timed_rebuild(&http, &remote.base, contacts).await?;
+        rebuild_secs.push(secs);
+        read_p99.push(p99);
+    }
+    let crmsync_secs = median(rebuild_secs);
+    let live = records.len() as f64;
+
+    // The raw limits: a bare ordered consumer over the same filter, bare redb inserts of the
+    // same messages.
+    let nats_client = Nats::connect(&nats.url(), "crmsync-bench").await?;
+    let mut consume = Vec::new();
+    let mut insert = Vec::new();
+    for _ in 0..args.runs {
+        let (secs, messages) = raw_consume(&nats_client, "crm.sync.all.>").await?;
+        consume.push(secs);
+        insert.push(raw_redb_insert(&scratch.0, &messages)?);
+    }
+    let (consume, insert) = (median(consume), median(insert));
+    let raw_secs = consume + insert;
+    let ratio = rate(live, crmsync_secs) / rate(live, raw_secs);
+    figures.line(
+        "rebuild, set 100% (records/s)",
+        format!("{} ({crmsync_secs:.2} s)", fmt_rate(rate(live, crmsync_secs))),
+        format!("{} ({raw_secs:.2} s)", fmt_rate(rate(live, raw_secs))),
+        pct(ratio),
+    );
+    figures.line(
+        "  raw parts: ordered consumer / redb inserts",
+        String::new(),
+        format!("{} / {} per s", fmt_rate(rate(live, consume)), fmt_rate(rate(live, insert))),
+        String::new(),
+    );
+    figures.line("rebuild, set 10%", "n/a: query sets come later".into(), String::new(), String::new());
+    figures.set(
+        "rebuild_100",
+        json!({
+            "records": records.len(), "seconds": crmsync_secs, "per_second": rate(live, crmsync_secs),
+            "raw_seconds": raw_secs, "raw_consume_seconds": consume, "raw_insert_seconds": insert,
+            "raw_per_second": rate(live, raw_secs), "ratio": ratio,
+        }),
+    );
+    let p99 = median(read_p99);
+    figures.line("remote API read p99 during rebuild", format!("{p99:.2} ms"), String::new(), String::new());
+    figures.set("read_p99_during_rebuild_ms", p99.into());
+
+    // Catch-up: the remote is offline while the main commits a backlog.
+    let backlog = (contacts / 10).max(100);
+    let mut catch_up = Vec::new();
+    for run in 0..args.runs {
+        remote.stop().await;
+        let changes: Vec<(Kind, J)> = (0..backlog)
+            .map(|i| {
+                (Kind::Contact, json!({ "id": format!("contact-{}", i % contacts), "title": format!("Run {run} {i}") }))
+            })
+            .collect();
+        patch_all(&http, &main.base, &changes, args.clients).await?;
+        let start = Instant::now();
+        remote = Service::spawn(&remote_args, remote_port).await?;
+        wait_backlog_zero(&http, &remote.base).await?;
+        catch_up.push(start.elapsed().as_secs_f64());
+    }
+    let secs = median(catch_up);
+    figures.line(
+        &format!("catch-up of {backlog} changes (changes/s)"),
+        format!("{} ({secs:.2} s)", fmt_rate(rate(backlog as f64, secs))),
+        String::new(),
+        String::new(),
+    );
+    figures.set("catch_up", json!({ "changes": backlog, "seconds": secs, "per_second": rate(backlog as f64, secs) }));
+
+    // Latency: one change at a time at the main's API until the remote's API shows it.
+    let lat = latency(&http, &main.base, &remote.base, contacts, args.latency_changes).await?;
+    figures.line(
+        &format!("latency main → remote, {} changes", args.latency_changes),
+        format!("p50 {:.2} / p99 {:.2} / max {:.2} ms", lat[0], lat[1], lat[2]),
+        String::new(),
+        String::new(),
+    );
+    figures.set("latency_ms", json!({ "p50": lat[0], "p99": lat[1], "max": lat[2], "changes": args.latency_changes }));
+    figures.line("latency remote → main → remote", "n/a: remote edits come later".into(), String::new(), String::new());
+
+    // Memory and disk.
+    let (main_mem, remote_mem) = (main.peak_memory(), remote.peak_memory());
+    let mb = |b: Option<u64>| b.map(|b| format!("{:.0} MB", b as f64 / 1e6)).unwrap_or_else(|| "?".into());
+    figures.line(
+        "peak memory main / remote",
+        format!("{} / {}", mb(main_mem), mb(remote_mem)),
+        String::new(),
+        String::new(),
+    );
+    let sync_info = nats_client.js.get_stream(SYNC_STREAM).await?.info().await?.clone();
+    let remote_file = std::fs::metadata(remote_dir.join("remote.redb"))?.len();
+    let per_record_redb = remote_file as f64 / live;
+    let per_msg_sync = sync_info.state.bytes as f64 / sync_info.state.messages.max(1) as f64;
+    figures.line(
+        "disk per record: remote redb / CRM_SYNC",
+        format!("{per_record_redb:.0} B / {per_msg_sync:.0} B"),
+        String::new(),
+        String::new(),
+    );
+    figures.set("memory_bytes", json!({ "main_peak": main_mem, "remote_peak": remote_mem }));
+    figures.set("disk_bytes_per_record", json!({ "remote_redb": per_record_redb, "crm_sync": per_msg_sync }));
+    remote.stop().await;
+    main.stop().await;
+    drop(nats);
+    Ok(())
+}
+
+async fn wait_synced(http: &reqwest::Client, base: &str, records: u64) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let s = get(http, format!("{base}/v1/status")).await?;
+        let held: u64 = s["counts"].as_object().map(|c| c.values().filter_map(J::as_u64).sum()).unwrap_or(0);
+        if held >= records && s["backlog"] == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(1800), "the remote did not sync: {s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_backlog_zero(http: &reqwest::Client, base: &str) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        if let Ok(s) = get(http, format!("{base}/v1/status")).await
+            && s["backlog"] == 0
+            && s["rebuilding"].is_null()
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(1800), "the remote did not catch up");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// One rebuild through the remote's API, with a reader at its API meanwhile. Returns the
+/// rebuild's seconds (as the remote measured them) and the reader's p99 in milliseconds.
+async fn timed_rebuild(http: &reqwest::Client, base: &str, contacts: usize) -> anyhow::Result<(f64, f64)> {
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (http, base, done) = (http.clone(), base.to_owned(), done.clone());
+        tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut rng = crate::demo::Rng::new(7);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                let _ = http.get(format!("{base}/v1/contacts/contact-{}", rng.below(contacts.max(1)))).send().await;
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            lat
+        })
+    };
+    let before = get(http, format!("{base}/v1/status")).await?["last_rebuild"].clone();
+    post(http, format!("{base}/v1/rebuild"), &json!({})).await?;
+    let start = Instant::now();
+    let summary = loop {
+        let s = get(http, format!("{base}/v1/status")).await?;
+        if s["rebuilding"].is_null() && !s["last_rebuild"].is_null() && s["last_rebuild"] != before {
+            break s["last_rebuild"].clone();
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(1800), "the rebuild did not finish");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut lat = reader.await?;
+    lat.sort_by(|a, b| a.total_cmp(b));
+    Ok((summary["seconds"].as_f64().unwrap_or(0.0), percentile(&lat, 0.99)))
+}
+
+/// A bare ordered consumer reading `filter` from the start until nothing is pending.
+async fn raw_consume(nats: &Nats, filter: &str) -> anyhow::Result<(f64, Vec<(String, bytes::Bytes)>)> {
+    use async_nats::jetstream::consumer;
+    let stream = nats.js.get_stream(SYNC_STREAM).await?;
+    let start = Instant::now();
+    let c = stream
+        .create_consumer(consumer::pull::OrderedConfig { filter_subject: filter.to_owned(), ..Default::default() })
+        .await?;
+    let mut messages = c.messages().await?;
+    let mut out = Vec::new();
+    while let Some(m) = messages.next().await {
+        let m = m?;
+        let pending = m.info().map(|i| i.pending).unwrap_or(0);
+        out.push((m.subject.to_string(), m.payload.clone()));
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok((start.elapsed().as_secs_f64(), out))
+}
+
+/// Bare redb: the same messages inserted by id, 1,000 per durable transaction.
+fn raw_redb_insert(dir: &Path, messages: &[(String, bytes::Bytes)]) -> anyhow::Result<f64> {
+    const TABLE: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("raw");
+    let path = dir.join("raw.redb");
+    let _ = std::fs::remove_file(&path);
+    let db = redb::Database::create(&path)?;
+    let start = Instant::now();
+    for chunk in messages.chunks(1000) {
+        let txn = db.begin_write()?;
+        {
+            let mut table = txn.open_table(TABLE)?;
+            for (subject, payload) in chunk {
+                let id = subject.rsplit('.').next().unwrap_or(subject);
+                table.insert(id, payload.as_ref())?;
+            }
+        }
+        txn.commit()?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    drop(db);
+    let _ = std::fs::remove_file(&path);
+    Ok(secs)
+}
+
+async fn patch_all(http: &reqwest::Client, base: &str, changes: &[(Kind, J)], clients: usize) -> anyhow::Result<()> {
+    let mut writes = futures::stream::iter(changes)
+        .map(|(kind, body)| {
+            let id = body["id"].as_str().unwrap_or_default().to_owned();
+            let mut body = body.clone();
+            body.as_object_mut().map(|o| o.remove("id"));
+            let url = format!("{base}/v1/{}/{id}", kind.plural());
+            async move {
+                let resp = http.patch(&url).json(&body).send().await?;
+                anyhow::ensure!(resp.status().is_success(), "PATCH {url}: {}", resp.status());
+                Ok(())
+            }
+        })
+        .buffer_unordered(clients);
+    while let Some(r) = writes.next().await {
+        r?;
+    }
+    Ok(())
+}
+
+/// p50, p99 and max milliseconds from a change at the main's API until the remote's API shows it.
+async fn latency(
+    http: &reqwest::Client,
+    main: &str,
+    remote: &str,
+    contacts: usize,
+    changes: usize,
+) -> anyhow::Result<[f64; 3]> {
+    let mut lat = Vec::with_capacity(changes);
+    let interval = Duration::from_millis(1);
+    for i in 0..changes {
+        let id = format!("contact-{}", i % contacts.max(1));
+        let city = format!("City {i}");
+        let tick = Instant::now();
+        let resp = http.patch(format!("{main}/v1/contacts/{id}")).json(&json!({ "city": city })).send().await?;
+        anyhow::ensure!(resp.status().is_success(), "PATCH: {}", resp.status());
+        loop {
+            let c = get(http, format!("{remote}/v1/contacts/{id}")).await;
+            if c.as_ref().is_ok_and(|c| c["city"] == city.as_str()) {
+                break;
+            }
+            anyhow::ensure!(tick.elapsed() < Duration::from_secs(30), "the change never reached the remote");
+        }
+        lat.push(tick.elapsed().as_secs_f64() * 1000.0);
+        if let Some(rest) = interval.checked_sub(tick.elapsed()) {
+            tokio::time::sleep(rest).await;
+        }
+    }
+    lat.sort_by(|a, b| a.total_cmp(b));
+    Ok([percentile(&lat, 0.5), percentile(&lat, 0.99), lat.last().copied().unwrap_or(0.0)])
+}
+
+/// Commits through the write path (in this process) and through HTTP (a main process), routed
+/// to 10 and to 100 sets, beside a bare async publish of the same messages.
+async fn commit_figures(args: &BenchArgs, figures: &mut Figures) -> anyhow::Result<()> {
+    for sets in [10usize, 100] {
+        let changes = if sets == 100 { (args.commit_changes / 4).max(50) } else { args.commit_changes };
+        let mut path_secs = Vec::new();
+        let mut http_secs = Vec::new();
+        let mut raw_secs = Vec::new();
+        for _ in 0..args.runs {
+            let (path, raw) = commit_write_path(sets, changes, args.clients).await?;
+            path_secs.push(path);
+            raw_secs.push(raw);
+            http_secs.push(commit_http(sets, changes, args.clients).await?);
+        }
+        let (path, http, raw) = (median(path_secs), median(http_secs), median(raw_secs));
+        let n = changes as f64;
+        figures.line(
+            &format!("commit, write path, {sets} sets (changes/s)"),
+            fmt_rate(rate(n, path)),
+            format!("{} publish", fmt_rate(rate(n, raw))),
+            pct(rate(n, path) / rate(n, raw)),
+        );
+        figures.line(
+            &format!("commit, HTTP {} clients, {sets} sets", args.clients),
+            fmt_rate(rate(n, http)),
+            format!("{} publish", fmt_rate(rate(n, raw))),
+            pct(rate(n, http) / rate(n, raw)),
+        );
+        figures.set(
+            &format!("sets_{sets}"),
+            json!({
+                "changes": changes, "write_path_per_second": rate(n, path), "http_per_second": rate(n, http),
+                "raw_publish_per_second": rate(n, raw), "messages_per_change": 1 + sets,
+            }),
+        );
+    }
+    Ok(())
+}
+
+async fn fresh_nats(scratch: &Scratch) -> anyhow::Result<NatsServer> {
+    let store_dir = scratch.0.join("nats");
+    Ok(tokio::task::spawn_blocking(move || NatsServer::start(&NatsdOptions { port: 0, store_dir })).await??)
+}
+
+fn commit_bodies(changes: usize) -> Vec<J> {
+    (0..changes).map(|i| json!({ "id": format!("c{i}"), "first_name": "Bench", "last_name": format!("L{i}"), "city": "Albany", "state": "NY" })).collect()
+}
+
+/// Seconds for the main's write path (in this process) to commit `changes` new contacts, and
+/// for a bare async publish of the same messages in the same server.
+async fn commit_write_path(sets: usize, changes: usize, clients: usize) -> anyhow::Result<(f64, f64)> {
+    let scratch = Scratch::new("commit")?;
+    let nats = fresh_nats(&scratch).await?;
+    let main = Main::start(MainConfig { nats_url: nats.url(), data_dir: scratch.0.join("main") }).await?;
+    for s in 0..sets {
+        main.create_set(&SetRequest { name: format!("set{s}"), all: true, ..Default::default() }).await?;
+    }
+    let bodies = commit_bodies(changes);
+    let start = Instant::now();
+    let mut writes =
+        futures::stream::iter(bodies.iter()).map(|b| main.create(Kind::Contact, b)).buffer_unordered(clients);
+    while let Some(r) = writes.next().await {
+        r?;
+    }
+    // Committed means routed too: wait for the outbox to drain.
+    while main.store().outbox_len()? > 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let raw = raw_publish(&nats, sets, changes).await?;
+    main.stop().await;
+    Ok((secs, raw))
+}
+
+async fn commit_http(sets: usize, changes: usize, clients: usize) -> anyhow::Result<f64> {
+    let scratch = Scratch::new("commit-http")?;
+    let nats = fresh_nats(&scratch).await?;
+    let port = free_port();
+    let dir = scratch.0.join("main").to_string_lossy().into_owned();
+    let main = Service::spawn(
+        &["main", "serve", "--nats", &nats.url(), "--data", &dir, "--listen", &format!("127.0.0.1:{port}")],
+        port,
+    )
+    .await?;
+    let http = reqwest::Client::builder().pool_max_idle_per_host(clients).build()?;
+    for s in 0..sets {
+        post(&http, format!("{}/v1/sets", main.base), &json!({ "name": format!("set{s}"), "all": true })).await?;
+    }
+    let records: Vec<(Kind, J)> = commit_bodies(changes).into_iter().map(|b| (Kind::Contact, b)).collect();
+    let start = Instant::now();
+    load(&http, &main.base, &records, clients).await?;
+    loop {
+        let s = get(&http, format!("{}/v1/status", main.base)).await?;
+        if s["outbox"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    main.stop().await;
+    Ok(secs)
+}
+
+/// The same messages crmsync publishes for `changes` new contacts routed to `sets` sets, as a
+/// bare pipelined async publish with the same headers, into streams shaped like crmsync's.
+async fn raw_publish(nats_server: &NatsServer, sets: usize, changes: usize) -> anyhow::Result<f64> {
+    use async_nats::jetstream::{self, stream};
+    let nats = Nats::connect(&nats_server.url(), "crmsync-bench-raw").await?;
+    for (name, subject, per_subject) in [("RAW_EVENTS", "raw.evt.>", -1), ("RAW_SYNC", "raw.sync.>", 1)] {
+        let _ = nats.js.delete_stream(name).await;
+        nats.js
+            .create_stream(stream::Config {
+                name: name.into(),
+                subjects: vec![subject.into()],
+                max_messages_per_subject: per_subject,
+                duplicate_window: crate::transport::DEDUP_WINDOW,
+                ..Default::default()
+            })
+            .await?;
+    }
+    // Payloads are encoded before the clock starts: the baseline is the publish alone.
+    let body = crate::model::parse_input(Kind::Contact, &commit_bodies(1)[0], true)?.patch;
+    let mut fields = crate::model::Fields::new();
+    crate::model::apply_patch(&mut fields, &body, 1);
+    let payloads: Vec<bytes::Bytes> = (0..changes)
+        .map(|i| {
+            Envelope {
+                product: PRODUCT.into(),
+                schema: SCHEMA_MAJOR,
+                db: "bench".into(),
+                event: crate::names::new_id(),
+                kind: Kind::Contact,
+                id: format!("c{i}"),
+                op: Op::Upsert,
+                version: i as u64,
+                origin: ORIGIN_MAIN.into(),
+                record: Some(fields.clone()),
+            }
+            .encode()
+            .into()
+        })
+        .collect();
+    let messages = payloads.iter().enumerate().flat_map(|(i, p)| {
+        let event = jetstream::message::PublishMessage::build()
+            .payload(p.clone())
+            .message_id(format!("e{i}"))
+            .expected_last_subject_sequence(0);
+        std::iter::once((format!("raw.evt.contact.c{i}"), event)).chain((0..sets).map(move |s| {
+            let routed = jetstream::message::PublishMessage::build().payload(p.clone()).message_id(format!("{i}:{s}"));
+            (format!("raw.sync.set{s}.contact.c{i}"), routed)
+        }))
+    });
+    let start = Instant::now();
+    nats.publish_pipelined(messages).await.map_err(|e| anyhow::anyhow!("raw publish: {e}"))?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// The router's cost per change with 100 sets: computing the targets and encoding a message
+/// for each, with no IO.
+fn routing_figures(figures: &mut Figures) {
+    use crate::routing::{SetDef, targets};
+    let sets: Vec<SetDef> = (0..100).map(|s| SetDef { name: format!("set{s}"), all: true, users: vec![] }).collect();
+    let records = generate(DemoSize::for_contacts(2000), 1);
+    let contacts: Vec<crate::model::Fields> = records
+        .iter()
+        .filter(|(k, _)| *k == Kind::Contact)
+        .map(|(_, b)| {
+            let mut f = crate::model::Fields::new();
+            let patch = crate::model::parse_input(Kind::Contact, b, true).map(|i| i.patch).unwrap_or_default();
+            crate::model::apply_patch(&mut f, &patch, 1);
+            f
+        })
+        .collect();
+    let start = Instant::now();
+    let mut bytes = 0usize;
+    for fields in &contacts {
+        for target in targets(&sets, Kind::Contact, fields) {
+            let env = Envelope {
+                product: PRODUCT.into(),
+                schema: SCHEMA_MAJOR,
+                db: "bench".into(),
+                event: "e".into(),
+                kind: Kind::Contact,
+                id: "c".into(),
+                op: Op::Upsert,
+                version: 1,
+                origin: ORIGIN_MAIN.into(),
+                record: Some(fields.clone()),
+            };
+            bytes += crate::wire::sync_subject(&target, Kind::Contact, "c").len() + env.encode().len();
+        }
+    }
+    let per_change_us = start.elapsed().as_secs_f64() * 1e6 / contacts.len() as f64;
+    let targets_only = {
+        let start = Instant::now();
+        let mut n = 0;
+        for fields in &contacts {
+            n += targets(&sets, Kind::Contact, fields).len();
+        }
+        std::hint::black_box(n);
+        start.elapsed().as_secs_f64() * 1e6 / contacts.len() as f64
+    };
+    std::hint::black_box(bytes);
+    figures.line(
+        "routing cost per change, 100 sets",
+        format!("{per_change_us:.1} µs ({targets_only:.1} µs deciding)"),
+        String::new(),
+        String::new(),
+    );
+    figures.set("routing_us_per_change_100_sets", json!({ "total": per_change_us, "deciding": targets_only }));
+}

@@ -1,0 +1,30 @@
+//! The benchmark runs (tiny sizes) and reports every figure, so it cannot rot. Its numbers
+//! are not judged here: timings belong to `crmsync bench`, not to tests.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_benchmark_smoke_run_reports_every_figure() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
+        .args(["--json", "bench", "--smoke"])
+        .env("CRMSYNC_LOG", "error")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let size = &report["sizes"][0];
+    assert_eq!(size["contacts"], 1000);
+    for figure in ["/load/per_second", "/rebuild_100/per_second", "/rebuild_100/raw_per_second", "/catch_up/per_second"]
+    {
+        assert!(size.pointer(figure).and_then(|v| v.as_f64()).is_some_and(|v| v > 0.0), "{figure} in {size}");
+    }
+    // The rebuild replayed every record the data set has.
+    assert_eq!(size["rebuild_100"]["records"], size["load"]["records"]);
+    assert!(size["latency_ms"]["p99"].as_f64().unwrap() >= size["latency_ms"]["p50"].as_f64().unwrap());
+    for sets in ["sets_10", "sets_100"] {
+        let c = &report["commit"][sets];
+        for k in ["write_path_per_second", "http_per_second", "raw_publish_per_second"] {
+            assert!(c[k].as_f64().is_some_and(|v| v > 0.0), "{sets}.{k} in {c}");
+        }
+    }
+    assert!(report["commit"]["routing_us_per_change_100_sets"]["total"].as_f64().is_some());
+}

@@ -21,6 +21,7 @@ pub mod main_service;
 pub mod model;
 pub mod names;
 pub mod natsd;
+pub mod query;
 pub mod remote_service;
 pub mod routing;
 pub mod schema;

@@ -2,7 +2,7 @@
 //! redb projection at every site.
 //!
 //! The modules follow the architecture (see ARCHITECTURE.md):
-//! - the domain, pure and without IO: [`names`], [`model`], [`hlc`], [`routing`];
+//! - the domain, pure and without IO: [`names`], [`model`], [`hlc`], [`routing`], [`query`];
 //! - the wire format: [`wire`], and [`schema`] for its JSON Schema documents;
 //! - storage, the only module that knows redb: [`store`];
 //! - transport, the only module that knows NATS: [`transport`], and [`natsd`] to run a server;

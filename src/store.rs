@@ -82,8 +82,10 @@ macro_rules! redb_errors {
 }
 redb_errors!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError, redb::SetDurabilityError);
 
-/// A record as stored: its version at the main and its fields. On disk: `[version, fields]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A record as stored: its version at the main and its fields. On disk: the version as 8
+/// big-endian bytes, then the fields as MessagePack, so the version is read without decoding
+/// the record (the hot path of applying a batch only needs the version).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Stored {
     pub version: u64,
     pub fields: Fields,
@@ -91,23 +93,42 @@ pub struct Stored {
 
 impl Stored {
     fn encode(&self) -> Vec<u8> {
-        rmp_serde::to_vec(self).expect("record encodes")
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(&self.version.to_be_bytes());
+        rmp_serde::encode::write(&mut out, &self.fields).expect("record encodes");
+        out
     }
 
     fn decode(bytes: &[u8]) -> Result<Stored, StoreError> {
-        rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt { what: "record", detail: e.to_string() })
+        let corrupt = |detail: String| StoreError::Corrupt { what: "record", detail };
+        let version = Stored::version_of(bytes).ok_or_else(|| corrupt(format!("{} bytes", bytes.len())))?;
+        let fields = rmp_serde::from_slice(&bytes[8..]).map_err(|e| corrupt(e.to_string()))?;
+        Ok(Stored { version, fields })
+    }
+
+    fn version_of(bytes: &[u8]) -> Option<u64> {
+        Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
     }
 }
 
-/// A routed message waiting for its publish acknowledgement.
+/// One routed message waiting for its publish acknowledgements: the same payload goes to
+/// every subject listed (a record's state is the same in every target that holds it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OutboxEntry {
-    pub subject: String,
-    pub msg_id: String,
+    /// The `CRM_EVENTS` sequence of the change that caused it; with the subject, the
+    /// message's `Nats-Msg-Id`.
+    pub seq: u64,
+    pub subjects: Vec<String>,
     #[serde(with = "serde_bytes_compat")]
     pub payload: Vec<u8>,
     /// A delete or leave: expires from `CRM_SYNC` after the longest remote expiry.
     pub tombstone: bool,
+}
+
+impl OutboxEntry {
+    pub fn msg_id(&self, subject: &str) -> String {
+        format!("{}:{subject}", self.seq)
+    }
 }
 
 /// A message that could not be decoded, kept as it came.
@@ -152,22 +173,39 @@ mod serde_bytes_compat {
     }
 }
 
+/// redb's page cache. Its default (1 GiB) would let a remote of a million contacts grow far
+/// beyond what a laptop should give a background sync.
+pub const CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 /// A handle on a service's redb file. Cheap to clone.
+///
+/// Commits on the hot paths are not durable on their own: [`Store::flush`] (run every
+/// [`FLUSH_INTERVAL`] by the services, and when they stop) makes them durable together. A
+/// crash loses at most the last interval of projection, which the services replay from the
+/// stream, because the stream position is committed with the changes it stands for.
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
     path: PathBuf,
+    dirty: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// Batches at least this large commit durably at once; smaller ones (single changes as they
+/// happen) commit without waiting for the disk and are made durable by [`Store::flush`].
+pub const DURABLE_BATCH: usize = 64;
+
+/// How often non-durable commits are made durable.
+pub const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 
 impl Store {
     /// Opens (or creates) the file, refusing clearly if another process holds it.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = match Database::create(path) {
+        let db = match Database::builder().set_cache_size(CACHE_BYTES).create(path) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::InUse(path.to_owned())),
             Err(source) => return Err(StoreError::Open { path: path.to_owned(), source }),
         };
-        let store = Store { db: Arc::new(db), path: path.to_owned() };
+        let store = Store { db: Arc::new(db), path: path.to_owned(), dirty: Default::default() };
         store.write(true, |_| Ok(()))?;
         Ok(store)
     }
@@ -192,7 +230,60 @@ impl Store {
             f(&mut tables)?
         };
         txn.commit()?;
+        if !durable {
+            self.dirty.store(true, std::sync::atomic::Ordering::Release);
+        }
         Ok(result)
+    }
+
+    /// Empties the projection (records, children, tombstones, the applied position) for a
+    /// rebuild, and runs `then` in the same transaction. The outbox and the quarantine are
+    /// history, not projection: they stay. Whole tables are dropped, which frees their pages
+    /// at once instead of deleting a million entries one by one.
+    pub fn clear_projection<R>(
+        &self,
+        then: impl FnOnce(&mut Tables<'_>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let txn = self.db.begin_write()?;
+        for def in RECORDS {
+            txn.delete_table(def)?;
+        }
+        txn.delete_table(CHILDREN)?;
+        txn.delete_table(GONE)?;
+        let result = {
+            let mut tables = Tables::open(&txn)?;
+            tables.set_meta(APPLIED, 0)?;
+            then(&mut tables)?
+        };
+        txn.commit()?;
+        Ok(result)
+    }
+
+    /// Makes every commit so far durable, if any was not.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        if self.dirty.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            let mut txn = self.db.begin_write()?;
+            txn.set_durability(Durability::Immediate)?;
+            txn.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Flushes every [`FLUSH_INTERVAL`] until `stop` changes.
+    pub async fn flush_periodically(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(FLUSH_INTERVAL) => {}
+                _ = stop.changed() => break,
+            }
+            let store = self.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.flush()).await {
+                tracing::error!("cannot make the projection durable: {e}");
+            }
+        }
+        if let Err(e) = self.flush() {
+            tracing::error!("cannot make the projection durable: {e}");
+        }
     }
 
     fn read_txn(&self) -> Result<ReadTransaction, StoreError> {
@@ -272,15 +363,20 @@ impl Store {
         Ok(txn.open_table(META_STR)?.get(key)?.map(|v| v.value().to_owned()))
     }
 
-    /// The oldest outbox entries, in order.
-    pub fn outbox_head(&self, limit: usize) -> Result<Vec<(u64, OutboxEntry)>, StoreError> {
+    /// The oldest outbox entries, in order, up to about `messages` messages.
+    pub fn outbox_head(&self, messages: usize) -> Result<Vec<(u64, OutboxEntry)>, StoreError> {
         let txn = self.read_txn()?;
         let table = txn.open_table(OUTBOX)?;
         let mut out = Vec::new();
-        for item in table.iter()?.take(limit) {
+        let mut count = 0;
+        for item in table.iter()? {
+            if count >= messages {
+                break;
+            }
             let (k, v) = item?;
-            let entry = rmp_serde::from_slice(v.value())
+            let entry: OutboxEntry = rmp_serde::from_slice(v.value())
                 .map_err(|e| StoreError::Corrupt { what: "outbox entry", detail: e.to_string() })?;
+            count += entry.subjects.len();
             out.push((k.value(), entry));
         }
         Ok(out)
@@ -362,7 +458,11 @@ impl<'txn> Tables<'txn> {
 
     /// The version a record is known at: held, or deleted/left at that version.
     pub fn known_version(&self, kind: Kind, id: &str) -> Result<u64, StoreError> {
-        let held = self.get(kind, id)?.map(|s| s.version).unwrap_or(0);
+        let held = match self.records[kind.code() as usize].get(id)? {
+            Some(v) => Stored::version_of(v.value())
+                .ok_or_else(|| StoreError::Corrupt { what: "record", detail: "no version".into() })?,
+            None => 0,
+        };
         let gone = self.gone.get((kind.code(), id))?.map(|v| v.value()).unwrap_or(0);
         Ok(held.max(gone))
     }
@@ -445,16 +545,5 @@ impl<'txn> Tables<'txn> {
     pub fn set_meta_str(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
         self.meta_str.insert(key, value)?;
         Ok(())
-    }
-
-    /// Empties the projection (records, children, tombstones, the applied position) for a
-    /// rebuild. The outbox and the quarantine are history, not projection: they stay.
-    pub fn clear_projection(&mut self) -> Result<(), StoreError> {
-        for table in &mut self.records {
-            table.retain(|_, _| false)?;
-        }
-        self.children.retain(|_, _| false)?;
-        self.gone.retain(|_, _| false)?;
-        self.set_meta(APPLIED, 0)
     }
 }

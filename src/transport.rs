@@ -185,20 +185,21 @@ impl Nats {
     }
 
     /// Publishes routed messages in order, pipelined, and waits for every ack.
-    pub async fn publish_routed(&self, batch: &[(String, String, Vec<u8>, bool)]) -> Result<(), TransportError> {
-        let messages: Vec<_> = batch
-            .iter()
-            .map(|(subject, msg_id, payload, tombstone)| {
+    pub async fn publish_routed(&self, batch: &[crate::store::OutboxEntry]) -> Result<(), TransportError> {
+        let ttl = format!("{}s", TOMBSTONE_TTL.as_secs());
+        let mut messages = Vec::new();
+        for entry in batch {
+            let payload = bytes::Bytes::from(entry.payload.clone());
+            for subject in &entry.subjects {
                 let mut headers = HeaderMap::new();
-                headers.insert("Nats-Msg-Id", msg_id.as_str());
-                if *tombstone {
-                    headers.insert("Nats-TTL", format!("{}s", TOMBSTONE_TTL.as_secs()).as_str());
+                headers.insert("Nats-Msg-Id", entry.msg_id(subject).as_str());
+                if entry.tombstone {
+                    headers.insert("Nats-TTL", ttl.as_str());
                 }
-                let publish =
-                    jetstream::message::PublishMessage::build().payload(payload.clone().into()).headers(headers);
-                (subject.clone(), publish)
-            })
-            .collect();
+                let publish = jetstream::message::PublishMessage::build().payload(payload.clone()).headers(headers);
+                messages.push((subject.clone(), publish));
+            }
+        }
         self.publish_pipelined(messages).await.map_err(|e| TransportError::request("publishing to CRM_SYNC", e))
     }
 
@@ -303,23 +304,41 @@ impl Incoming {
 
 /// Waits for one message, then takes whatever else is already there, up to `max`: batches
 /// grow with the backlog and shrink to one message when traffic is light, so the latency of a
-/// single change stays that of one message.
+/// single change stays that of one message. While the server says more messages are pending
+/// for this consumer, it also waits (briefly) for them: during a rebuild or a catch-up, large
+/// transactions are what makes applying cheap.
 pub async fn next_batch<S, E>(messages: &mut S, max: usize) -> Option<Result<Vec<jetstream::Message>, E>>
 where
     S: futures::Stream<Item = Result<jetstream::Message, E>> + Unpin,
 {
     use futures::{FutureExt, StreamExt};
+    let pending = |m: &jetstream::Message| m.info().map(|i| i.pending).unwrap_or(0);
     let first = match messages.next().await? {
         Ok(m) => m,
         Err(e) => return Some(Err(e)),
     };
+    let mut more_coming = pending(&first) > 0;
     let mut batch = vec![first];
     while batch.len() < max {
-        match messages.next().now_or_never() {
-            Some(Some(Ok(m))) => batch.push(m),
-            Some(Some(Err(e))) if batch.is_empty() => return Some(Err(e)),
+        let next = match messages.next().now_or_never() {
+            Some(next) => next,
+            None if more_coming => match tokio::time::timeout(BATCH_WAIT, messages.next()).await {
+                Ok(next) => next,
+                Err(_) => break,
+            },
+            None => break,
+        };
+        match next {
+            Some(Ok(m)) => {
+                more_coming = pending(&m) > 0;
+                batch.push(m);
+            }
+            // An error ends the batch early; one that persists shows again on the next call.
             _ => break,
         }
     }
     Some(Ok(batch))
 }
+
+/// How long a batch waits for messages the server said were pending.
+const BATCH_WAIT: Duration = Duration::from_millis(20);

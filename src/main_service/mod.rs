@@ -121,8 +121,9 @@ impl Main {
             notify.clone(),
             shutdown_rx.clone(),
         ));
-        let router = tokio::spawn(router::run(store, nats, notify, shutdown_rx));
-        inner.tasks.lock().unwrap().extend([projector, router]);
+        let router = tokio::spawn(router::run(store.clone(), nats, notify, shutdown_rx.clone()));
+        let flusher = tokio::spawn(store.flush_periodically(shutdown_rx));
+        inner.tasks.lock().unwrap().extend([projector, router, flusher]);
         Ok(Main { inner })
     }
 
@@ -527,7 +528,10 @@ async fn project(
         let (store2, sets2, db) = (store.clone(), sets.clone(), database_id.to_owned());
         let last = tokio::task::spawn_blocking(move || {
             let mut sets = sets2.lock().unwrap();
-            store2.write(true, |t| projector::apply_batch(t, &mut sets, &db, &incoming))
+            // Large batches (a catch-up) commit durably: many non-durable commits in a row make
+            // redb's file grow, because pages are only freed by a durable commit.
+            let durable = incoming.len() >= crate::store::DURABLE_BATCH;
+            store2.write(durable, |t| projector::apply_batch(t, &mut sets, &db, &incoming))
         })
         .await??;
         applied_tx.send_replace(last);
@@ -545,12 +549,9 @@ pub async fn rebuild(config: &MainConfig, progress: impl Fn(u64, u64)) -> anyhow
         anyhow::anyhow!("{} holds no main database; start `crmsync main serve` first", config.data_dir.display())
     })?;
     let last = nats.last_sequence(EVENTS_STREAM).await?;
-    store.write(true, |t| {
-        let applied = t.meta(APPLIED)?;
-        let route_from = t.meta(projector::ROUTE_FROM)?.max(applied + 1);
-        t.clear_projection()?;
-        t.set_meta(projector::ROUTE_FROM, route_from)
-    })?;
+    let applied = store.meta(APPLIED)?;
+    let route_from = store.meta(projector::ROUTE_FROM)?.max(applied + 1);
+    store.clear_projection(|t| t.set_meta(projector::ROUTE_FROM, route_from))?;
     let stream = nats.stream(EVENTS_STREAM).await?;
     let consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
@@ -576,7 +577,7 @@ pub async fn rebuild(config: &MainConfig, progress: impl Fn(u64, u64)) -> anyhow
         let db = database_id.clone();
         let (a, sets_back) = tokio::task::spawn_blocking(move || {
             let mut sets = sets;
-            let a = s.write(false, |t| projector::apply_batch(t, &mut sets, &db, &incoming));
+            let a = s.write(true, |t| projector::apply_batch(t, &mut sets, &db, &incoming));
             (a, sets)
         })
         .await?;

@@ -128,21 +128,22 @@ fn route_record(
     let after = targets_of(t, sets, env.kind, new)?;
     let gone_op = if env.op == Op::Delete { Op::Delete } else { Op::Leave };
     let children = if env.kind == Kind::Contact { t.children(&env.id)? } else { Vec::new() };
-    for target in &after {
-        push(t, env, seq, target, env.kind, &env.id, Op::Upsert, new.map(|n| &n.fields))?;
-        // Move-in: a contact that enters a target brings its children.
-        if old.is_some() && !before.contains(target) {
-            for (kind, id) in &children {
-                let child = t.get(*kind, id)?;
-                push(t, env, seq, target, *kind, id, Op::Upsert, child.as_ref().map(|c| &c.fields))?;
-            }
+    let all_after: Vec<&Target> = after.iter().collect();
+    push(t, env, seq, &all_after, env.kind, &env.id, Op::Upsert, new.map(|n| &n.fields))?;
+    // Move-in: a contact that enters a target brings its children.
+    let entered: Vec<&Target> = if old.is_some() { after.difference(&before).collect() } else { Vec::new() };
+    if !entered.is_empty() {
+        for (kind, id) in &children {
+            let child = t.get(*kind, id)?;
+            push(t, env, seq, &entered, *kind, id, Op::Upsert, child.as_ref().map(|c| &c.fields))?;
         }
     }
     // Move-out: a record that leaves a target takes its children with it.
-    for target in before.difference(&after) {
-        push(t, env, seq, target, env.kind, &env.id, gone_op, None)?;
+    let left: Vec<&Target> = before.difference(&after).collect();
+    push(t, env, seq, &left, env.kind, &env.id, gone_op, None)?;
+    if !left.is_empty() {
         for (kind, id) in &children {
-            push(t, env, seq, target, *kind, id, gone_op, None)?;
+            push(t, env, seq, &left, *kind, id, gone_op, None)?;
         }
     }
     Ok(())
@@ -177,23 +178,26 @@ fn route_set_change(
         }
     }
     for (kind, id, op, fields) in moves {
-        push(t, env, seq, &target, kind, &id, op, fields.as_ref())?;
+        push(t, env, seq, &[&target], kind, &id, op, fields.as_ref())?;
     }
     Ok(())
 }
 
+/// Adds one routed message to the outbox, for every target given (none: nothing to do).
 #[allow(clippy::too_many_arguments)]
 fn push(
     t: &mut Tables<'_>,
     cause: &Envelope,
     seq: u64,
-    target: &Target,
+    targets: &[&Target],
     kind: Kind,
     id: &str,
     op: Op,
     fields: Option<&Fields>,
 ) -> Result<(), StoreError> {
-    let subject = wire::sync_subject(target, kind, id);
+    if targets.is_empty() {
+        return Ok(());
+    }
     let envelope = Envelope {
         product: cause.product.clone(),
         schema: cause.schema,
@@ -207,8 +211,8 @@ fn push(
         record: if op == Op::Upsert { Some(fields.cloned().unwrap_or_default()) } else { None },
     };
     t.push_outbox(&OutboxEntry {
-        msg_id: format!("{seq}:{subject}"),
-        subject,
+        seq,
+        subjects: targets.iter().map(|target| wire::sync_subject(target, kind, id)).collect(),
         payload: envelope.encode(),
         tombstone: op != Op::Upsert,
     })

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 
-use crate::store::Store;
+use crate::store::{OutboxEntry, Store};
 use crate::transport::Nats;
 
 const BATCH: usize = 2000;
@@ -42,7 +42,7 @@ pub async fn run(store: Store, nats: Nats, notify: Arc<Notify>, mut shutdown: wa
             continue;
         }
         let last = entries.last().map(|(k, _)| *k).unwrap_or(0);
-        let batch: Vec<_> = entries.into_iter().map(|(_, e)| (e.subject, e.msg_id, e.payload, e.tombstone)).collect();
+        let batch: Vec<OutboxEntry> = entries.into_iter().map(|(_, e)| e).collect();
         match nats.publish_routed(&batch).await {
             Ok(()) => {
                 let store = store.clone();

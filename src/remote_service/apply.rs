@@ -19,6 +19,7 @@ pub struct Applied {
 
 pub fn apply_batch(t: &mut Tables<'_>, db_id: &str, batch: &[Incoming]) -> Result<Applied, StoreError> {
     let mut out = Applied::default();
+    let mut position = t.meta(APPLIED)?;
     for msg in batch {
         match wire::decode_checked(&msg.payload, db_id) {
             Decoded::Ok(env) if env.kind.is_routed() => {
@@ -51,11 +52,10 @@ pub fn apply_batch(t: &mut Tables<'_>, db_id: &str, batch: &[Incoming]) -> Resul
             }
         }
         // A redelivered older message must not move the position back.
-        if msg.seq > t.meta(APPLIED)? {
-            t.set_meta(APPLIED, msg.seq)?;
-        }
+        position = position.max(msg.seq);
         out.taken += 1;
     }
+    t.set_meta(APPLIED, position)?;
     Ok(out)
 }
 

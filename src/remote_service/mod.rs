@@ -20,7 +20,7 @@ use crate::store::{APPLIED, DATABASE_ID, Store};
 use crate::transport::{self, Incoming, Nats, TransportError};
 use crate::wire::{PRODUCT, SCHEMA_MAJOR};
 
-pub const SYNC_BATCH: usize = 1000;
+pub const SYNC_BATCH: usize = 4000;
 const BUNDLE_FILE: &str = "remote.json";
 const STORE_FILE: &str = "remote.redb";
 
@@ -130,6 +130,8 @@ struct Inner {
     shutdown: watch::Sender<bool>,
     /// Ends when sync stops, with the reason if it was an error.
     done: Mutex<Option<tokio::task::JoinHandle<Result<(), String>>>>,
+    /// Makes the projection durable every [`crate::store::FLUSH_INTERVAL`], and at shutdown.
+    flusher: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Remote {
@@ -150,9 +152,11 @@ impl Remote {
             rebuild_tx,
             shutdown,
             done: Mutex::new(None),
+            flusher: Mutex::new(None),
         });
-        let task = tokio::spawn(run_sync(inner.clone(), rebuild_rx, shutdown_rx));
+        let task = tokio::spawn(run_sync(inner.clone(), rebuild_rx, shutdown_rx.clone()));
         *inner.done.lock().unwrap() = Some(task);
+        *inner.flusher.lock().unwrap() = Some(tokio::spawn(inner.store.clone().flush_periodically(shutdown_rx)));
         Ok(Remote { inner })
     }
 
@@ -180,6 +184,10 @@ impl Remote {
     pub async fn stop(&self) {
         let _ = self.inner.shutdown.send(true);
         let _ = self.stopped().await;
+        let flusher = self.inner.flusher.lock().unwrap().take();
+        if let Some(flusher) = flusher {
+            let _ = flusher.await;
+        }
     }
 
     /// Throws the projection away and replays the set from the start of `CRM_SYNC`. Returns
@@ -283,7 +291,8 @@ impl From<TransportError> for SyncStop {
 /// One run of the pull loop, from the stored position until an error, a rebuild or shutdown.
 ///
 /// Every run starts by resetting the consumer to just after the last message this remote has
-/// committed. The consumer acknowledges all messages up to the one acked, so a message that
+/// committed (durably or not: a crash loses both the commit and the process, and the next
+/// process starts from the durable position). The consumer acknowledges all messages up to the one acked, so a message that
 /// was delivered but never applied (to a process that was killed, or to a pull loop that was
 /// dropped) must not be left pending behind newer ones: a later ack would cover it. The reset
 /// clears those deliveries and replays exactly from the stored position.
@@ -329,7 +338,7 @@ async fn sync(
             req = rebuild_rx.recv() => {
                 let Some(reply) = req else { return Ok(()) };
                 let started = Instant::now();
-                if let Err(e) = store.write(true, |t| t.clear_projection()) {
+                if let Err(e) = store.clear_projection(|_| Ok(())) {
                     let _ = reply.send(Err(e.to_string()));
                     return Err(fatal(e));
                 }
@@ -354,7 +363,10 @@ async fn sync(
         );
         let db = inner.bundle.database_id.clone();
         let s = store.clone();
-        let applied = tokio::task::spawn_blocking(move || s.write(true, |t| apply::apply_batch(t, &db, &incoming)))
+        // Large batches (a rebuild, a catch-up) commit durably: many non-durable commits in a
+        // row make redb's file grow, because pages are only freed by a durable commit.
+        let durable = incoming.len() >= crate::store::DURABLE_BATCH;
+        let applied = tokio::task::spawn_blocking(move || s.write(durable, |t| apply::apply_batch(t, &db, &incoming)))
             .await
             .map_err(|e| SyncStop::Fatal(e.to_string()))?
             .map_err(fatal)?;

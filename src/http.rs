@@ -170,6 +170,10 @@ pub fn main_router(main: Main) -> Router {
     Router::new()
         .route("/v1/status", get(main_status))
         .route("/v1/sets", post(create_set))
+        .route("/v1/sets/{name}", get(show_set).patch(edit_set).delete(delete_set))
+        .route("/v1/sets/{name}/copy", post(copy_set))
+        .route("/v1/sets/{name}/preview", get(preview_set))
+        .route("/v1/remotes/{name}/subscriptions", get(list_subscriptions).post(change_subscriptions))
         .route("/v1/remotes", post(create_remote))
         .route("/v1/remotes/{name}", get(show_remote))
         .route("/v1/rebuild", post(main_rebuild))
@@ -230,6 +234,87 @@ async fn create_set(State(main): State<Main>, body: Result<Bytes, BytesRejection
     let req: SetRequest = parse_typed(body)?;
     let stored = main.create_set(&req).await?;
     ok(StatusCode::CREATED, record_json(&req.name, &stored))
+}
+
+async fn show_set(State(main): State<Main>, Path(name): Path<String>) -> ApiResult {
+    get_record(main.store(), Kind::Set, &name)
+}
+
+async fn edit_set(
+    State(main): State<Main>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let body = parse_body(body)?;
+    let stored = main.edit_set(&name, &body).await?;
+    ok(StatusCode::OK, record_json(&name, &stored))
+}
+
+async fn delete_set(State(main): State<Main>, Path(name): Path<String>) -> ApiResult {
+    main.delete_set(&name).await?;
+    ok(StatusCode::OK, json!({ "deleted": { "kind": Kind::Set, "id": name } }))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CopyRequest {
+    name: String,
+}
+
+async fn copy_set(
+    State(main): State<Main>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let req: CopyRequest = parse_typed(body)?;
+    let stored = main.copy_set(&name, &req.name).await?;
+    ok(StatusCode::CREATED, record_json(&req.name, &stored))
+}
+
+async fn preview_set(
+    State(main): State<Main>,
+    Path(name): Path<String>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> ApiResult {
+    let limit = match q.get("limit") {
+        Some(v) => v.parse().ok().filter(|n| *n <= MAX_LIMIT).ok_or_else(|| {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("limit must be a number from 0 to {MAX_LIMIT}, got {v:?}"))
+        })?,
+        None => 20,
+    };
+    let preview = tokio::task::spawn_blocking(move || main.preview_set(&name, limit))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    ok(StatusCode::OK, preview)
+}
+
+async fn list_subscriptions(State(main): State<Main>, Path(name): Path<String>) -> ApiResult {
+    ok(StatusCode::OK, json!({ "remote": name, "contacts": main.subscriptions(&name)? }))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscriptionChange {
+    #[serde(default)]
+    add: Vec<String>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+async fn change_subscriptions(
+    State(main): State<Main>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let req: SubscriptionChange = parse_typed(body)?;
+    let mut contacts = main.subscriptions(&name)?;
+    if !req.add.is_empty() {
+        contacts = main.subscribe(&name, &req.add).await?;
+    }
+    if !req.remove.is_empty() {
+        contacts = main.unsubscribe(&name, &req.remove).await?;
+    }
+    ok(StatusCode::OK, json!({ "remote": name, "contacts": contacts }))
 }
 
 async fn create_remote(State(main): State<Main>, body: Result<Bytes, BytesRejection>) -> ApiResult {

@@ -296,6 +296,7 @@ const REMOTE: &[FieldSpec] = &[
     f("expires_days", FieldType::Int),
     f("created_ms", FieldType::Int),
     f("enabled", FieldType::Bool),
+    f("subscriptions", FieldType::Names),
 ];
 
 /// A field value. The shapes are few on purpose: each maps onto MessagePack and JSON one to

@@ -82,32 +82,46 @@ macro_rules! redb_errors {
 }
 redb_errors!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError, redb::SetDurabilityError);
 
-/// A record as stored: its version at the main and its fields. On disk: the version as 8
-/// big-endian bytes, then the fields as MessagePack, so the version is read without decoding
-/// the record (the hot path of applying a batch only needs the version).
+/// A record as stored: its version, which of a remote's targets hold it, and its fields. On
+/// disk: the version as 8 big-endian bytes, the holders as one byte, then the fields as
+/// MessagePack, so the apply path reads the first two without decoding the record.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stored {
     pub version: u64,
+    /// At a remote: a bit per target that holds the record ([`HELD_BY_SET`],
+    /// [`HELD_BY_SUBSCRIPTION`]). At the main: 0.
+    pub holders: u8,
     pub fields: Fields,
 }
 
+/// The record is in the remote's sync set.
+pub const HELD_BY_SET: u8 = 1;
+/// The record is in the remote's subscription list.
+pub const HELD_BY_SUBSCRIPTION: u8 = 2;
+
 impl Stored {
+    pub fn new(version: u64, fields: Fields) -> Stored {
+        Stored { version, holders: 0, fields }
+    }
+
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(256);
         out.extend_from_slice(&self.version.to_be_bytes());
+        out.push(self.holders);
         rmp_serde::encode::write(&mut out, &self.fields).expect("record encodes");
         out
     }
 
     fn decode(bytes: &[u8]) -> Result<Stored, StoreError> {
         let corrupt = |detail: String| StoreError::Corrupt { what: "record", detail };
-        let version = Stored::version_of(bytes).ok_or_else(|| corrupt(format!("{} bytes", bytes.len())))?;
-        let fields = rmp_serde::from_slice(&bytes[8..]).map_err(|e| corrupt(e.to_string()))?;
-        Ok(Stored { version, fields })
+        let (version, holders) = Stored::head(bytes).ok_or_else(|| corrupt(format!("{} bytes", bytes.len())))?;
+        let fields = rmp_serde::from_slice(&bytes[9..]).map_err(|e| corrupt(e.to_string()))?;
+        Ok(Stored { version, holders, fields })
     }
 
-    fn version_of(bytes: &[u8]) -> Option<u64> {
-        Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
+    /// The version and the holders, without decoding the fields.
+    fn head(bytes: &[u8]) -> Option<(u64, u8)> {
+        Some((u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?), *bytes.get(8)?))
     }
 }
 
@@ -456,15 +470,38 @@ impl<'txn> Tables<'txn> {
         self.records[kind.code() as usize].get(id)?.map(|v| Stored::decode(v.value())).transpose()
     }
 
-    /// The version a record is known at: held, or deleted/left at that version.
-    pub fn known_version(&self, kind: Kind, id: &str) -> Result<u64, StoreError> {
+    /// What is known of a record without decoding it: the version and holders it is held at
+    /// (if held), and the version it was last deleted or left at (0 if never).
+    pub fn known(&self, kind: Kind, id: &str) -> Result<(Option<(u64, u8)>, u64), StoreError> {
         let held = match self.records[kind.code() as usize].get(id)? {
-            Some(v) => Stored::version_of(v.value())
-                .ok_or_else(|| StoreError::Corrupt { what: "record", detail: "no version".into() })?,
-            None => 0,
+            Some(v) => Some(
+                Stored::head(v.value())
+                    .ok_or_else(|| StoreError::Corrupt { what: "record", detail: "no version".into() })?,
+            ),
+            None => None,
         };
         let gone = self.gone.get((kind.code(), id))?.map(|v| v.value()).unwrap_or(0);
-        Ok(held.max(gone))
+        Ok((held, gone))
+    }
+
+    /// Changes the holders (and version) of a held record, keeping its fields.
+    pub fn set_holders(&mut self, kind: Kind, id: &str, version: u64, holders: u8) -> Result<(), StoreError> {
+        let table = &mut self.records[kind.code() as usize];
+        let bytes = match table.get(id)? {
+            Some(v) => v.value().to_vec(),
+            None => return Ok(()),
+        };
+        let mut bytes = bytes;
+        bytes[..8].copy_from_slice(&version.to_be_bytes());
+        bytes[8] = holders;
+        table.insert(id, bytes.as_slice())?;
+        Ok(())
+    }
+
+    /// Remembers that a record not held here went at `version`, so an older copy is not applied.
+    pub fn mark_gone(&mut self, kind: Kind, id: &str, version: u64) -> Result<(), StoreError> {
+        self.gone.insert((kind.code(), id), version)?;
+        Ok(())
     }
 
     pub fn put(&mut self, kind: Kind, id: &str, stored: &Stored) -> Result<(), StoreError> {

@@ -271,6 +271,17 @@ impl Nats {
         Ok(resp.info.num_pending)
     }
 
+    /// Removes every message of a target from `CRM_SYNC` (a deleted set no remote uses).
+    pub async fn purge_target(&self, target: &crate::wire::Target) -> Result<(), TransportError> {
+        let stream = self.stream(SYNC_STREAM).await?;
+        stream
+            .purge()
+            .filter(format!("crm.sync.{}.>", target.token()))
+            .await
+            .map_err(|e| TransportError::request("purging a deleted set", e))?;
+        Ok(())
+    }
+
     /// Messages waiting for a remote: not yet delivered plus delivered but unacknowledged.
     pub async fn remote_backlog(&self, consumer_name: &str) -> Result<u64, TransportError> {
         let mut c = self.remote_consumer(consumer_name).await?;

@@ -47,6 +47,9 @@ pub enum Command {
     /// Sync sets: which records remotes hold.
     #[command(subcommand)]
     Set(SetCommand),
+    /// Subscription lists: extra contacts for one remote.
+    #[command(subcommand)]
+    Subscription(SubscriptionCommand),
     /// The service's state: database id, role, counts, stream position, backlog.
     Status,
     /// Rebuild the service behind --api (a remote) from the stream, with progress.
@@ -179,18 +182,73 @@ pub enum RemoteCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum SetCommand {
-    /// Create a sync set.
+    /// Create a sync set: every record (--all), or what some users can access (--users),
+    /// narrowed by a query over contact fields (--query).
     Create {
         name: String,
-        /// The set holds every record of the main.
-        #[arg(long)]
-        all: bool,
-        #[arg(long)]
-        description: Option<String>,
+        #[command(flatten)]
+        spec: SetSpecArgs,
     },
-    List,
-    Show {
+    /// Change a set's users, query or description; records it gains or loses move at once.
+    Edit {
         name: String,
+        #[command(flatten)]
+        spec: SetSpecArgs,
+        /// Remove the query.
+        #[arg(long, conflicts_with = "query")]
+        no_query: bool,
+    },
+    /// A new set with the same users and query.
+    Copy { name: String, new_name: String },
+    /// Delete a set no remote uses.
+    Delete { name: String },
+    /// How many contacts a set holds now, and which.
+    Preview {
+        name: String,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// List the sync sets.
+    List,
+    /// Show one sync set.
+    Show { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct SetSpecArgs {
+    /// The set holds every record of the main.
+    #[arg(long, conflicts_with_all = ["users", "query"])]
+    pub all: bool,
+    /// The users whose accessible records the set holds, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub users: Vec<String>,
+    /// A query over contact fields, e.g. "state = NY and city starts with Al".
+    #[arg(long)]
+    pub query: Option<String>,
+    #[arg(long)]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SubscriptionCommand {
+    /// Add contacts to a remote's subscription list (contacts its users may access).
+    Add {
+        #[arg(long)]
+        remote: String,
+        #[arg(required = true)]
+        contacts: Vec<String>,
+    },
+    /// Remove contacts that were added through the list.
+    Remove {
+        #[arg(long)]
+        remote: String,
+        #[arg(required = true)]
+        contacts: Vec<String>,
+    },
+    /// The contacts of a remote's subscription list.
+    List {
+        #[arg(long)]
+        remote: String,
     },
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::{Value as J, json};
 
 use super::client::{Client, ClientError};
-use super::{Command, RecordCommand, RemoteCommand, SetCommand};
+use super::{Command, RecordCommand, RemoteCommand, SetCommand, SetSpecArgs, SubscriptionCommand};
 use crate::model::{FieldType, Kind};
 
 pub async fn run(client: &Client, command: Command, as_json: bool) -> Result<(), ClientError> {
@@ -16,16 +16,66 @@ pub async fn run(client: &Client, command: Command, as_json: bool) -> Result<(),
         }
         Command::Rebuild => rebuild(client, as_json).await?,
         Command::Set(cmd) => match cmd {
-            SetCommand::Create { name, all, description } => {
-                let body = json!({ "name": name, "all": all, "description": description });
+            SetCommand::Create { name, spec } => {
+                let mut body = spec_body(&spec);
+                body["name"] = json!(name);
                 let set = client.post("/v1/sets", &body).await?;
                 print_record(Kind::Set, &set, as_json);
+            }
+            SetCommand::Edit { name, spec, no_query } => {
+                let mut body = spec_body(&spec);
+                if no_query {
+                    body["query"] = J::Null;
+                }
+                print_record(Kind::Set, &client.patch(&format!("/v1/sets/{name}"), &body).await?, as_json);
+            }
+            SetCommand::Copy { name, new_name } => {
+                let set = client.post(&format!("/v1/sets/{name}/copy"), &json!({ "name": new_name })).await?;
+                print_record(Kind::Set, &set, as_json);
+            }
+            SetCommand::Delete { name } => {
+                let out = client.delete(&format!("/v1/sets/{name}")).await?;
+                if as_json {
+                    println!("{out}");
+                } else {
+                    println!("deleted set {name}");
+                }
+            }
+            SetCommand::Preview { name, limit } => {
+                let p = client.get(&format!("/v1/sets/{name}/preview"), &[("limit".into(), limit.to_string())]).await?;
+                if as_json {
+                    println!("{p}");
+                } else {
+                    println!("set {name} holds {} contacts", p["contacts"]);
+                    print_list(Kind::Contact, &json!({ "items": p["items"] }), false);
+                }
             }
             SetCommand::List => print_list(Kind::Set, &client.get("/v1/sets", &[]).await?, as_json),
             SetCommand::Show { name } => {
                 print_record(Kind::Set, &client.get(&format!("/v1/sets/{name}"), &[]).await?, as_json)
             }
         },
+        Command::Subscription(cmd) => {
+            let (remote, body) = match cmd {
+                SubscriptionCommand::Add { remote, contacts } => (remote, Some(json!({ "add": contacts }))),
+                SubscriptionCommand::Remove { remote, contacts } => (remote, Some(json!({ "remove": contacts }))),
+                SubscriptionCommand::List { remote } => (remote, None),
+            };
+            let path = format!("/v1/remotes/{remote}/subscriptions");
+            let out = match body {
+                Some(body) => client.post(&path, &body).await?,
+                None => client.get(&path, &[]).await?,
+            };
+            if as_json {
+                println!("{out}");
+            } else {
+                let contacts = out["contacts"].as_array().cloned().unwrap_or_default();
+                println!("remote {remote} subscribes {} contacts", contacts.len());
+                for c in contacts {
+                    println!("  {}", scalar(&c));
+                }
+            }
+        }
         Command::Remote(cmd) => match cmd {
             RemoteCommand::Create { name, set, expires_days, out, nats_url } => {
                 let body = json!({ "name": name, "set": set, "expires_days": expires_days, "nats_url": nats_url });
@@ -64,6 +114,24 @@ pub async fn run(client: &Client, command: Command, as_json: bool) -> Result<(),
         other => unreachable!("{other:?} runs locally, not through the API"),
     }
     Ok(())
+}
+
+/// The JSON body of a set's definition: only what was given.
+fn spec_body(spec: &SetSpecArgs) -> J {
+    let mut body = json!({});
+    if spec.all {
+        body["all"] = json!(true);
+    }
+    if !spec.users.is_empty() {
+        body["users"] = json!(spec.users);
+    }
+    if let Some(q) = &spec.query {
+        body["query"] = json!(q);
+    }
+    if let Some(d) = &spec.description {
+        body["description"] = json!(d);
+    }
+    body
 }
 
 fn usage(message: String) -> ClientError {

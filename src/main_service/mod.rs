@@ -8,6 +8,7 @@
 
 mod projector;
 mod router;
+mod sets;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -22,7 +23,6 @@ use crate::error::ServiceError;
 use crate::hlc::Clock;
 use crate::model::{self, Field, FieldType, Fields, Kind, Value};
 use crate::names;
-use crate::routing::SetDef;
 use crate::store::{APPLIED, DATABASE_ID, Store, Stored};
 use crate::transport::{self, Incoming, Nats, TransportError};
 use crate::wire::{self, EVENTS_STREAM, Envelope, ORIGIN_MAIN, Op, PRODUCT, SCHEMA_MAJOR};
@@ -97,8 +97,6 @@ impl Main {
             t.set_meta_str(DATABASE_ID, &database_id)?;
             t.set_meta_str("role", "main")
         })?;
-        let mut sets = Vec::new();
-        store.for_each(Kind::Set, |name, stored| sets.push(SetDef::from_stored(name, &stored)))?;
         let (applied_tx, applied) = watch::channel(store.meta(APPLIED)?);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let notify = Arc::new(Notify::new());
@@ -116,7 +114,6 @@ impl Main {
             store.clone(),
             nats.clone(),
             database_id,
-            sets,
             applied_tx,
             notify.clone(),
             shutdown_rx.clone(),
@@ -166,7 +163,7 @@ impl Main {
     /// Commits one change to a record. `decide` sees the current record and returns the new
     /// fields, `None` to delete, or an error; it is called again if another write to the same
     /// record commits first, so no change is ever made against a stale state.
-    async fn commit(
+    pub(crate) async fn commit(
         &self,
         kind: Kind,
         id: &str,
@@ -289,35 +286,6 @@ impl Main {
         Ok(())
     }
 
-    /// Creates a sync set. Sets are events too, so a rebuilt main has them.
-    pub async fn create_set(&self, req: &SetRequest) -> Result<Stored, ServiceError> {
-        names::check("set name", &req.name)?;
-        if !req.all || !req.users.is_empty() || req.query.is_some() {
-            return Err(ServiceError::Invalid(
-                "this version routes only sets that hold every record: create the set with `--all` \
-                 (sets narrowed by users and a query are not supported yet)"
-                    .into(),
-            ));
-        }
-        let stamp = self.inner.clock.now();
-        let mut fields = Fields::new();
-        fields.insert("all".into(), Field { value: Value::Bool(true), stamp });
-        if let Some(d) = &req.description {
-            let patch = model::parse_input(Kind::Set, &serde_json::json!({ "description": d }), false)?.patch;
-            model::apply_patch(&mut fields, &patch, stamp);
-        }
-        let name = req.name.clone();
-        let stored = self
-            .commit(Kind::Set, &name, |current| {
-                if current.is_some() {
-                    return Err(ServiceError::Exists { kind: Kind::Set, id: name.clone() });
-                }
-                Ok(Decision::Upsert(fields.clone()))
-            })
-            .await?;
-        stored.ok_or_else(|| ServiceError::Internal("the new set is not in the projection".into()))
-    }
-
     /// Registers a remote: creates its durable consumer on `CRM_SYNC` and returns its bundle.
     pub async fn create_remote(&self, req: &RemoteRequest) -> Result<Bundle, ServiceError> {
         names::check("remote name", &req.name)?;
@@ -418,7 +386,7 @@ impl Main {
 }
 
 /// What a write decided, given the current record.
-enum Decision {
+pub(crate) enum Decision {
     Unchanged,
     Upsert(Fields),
     Delete,
@@ -470,14 +438,12 @@ async fn run_projector(
     store: Store,
     nats: Nats,
     database_id: String,
-    sets: Vec<SetDef>,
     applied_tx: watch::Sender<u64>,
     notify: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let sets = Arc::new(Mutex::new(sets));
     loop {
-        let result = project(&store, &nats, &database_id, &sets, &applied_tx, &notify, &mut shutdown).await;
+        let result = project(&store, &nats, &database_id, &applied_tx, &notify, &mut shutdown).await;
         if *shutdown.borrow() {
             return;
         }
@@ -495,12 +461,13 @@ async fn project(
     store: &Store,
     nats: &Nats,
     database_id: &str,
-    sets: &Arc<Mutex<Vec<SetDef>>>,
     applied_tx: &watch::Sender<u64>,
     notify: &Notify,
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let start = store.meta(APPLIED)? + 1;
+    // Loaded afresh at every start: a batch that failed may have changed it half-way.
+    let state = Arc::new(Mutex::new(projector::RouterState::load(store)?));
     let stream = nats.stream(EVENTS_STREAM).await?;
     let consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
@@ -525,13 +492,13 @@ async fn project(
             Some(Ok(batch)) => batch,
         };
         let incoming: Vec<Incoming> = batch.iter().filter_map(Incoming::from_message).collect();
-        let (store2, sets2, db) = (store.clone(), sets.clone(), database_id.to_owned());
+        let (store2, state2, db) = (store.clone(), state.clone(), database_id.to_owned());
         let last = tokio::task::spawn_blocking(move || {
-            let mut sets = sets2.lock().unwrap();
+            let mut state = state2.lock().unwrap();
             // Large batches (a catch-up) commit durably: many non-durable commits in a row make
             // redb's file grow, because pages are only freed by a durable commit.
             let durable = incoming.len() >= crate::store::DURABLE_BATCH;
-            store2.write(durable, |t| projector::apply_batch(t, &mut sets, &db, &incoming))
+            store2.write(durable, |t| projector::apply_batch(t, &mut state, &db, &incoming))
         })
         .await??;
         applied_tx.send_replace(last);
@@ -562,7 +529,7 @@ pub async fn rebuild(config: &MainConfig, progress: impl Fn(u64, u64)) -> anyhow
         .await
         .map_err(|e| TransportError::request("creating the rebuild consumer", e))?;
     let mut messages = consumer.messages().await.map_err(|e| TransportError::request("reading CRM_EVENTS", e))?;
-    let mut sets = Vec::new();
+    let mut state = projector::RouterState::default();
     let mut applied = 0u64;
     let mut done = 0u64;
     while applied < last {
@@ -575,13 +542,13 @@ pub async fn rebuild(config: &MainConfig, progress: impl Fn(u64, u64)) -> anyhow
         done += incoming.len() as u64;
         let s = store.clone();
         let db = database_id.clone();
-        let (a, sets_back) = tokio::task::spawn_blocking(move || {
-            let mut sets = sets;
-            let a = s.write(true, |t| projector::apply_batch(t, &mut sets, &db, &incoming));
-            (a, sets)
+        let (a, state_back) = tokio::task::spawn_blocking(move || {
+            let mut state = state;
+            let a = s.write(true, |t| projector::apply_batch(t, &mut state, &db, &incoming));
+            (a, state)
         })
         .await?;
-        sets = sets_back;
+        state = state_back;
         applied = a?;
         progress(applied, last);
     }

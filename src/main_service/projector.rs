@@ -9,19 +9,39 @@
 use std::collections::BTreeSet;
 
 use crate::model::{Fields, Kind};
-use crate::routing::{self, SetDef};
-use crate::store::{APPLIED, OutboxEntry, Quarantined, StoreError, Stored, Tables};
+use crate::routing::{self, RoutingConfig, TargetDef};
+use crate::store::{APPLIED, OutboxEntry, Quarantined, Store, StoreError, Stored, Tables};
 use crate::transport::Incoming;
 use crate::wire::{self, Decoded, Envelope, Op, Target};
+
+/// The router's view of the configuration, kept in step with the set, user and remote records
+/// as the projector applies them.
+#[derive(Debug, Clone, Default)]
+pub struct RouterState {
+    pub config: RoutingConfig,
+    pub defs: Vec<TargetDef>,
+}
+
+impl RouterState {
+    pub fn load(store: &Store) -> Result<RouterState, StoreError> {
+        let mut config = RoutingConfig::default();
+        for kind in [Kind::Set, Kind::User, Kind::Remote] {
+            store.for_each(kind, |id, stored| {
+                config.apply(kind, id, Some(&stored));
+            })?;
+        }
+        let defs = config.target_defs();
+        Ok(RouterState { config, defs })
+    }
+}
 
 /// Events below this position were routed before a rebuild and are not routed again.
 pub const ROUTE_FROM: &str = "route_from";
 
-/// Applies a batch of events. `sets` is the router's view of the sync sets, kept in step with
-/// the set records as they are applied.
+/// Applies a batch of events.
 pub fn apply_batch(
     t: &mut Tables<'_>,
-    sets: &mut Vec<SetDef>,
+    state: &mut RouterState,
     db_id: &str,
     batch: &[Incoming],
 ) -> Result<u64, StoreError> {
@@ -32,7 +52,7 @@ pub fn apply_batch(
             continue;
         }
         match wire::decode_checked(&msg.payload, db_id) {
-            Decoded::Ok(env) => apply_event(t, sets, msg.seq, env, msg.seq >= route_from)?,
+            Decoded::Ok(env) => apply_event(t, state, msg.seq, env, msg.seq >= route_from)?,
             Decoded::Foreign(f) => {
                 tracing::error!(seq = msg.seq, subject = %msg.subject, "{f}");
                 quarantine(t, msg, f.to_string())?;
@@ -54,7 +74,7 @@ pub fn quarantine(t: &mut Tables<'_>, msg: &Incoming, error: String) -> Result<(
 
 fn apply_event(
     t: &mut Tables<'_>,
-    sets: &mut Vec<SetDef>,
+    state: &mut RouterState,
     seq: u64,
     env: Envelope,
     route: bool,
@@ -62,7 +82,7 @@ fn apply_event(
     let (kind, id) = (env.kind, env.id.as_str());
     let old = t.get(kind, id)?;
     let new = match env.op {
-        Op::Upsert => Some(Stored { version: seq, fields: env.record.clone().unwrap_or_default() }),
+        Op::Upsert => Some(Stored::new(seq, env.record.clone().unwrap_or_default())),
         Op::Delete | Op::Leave => None,
     };
     match &new {
@@ -71,61 +91,59 @@ fn apply_event(
             t.remove(kind, id, seq)?;
         }
     }
-    if kind == Kind::Set {
-        let before = sets.iter().position(|s| s.name == id).map(|i| sets.remove(i));
-        let after = new.as_ref().map(|s| SetDef::from_stored(id, s));
-        if let Some(after) = &after {
-            sets.push(after.clone());
-            sets.sort_by(|a, b| a.name.cmp(&b.name));
-        }
+    if state.config.apply(kind, id, new.as_ref()) {
+        let after = state.config.target_defs();
+        let before = std::mem::replace(&mut state.defs, after);
         if route {
-            route_set_change(t, seq, &env, before.as_ref(), after.as_ref())?;
+            route_config_change(t, seq, &env, &before, &state.defs)?;
         }
-    } else if route && kind.is_routed() {
-        route_record(t, sets, seq, &env, old.as_ref(), new.as_ref())?;
+    }
+    if route && kind.is_routed() {
+        route_record(t, &state.defs, seq, &env, old.as_ref(), new.as_ref())?;
     }
     Ok(())
 }
 
-/// The fields routing decides on: a child's contact's, or the record's own.
-fn routing_basis(t: &Tables<'_>, kind: Kind, fields: &Fields) -> Result<(Kind, Option<Fields>), StoreError> {
+/// What routing decides a record by: a child's contact (kind, id, fields), or the record.
+fn routing_basis(
+    t: &Tables<'_>,
+    kind: Kind,
+    id: &str,
+    fields: &Fields,
+) -> Result<Option<(Kind, String, Fields)>, StoreError> {
     match kind.parent_field() {
         Some(field) => {
-            let parent = crate::model::text(fields, field).map(str::to_owned);
-            let parent = match parent {
-                Some(p) => t.get(Kind::Contact, &p)?.map(|s| s.fields),
-                None => None,
-            };
-            Ok((Kind::Contact, parent))
+            let Some(parent) = crate::model::text(fields, field) else { return Ok(None) };
+            Ok(t.get(Kind::Contact, parent)?.map(|s| (Kind::Contact, parent.to_owned(), s.fields)))
         }
-        None => Ok((kind, Some(fields.clone()))),
+        None => Ok(Some((kind, id.to_owned(), fields.clone()))),
     }
 }
 
 fn targets_of(
     t: &Tables<'_>,
-    sets: &[SetDef],
+    defs: &[TargetDef],
     kind: Kind,
+    id: &str,
     stored: Option<&Stored>,
 ) -> Result<BTreeSet<Target>, StoreError> {
     let Some(stored) = stored else { return Ok(BTreeSet::new()) };
-    let (basis_kind, basis) = routing_basis(t, kind, &stored.fields)?;
-    Ok(match basis {
-        Some(fields) => routing::targets(sets, basis_kind, &fields),
+    Ok(match routing_basis(t, kind, id, &stored.fields)? {
+        Some((basis_kind, basis_id, fields)) => routing::targets(defs, basis_kind, &basis_id, &fields),
         None => BTreeSet::new(),
     })
 }
 
 fn route_record(
     t: &mut Tables<'_>,
-    sets: &[SetDef],
+    defs: &[TargetDef],
     seq: u64,
     env: &Envelope,
     old: Option<&Stored>,
     new: Option<&Stored>,
 ) -> Result<(), StoreError> {
-    let before = targets_of(t, sets, env.kind, old)?;
-    let after = targets_of(t, sets, env.kind, new)?;
+    let before = targets_of(t, defs, env.kind, &env.id, old)?;
+    let after = targets_of(t, defs, env.kind, &env.id, new)?;
     let gone_op = if env.op == Op::Delete { Op::Delete } else { Op::Leave };
     let children = if env.kind == Kind::Contact { t.children(&env.id)? } else { Vec::new() };
     let all_after: Vec<&Target> = after.iter().collect();
@@ -149,36 +167,76 @@ fn route_record(
     Ok(())
 }
 
-/// A set was created, changed or deleted: every record it gains or loses is routed.
-fn route_set_change(
+/// The configuration changed: every target whose definition changed gets the records it
+/// gains and leaves for the records it loses. A set that is gone entirely sends nothing: no
+/// remote uses it (deleting a set in use is refused), and its subjects are purged.
+fn route_config_change(
     t: &mut Tables<'_>,
     seq: u64,
     env: &Envelope,
-    before: Option<&SetDef>,
-    after: Option<&SetDef>,
+    before: &[TargetDef],
+    after: &[TargetDef],
 ) -> Result<(), StoreError> {
-    let name = before.or(after).map(|s| s.name.clone()).unwrap_or_default();
-    let target = Target::Set(name);
-    let held = |def: Option<&SetDef>, kind: Kind, fields: &Option<Fields>| match (def, fields) {
-        (Some(def), Some(fields)) => def.holds(kind, fields),
+    for def in after {
+        let old = before.iter().find(|b| b.target == def.target);
+        if old != Some(def) {
+            route_target_change(t, seq, env, old, def)?;
+        }
+    }
+    Ok(())
+}
+
+/// Routes what one target gains and loses between two definitions.
+fn route_target_change(
+    t: &mut Tables<'_>,
+    seq: u64,
+    env: &Envelope,
+    before: Option<&TargetDef>,
+    after: &TargetDef,
+) -> Result<(), StoreError> {
+    let held = |def: Option<&TargetDef>, basis: &Option<(Kind, String, Fields)>| match (def, basis) {
+        (Some(def), Some((kind, id, fields))) => def.holds(*kind, id, fields),
         _ => false,
     };
-    let mut moves = Vec::new();
-    for kind in Kind::DATA {
-        let mut records = Vec::new();
-        t.for_each(kind, |id, stored| records.push((id.to_owned(), stored)))?;
-        for (id, stored) in records {
-            let (basis_kind, basis) = routing_basis(t, kind, &stored.fields)?;
-            let (was, is) = (held(before, basis_kind, &basis), held(after, basis_kind, &basis));
-            if is && !was {
-                moves.push((kind, id, Op::Upsert, Some(stored.fields)));
-            } else if was && !is {
-                moves.push((kind, id, Op::Leave, None));
+    // A subscription list only ever holds the contacts it lists: only those (and their
+    // children) can move, and if its users did not change, only those added or removed.
+    let only = after.listed.as_ref().map(|listed| {
+        let old = before.and_then(|b| b.listed.clone()).unwrap_or_default();
+        if before.is_some_and(|b| b.scope == after.scope) {
+            old.symmetric_difference(listed).cloned().collect::<BTreeSet<String>>()
+        } else {
+            old.union(listed).cloned().collect()
+        }
+    });
+    let mut candidates: Vec<(Kind, String, Stored)> = Vec::new();
+    match &only {
+        Some(contacts) => {
+            for contact in contacts {
+                if let Some(stored) = t.get(Kind::Contact, contact)? {
+                    candidates.push((Kind::Contact, contact.clone(), stored));
+                }
+                for (kind, id) in t.children(contact)? {
+                    if let Some(stored) = t.get(kind, &id)? {
+                        candidates.push((kind, id, stored));
+                    }
+                }
+            }
+        }
+        None => {
+            for kind in Kind::DATA {
+                t.for_each(kind, |id, stored| candidates.push((kind, id.to_owned(), stored)))?;
             }
         }
     }
-    for (kind, id, op, fields) in moves {
-        push(t, env, seq, &[&target], kind, &id, op, fields.as_ref())?;
+    let target = [&after.target];
+    for (kind, id, stored) in candidates {
+        let basis = routing_basis(t, kind, &id, &stored.fields)?;
+        let (was, is) = (held(before, &basis), held(Some(after), &basis));
+        if is && !was {
+            push(t, env, seq, &target, kind, &id, Op::Upsert, Some(&stored.fields))?;
+        } else if was && !is {
+            push(t, env, seq, &target, kind, &id, Op::Leave, None)?;
+        }
     }
     Ok(())
 }

@@ -8,4 +8,5 @@ mod bench;
 mod pipeline;
 mod rebuild;
 mod resilience;
+mod sets;
 mod wire;

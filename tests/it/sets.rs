@@ -292,3 +292,121 @@ async fn sets_are_checked_and_a_set_in_use_cannot_be_deleted() {
     let (status, _) = env.api.get("/v1/sets/s2").await;
     assert_eq!(status, 404);
 }
+
+/// One random change in the property test.
+#[derive(Debug, Clone)]
+enum Change {
+    Contact { i: usize, state: &'static str, city: &'static str },
+    Access { i: usize, access: &'static str },
+    Manager { i: usize, manager: &'static str },
+    RepTeams { east: bool },
+    Query(Option<&'static str>),
+    Users { boss_too: bool },
+    Subscribe(usize),
+    Unsubscribe(usize),
+    Note(usize),
+    Delete(usize),
+}
+
+fn change() -> impl proptest::strategy::Strategy<Value = Change> {
+    use proptest::prelude::*;
+    let i = 0..12usize;
+    prop_oneof![
+        (i.clone(), prop::sample::select(vec!["NY", "CT", "PA"]), prop::sample::select(vec!["Albany", "Buffalo"]))
+            .prop_map(|(i, state, city)| Change::Contact { i, state, city }),
+        (i.clone(), prop::sample::select(vec!["public", "private", "limited"]))
+            .prop_map(|(i, access)| Change::Access { i, access }),
+        (i.clone(), prop::sample::select(vec!["rep", "boss"])).prop_map(|(i, manager)| Change::Manager { i, manager }),
+        any::<bool>().prop_map(|east| Change::RepTeams { east }),
+        prop::sample::select(vec![
+            None,
+            Some("state = NY"),
+            Some("state = NY and city = Albany"),
+            Some("state in (NY, CT)")
+        ])
+        .prop_map(Change::Query),
+        any::<bool>().prop_map(|boss_too| Change::Users { boss_too }),
+        i.clone().prop_map(Change::Subscribe),
+        i.clone().prop_map(Change::Unsubscribe),
+        i.clone().prop_map(Change::Note),
+        i.prop_map(Change::Delete),
+    ]
+}
+
+async fn apply_change(env: &Env, c: &Change) {
+    let api = &env.api;
+    // Refusals (a contact already deleted, not accessible, not listed) are part of the game.
+    match c {
+        Change::Contact { i, state, city } => {
+            api.patch(&format!("/v1/contacts/c{i}"), &json!({ "state": state, "city": city })).await;
+        }
+        Change::Access { i, access } => {
+            api.patch(&format!("/v1/contacts/c{i}"), &json!({ "access": access, "access_teams": ["east"] })).await;
+        }
+        Change::Manager { i, manager } => {
+            api.patch(&format!("/v1/contacts/c{i}"), &json!({ "manager": manager })).await;
+        }
+        Change::RepTeams { east } => {
+            let teams: Vec<&str> = if *east { vec!["east"] } else { vec![] };
+            api.patch("/v1/users/rep", &json!({ "teams": teams })).await;
+        }
+        Change::Query(q) => {
+            api.patch("/v1/sets/ny", &json!({ "query": q })).await;
+        }
+        Change::Users { boss_too } => {
+            let users: Vec<&str> = if *boss_too { vec!["rep", "boss"] } else { vec!["rep"] };
+            api.patch("/v1/sets/ny", &json!({ "users": users })).await;
+        }
+        Change::Subscribe(i) => {
+            api.post("/v1/remotes/laptop/subscriptions", &json!({ "add": [format!("c{i}")] })).await;
+        }
+        Change::Unsubscribe(i) => {
+            api.post("/v1/remotes/laptop/subscriptions", &json!({ "remove": [format!("c{i}")] })).await;
+        }
+        Change::Note(i) => {
+            api.post("/v1/notes", &json!({ "contact_id": format!("c{i}"), "text": "note" })).await;
+        }
+        Change::Delete(i) => {
+            api.delete(&format!("/v1/contacts/c{i}")).await;
+        }
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 12, failure_persistence: None, ..Default::default() })]
+
+    /// Random edits, access changes, set edits and subscription changes: the remote holds
+    /// exactly what the main's evaluation says, and a remote rebuilt from scratch the same.
+    #[test]
+    fn a_remote_holds_exactly_what_the_main_says_after_any_changes(changes in proptest::collection::vec(change(), 1..30)) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async {
+            let env = Env::start().await;
+            env.api.create(Kind::Team, json!({ "id": "east", "name": "East" })).await;
+            env.api.create(Kind::User, json!({ "id": "rep", "name": "Rep" })).await;
+            env.api.create(Kind::User, json!({ "id": "boss", "name": "Boss", "teams": ["east"] })).await;
+            for i in 0..12 {
+                let state = ["NY", "CT", "PA"][i % 3];
+                env.api.create(Kind::Contact, json!({ "id": format!("c{i}"), "state": state, "manager": "boss" })).await;
+            }
+            env.main()
+                .create_set(&SetRequest { name: "ny".into(), users: vec!["rep".into()], query: Some("state = NY".into()), ..Default::default() })
+                .await
+                .unwrap();
+            let remote = env.remote("laptop", "ny").await;
+            for c in &changes {
+                apply_change(&env, c).await;
+            }
+            wait_exact(&env, &remote, "laptop").await;
+            let before = snapshot(remote.remote.store());
+            remote.remote.rebuild().await.unwrap();
+            crate::harness::wait_for("the rebuild", Duration::from_secs(30), || async {
+                remote.remote.state().rebuilding.is_none()
+            })
+            .await;
+            wait_exact(&env, &remote, "laptop").await;
+            assert_eq!(snapshot(remote.remote.store()), before);
+            remote.stop().await;
+        });
+    }
+}

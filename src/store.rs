@@ -52,6 +52,11 @@ fn records(kind: Kind) -> TableDefinition<'static, &'static str, &'static [u8]> 
     RECORDS[kind.code() as usize]
 }
 
+/// The layout of what this module stores. A file of another layout is refused until it is
+/// rebuilt from the stream (its projection is only ever a copy of the stream).
+pub const FORMAT: u64 = 2;
+const FORMAT_KEY: &str = "format";
+
 /// Meta keys.
 pub const APPLIED: &str = "applied";
 pub const DATABASE_ID: &str = "database_id";
@@ -69,6 +74,12 @@ pub enum StoreError {
     Redb(#[from] redb::Error),
     #[error("a stored {what} does not decode ({detail}); rebuild the projection")]
     Corrupt { what: &'static str, detail: String },
+    #[error(
+        "the database file {} was written by another version of crmsync (storage format {found}, this one uses {FORMAT}); \
+         rebuild it from the stream: `crmsync main rebuild` for a main, `crmsync remote rebuild` for a remote",
+        path.display()
+    )]
+    Format { path: PathBuf, found: u64 },
 }
 
 macro_rules! redb_errors {
@@ -212,8 +223,29 @@ pub const DURABLE_BATCH: usize = 64;
 pub const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 
 impl Store {
-    /// Opens (or creates) the file, refusing clearly if another process holds it.
+    /// Opens (or creates) the file, refusing clearly if another process holds it or if it
+    /// holds another storage format.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let store = Store::open_any_format(path)?;
+        let (found, empty) = {
+            let txn = store.read_txn()?;
+            let found = txn.open_table(META)?.get(FORMAT_KEY)?.map(|v| v.value()).unwrap_or(0);
+            let mut empty = true;
+            for def in RECORDS {
+                empty &= txn.open_table(def)?.is_empty()?;
+            }
+            (found, empty)
+        };
+        match found {
+            FORMAT => {}
+            0 if empty => store.write(true, |t| t.set_meta(FORMAT_KEY, FORMAT))?,
+            _ => return Err(StoreError::Format { path: path.to_owned(), found: found.max(1) }),
+        }
+        Ok(store)
+    }
+
+    /// Opens the file whatever its storage format, for a rebuild (which empties it).
+    pub fn open_any_format(path: &Path) -> Result<Store, StoreError> {
         let db = match Database::builder().set_cache_size(CACHE_BYTES).create(path) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::InUse(path.to_owned())),
@@ -267,6 +299,7 @@ impl Store {
         let result = {
             let mut tables = Tables::open(&txn)?;
             tables.set_meta(APPLIED, 0)?;
+            tables.set_meta(FORMAT_KEY, FORMAT)?;
             then(&mut tables)?
         };
         txn.commit()?;
@@ -582,5 +615,44 @@ impl<'txn> Tables<'txn> {
     pub fn set_meta_str(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
         self.meta_str.insert(key, value)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Field, Value};
+
+    #[test]
+    fn records_round_trip_and_their_version_reads_without_decoding() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("t.redb")).unwrap();
+        let fields: Fields = [("city".to_string(), Field { value: Value::Str("Albany".into()), stamp: 3 })].into();
+        let stored = Stored { version: 42, holders: HELD_BY_SUBSCRIPTION, fields };
+        store.write(true, |t| t.put(Kind::Contact, "c1", &stored)).unwrap();
+        assert_eq!(store.get(Kind::Contact, "c1").unwrap(), Some(stored));
+        let known = store.write(false, |t| t.known(Kind::Contact, "c1")).unwrap();
+        assert_eq!(known, (Some((42, HELD_BY_SUBSCRIPTION)), 0));
+    }
+
+    #[test]
+    fn a_file_of_another_storage_format_is_refused_until_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.redb");
+        let store = Store::open(&path).unwrap();
+        store
+            .write(true, |t| {
+                t.put(Kind::Contact, "c1", &Stored::new(1, Fields::new()))?;
+                t.set_meta(FORMAT_KEY, FORMAT + 1)
+            })
+            .unwrap();
+        drop(store);
+        let err = Store::open(&path).err().unwrap().to_string();
+        assert!(err.contains("another version of crmsync") && err.contains("rebuild"), "{err}");
+        let store = Store::open_any_format(&path).unwrap();
+        store.clear_projection(|_| Ok(())).unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.get(Kind::Contact, "c1").unwrap(), None);
     }
 }

@@ -23,7 +23,7 @@ use crate::error::ServiceError;
 use crate::hlc::Clock;
 use crate::model::{self, Field, FieldType, Fields, Kind, Value};
 use crate::names;
-use crate::store::{APPLIED, DATABASE_ID, Store, Stored};
+use crate::store::{APPLIED, DATABASE_ID, Store, StoreError, Stored};
 use crate::transport::{self, Incoming, Nats, TransportError};
 use crate::wire::{self, EVENTS_STREAM, Envelope, ORIGIN_MAIN, Op, PRODUCT, SCHEMA_MAJOR};
 
@@ -78,7 +78,16 @@ impl Main {
     /// and starts the projector and the router.
     pub async fn start(config: MainConfig) -> anyhow::Result<Main> {
         std::fs::create_dir_all(&config.data_dir)?;
-        let store = Store::open(&config.data_dir.join("main.redb"))?;
+        let path = config.data_dir.join("main.redb");
+        let store = match Store::open(&path) {
+            Err(StoreError::Format { found, .. }) => {
+                // The projection is a copy of CRM_EVENTS: a file of another layout is rebuilt.
+                tracing::warn!("{} has storage format {found}; rebuilding it from CRM_EVENTS", path.display());
+                rebuild(&config, |_, _| {}).await?;
+                Store::open(&path)?
+            }
+            other => other?,
+        };
         let nats = Nats::connect(&config.nats_url, "crmsync-main").await?;
         let stored_id = store.meta_str(DATABASE_ID)?;
         let candidate = stored_id.clone().unwrap_or_else(names::new_id);
@@ -510,7 +519,7 @@ async fn project(
 /// running. Routed messages already published are not published again. Returns the number of
 /// events replayed.
 pub async fn rebuild(config: &MainConfig, progress: impl Fn(u64, u64)) -> anyhow::Result<u64> {
-    let store = Store::open(&config.data_dir.join("main.redb"))?;
+    let store = Store::open_any_format(&config.data_dir.join("main.redb"))?;
     let nats = Nats::connect(&config.nats_url, "crmsync-main-rebuild").await?;
     let database_id = store.meta_str(DATABASE_ID)?.ok_or_else(|| {
         anyhow::anyhow!("{} holds no main database; start `crmsync main serve` first", config.data_dir.display())

@@ -137,7 +137,18 @@ struct Inner {
 impl Remote {
     pub async fn start(config: RemoteConfig) -> anyhow::Result<Remote> {
         let bundle = read_bundle(&config.data_dir)?;
-        let store = Store::open(&config.data_dir.join(STORE_FILE))?;
+        let path = config.data_dir.join(STORE_FILE);
+        let store = match Store::open(&path) {
+            Err(crate::store::StoreError::Format { found, .. }) => {
+                // The projection is a copy of the stream: a file of another layout is emptied
+                // and replayed (the pull loop starts from the emptied position).
+                tracing::warn!("{} has storage format {found}; rebuilding it from CRM_SYNC", path.display());
+                let store = Store::open_any_format(&path)?;
+                store.clear_projection(|_| Ok(()))?;
+                store
+            }
+            other => other?,
+        };
         let nats_url = config.nats_url.clone().unwrap_or_else(|| bundle.nats_url.clone());
         let nats = Nats::connect(&nats_url, &format!("crmsync-remote-{}", bundle.remote)).await?;
         let (rebuild_tx, rebuild_rx) = mpsc::channel(4);

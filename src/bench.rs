@@ -85,6 +85,7 @@ impl Drop for Scratch {
 struct Service {
     child: tokio::process::Child,
     base: String,
+    port: u16,
 }
 
 impl Service {
@@ -97,7 +98,7 @@ impl Service {
             .kill_on_drop(true)
             .spawn()
             .context("starting a crmsync service")?;
-        let service = Service { child, base: format!("http://127.0.0.1:{port}") };
+        let service = Service { child, base: format!("http://127.0.0.1:{port}"), port };
         let http = reqwest::Client::new();
         let start = Instant::now();
         while http.get(format!("{}/v1/status", service.base)).send().await.is_err() {
@@ -301,66 +302,51 @@ async fn data_set_figures(args: &BenchArgs, contacts: usize, figures: &mut Figur
     );
     figures.set("load", json!({ "records": records.len(), "seconds": secs, "per_second": rate(n, secs) }));
 
-    // A remote on the whole set: its first sync is a rebuild too.
-    let bundle = post(&http, format!("{}/v1/remotes", main.base), &json!({ "name": "r100", "set": "all" })).await?;
-    let bundle_file = scratch.0.join("r100.bundle.json");
-    std::fs::write(&bundle_file, serde_json::to_vec(&bundle)?)?;
-    let remote_dir = scratch.0.join("r100");
-    crate::remote_service::init(&bundle_file, &remote_dir)?;
-    let remote_dir_s = remote_dir.to_string_lossy().into_owned();
-    let remote_port = free_port();
-    let remote_args = ["remote", "serve", "--data", &remote_dir_s, "--listen", &format!("127.0.0.1:{remote_port}")];
-    let mut remote = Service::spawn(&remote_args, remote_port).await?;
-    wait_synced(&http, &remote.base, records.len() as u64).await?;
-
-    // Rebuilds, with a reader at the remote's API meanwhile.
-    let mut rebuild_secs = Vec::new();
-    let mut read_p99 = Vec::new();
-    for _ in 0..args.runs {
-        let (secs, p99) = timed_rebuild(&http, &remote.base, contacts).await?;
-        rebuild_secs.push(secs);
-        read_p99.push(p99);
-    }
-    let crmsync_secs = median(rebuild_secs);
-    let live = records.len() as f64;
-
-    // The raw limits: a bare ordered consumer over the same filter, bare redb inserts of the
-    // same messages.
+    // A set of a tenth: the New York contacts of any user (all are public), with every
+    // company, group and user.
+    let users: Vec<String> = (0..20).map(|u| format!("user-{u}")).collect();
+    post(&http, format!("{}/v1/sets", main.base), &json!({ "name": "ten", "users": users, "query": "state = NY" }))
+        .await?;
     let nats_client = Nats::connect(&nats.url(), "crmsync-bench").await?;
-    let mut consume = Vec::new();
-    let mut insert = Vec::new();
-    for _ in 0..args.runs {
-        let (secs, messages) = raw_consume(&nats_client, "crm.sync.all.>").await?;
-        consume.push(secs);
-        insert.push(raw_redb_insert(&scratch.0, &messages)?);
+    let mut remote = None;
+    for (set, label, key) in
+        [("ten", "rebuild, set 10% (records/s)", "rebuild_10"), ("all", "rebuild, set 100% (records/s)", "rebuild_100")]
+    {
+        let r = measure_rebuild(args, &http, &main.base, &scratch.0, &nats_client, set, contacts).await?;
+        let ratio = rate(r.records, r.secs) / rate(r.records, r.raw_consume + r.raw_insert);
+        let raw_secs = r.raw_consume + r.raw_insert;
+        figures.line(
+            label,
+            format!("{} ({:.2} s)", fmt_rate(rate(r.records, r.secs)), r.secs),
+            format!("{} ({raw_secs:.2} s)", fmt_rate(rate(r.records, raw_secs))),
+            pct(ratio),
+        );
+        figures.line(
+            "  raw parts: ordered consumer / redb inserts",
+            String::new(),
+            format!("{} / {} per s", fmt_rate(rate(r.records, r.raw_consume)), fmt_rate(rate(r.records, r.raw_insert))),
+            String::new(),
+        );
+        figures.line("  remote API read p99 meanwhile", format!("{:.2} ms", r.read_p99), String::new(), String::new());
+        figures.set(
+            key,
+            json!({
+                "records": r.records as u64, "seconds": r.secs, "per_second": rate(r.records, r.secs),
+                "raw_seconds": raw_secs, "raw_consume_seconds": r.raw_consume, "raw_insert_seconds": r.raw_insert,
+                "raw_per_second": rate(r.records, raw_secs), "ratio": ratio, "read_p99_ms": r.read_p99,
+                "remote_peak_memory_bytes": r.service.peak_memory(),
+            }),
+        );
+        if let Some(old) = remote.replace(r.service) {
+            old.stop().await;
+        }
     }
-    let (consume, insert) = (median(consume), median(insert));
-    let raw_secs = consume + insert;
-    let ratio = rate(live, crmsync_secs) / rate(live, raw_secs);
-    figures.line(
-        "rebuild, set 100% (records/s)",
-        format!("{} ({crmsync_secs:.2} s)", fmt_rate(rate(live, crmsync_secs))),
-        format!("{} ({raw_secs:.2} s)", fmt_rate(rate(live, raw_secs))),
-        pct(ratio),
-    );
-    figures.line(
-        "  raw parts: ordered consumer / redb inserts",
-        String::new(),
-        format!("{} / {} per s", fmt_rate(rate(live, consume)), fmt_rate(rate(live, insert))),
-        String::new(),
-    );
-    figures.line("rebuild, set 10%", "n/a: query sets come later".into(), String::new(), String::new());
-    figures.set(
-        "rebuild_100",
-        json!({
-            "records": records.len(), "seconds": crmsync_secs, "per_second": rate(live, crmsync_secs),
-            "raw_seconds": raw_secs, "raw_consume_seconds": consume, "raw_insert_seconds": insert,
-            "raw_per_second": rate(live, raw_secs), "ratio": ratio,
-        }),
-    );
-    let p99 = median(read_p99);
-    figures.line("remote API read p99 during rebuild", format!("{p99:.2} ms"), String::new(), String::new());
-    figures.set("read_p99_during_rebuild_ms", p99.into());
+    let mut remote = remote.expect("a remote was measured");
+    let remote_dir = scratch.0.join("all");
+    let remote_port = remote.port;
+    let remote_dir_s = remote_dir.to_string_lossy().into_owned();
+    let remote_args = ["remote", "serve", "--data", &remote_dir_s, "--listen", &format!("127.0.0.1:{remote_port}")];
+    let live = records.len() as f64;
 
     // Catch-up: the remote is offline while the main commits a backlog.
     let backlog = (contacts / 10).max(100);
@@ -425,17 +411,55 @@ async fn data_set_figures(args: &BenchArgs, contacts: usize, figures: &mut Figur
     Ok(())
 }
 
-async fn wait_synced(http: &reqwest::Client, base: &str, records: u64) -> anyhow::Result<()> {
-    let start = Instant::now();
-    loop {
-        let s = get(http, format!("{base}/v1/status")).await?;
-        let held: u64 = s["counts"].as_object().map(|c| c.values().filter_map(J::as_u64).sum()).unwrap_or(0);
-        if held >= records && s["backlog"] == 0 {
-            return Ok(());
-        }
-        anyhow::ensure!(start.elapsed() < Duration::from_secs(1800), "the remote did not sync: {s}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+struct Rebuilt {
+    records: f64,
+    secs: f64,
+    raw_consume: f64,
+    raw_insert: f64,
+    read_p99: f64,
+    service: Service,
+}
+
+/// A remote on `set`, synced, then rebuilt `runs` times with a reader at its API; and the raw
+/// baseline over the same filter.
+async fn measure_rebuild(
+    args: &BenchArgs,
+    http: &reqwest::Client,
+    main: &str,
+    scratch: &Path,
+    nats: &Nats,
+    set: &str,
+    contacts: usize,
+) -> anyhow::Result<Rebuilt> {
+    let bundle = post(http, format!("{main}/v1/remotes"), &json!({ "name": set, "set": set })).await?;
+    let bundle_file = scratch.join(format!("{set}.bundle.json"));
+    std::fs::write(&bundle_file, serde_json::to_vec(&bundle)?)?;
+    let dir = scratch.join(set);
+    crate::remote_service::init(&bundle_file, &dir)?;
+    let dir_s = dir.to_string_lossy().into_owned();
+    let port = free_port();
+    let service =
+        Service::spawn(&["remote", "serve", "--data", &dir_s, "--listen", &format!("127.0.0.1:{port}")], port).await?;
+    wait_backlog_zero(http, &service.base).await?;
+    let status = get(http, format!("{}/v1/status", service.base)).await?;
+    let records: u64 = status["counts"].as_object().map(|c| c.values().filter_map(J::as_u64).sum()).unwrap_or(0);
+    let (mut secs, mut p99, mut consume, mut insert) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..args.runs {
+        let (s, p) = timed_rebuild(http, &service.base, contacts).await?;
+        secs.push(s);
+        p99.push(p);
+        let (c, messages) = raw_consume(nats, &format!("crm.sync.{set}.>")).await?;
+        consume.push(c);
+        insert.push(raw_redb_insert(scratch, &messages)?);
     }
+    Ok(Rebuilt {
+        records: records as f64,
+        secs: median(secs),
+        raw_consume: median(consume),
+        raw_insert: median(insert),
+        read_p99: median(p99),
+        service,
+    })
 }
 
 async fn wait_backlog_zero(http: &reqwest::Client, base: &str) -> anyhow::Result<()> {

@@ -19,6 +19,8 @@ async fn the_benchmark_smoke_run_reports_every_figure() {
     }
     // The rebuild replayed every record the data set has.
     assert_eq!(size["rebuild_100"]["records"], size["load"]["records"]);
+    // The tenth (one state of ten) holds fewer records than the whole.
+    assert!(size["rebuild_10"]["records"].as_u64().unwrap() < size["rebuild_100"]["records"].as_u64().unwrap() / 2);
     assert!(size["latency_ms"]["p99"].as_f64().unwrap() >= size["latency_ms"]["p50"].as_f64().unwrap());
     for sets in ["sets_10", "sets_100"] {
         let c = &report["commit"][sets];

@@ -38,7 +38,7 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: &str) -> Client {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("HTTP client builds");
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(900)).build().expect("HTTP client builds");
         Client { base: base.trim_end_matches('/').to_owned(), http }
     }
 

@@ -29,6 +29,9 @@ use crate::wire::{self, EVENTS_STREAM, Envelope, ORIGIN_MAIN, Op, PRODUCT, SCHEM
 
 /// How long a write waits for the projector before it reports the projection as behind.
 const APPLY_WAIT: Duration = Duration::from_secs(15);
+/// The same for a change of configuration (a set, a user, a remote), which may move many
+/// records: creating a set on a main of a million contacts routes all of them.
+const CONFIG_APPLY_WAIT: Duration = Duration::from_secs(600);
 /// How often a write is retried when another write to the same record came first.
 const MAX_ATTEMPTS: usize = 20;
 pub const PROJECTOR_BATCH: usize = 2000;
@@ -152,13 +155,17 @@ impl Main {
 
     /// Waits until the projector has applied `seq`.
     pub async fn wait_applied(&self, seq: u64) -> Result<(), ServiceError> {
+        self.wait_applied_for(seq, APPLY_WAIT).await
+    }
+
+    async fn wait_applied_for(&self, seq: u64, limit: Duration) -> Result<(), ServiceError> {
         let mut rx = self.inner.applied.clone();
-        match tokio::time::timeout(APPLY_WAIT, rx.wait_for(|a| *a >= seq)).await {
+        match tokio::time::timeout(limit, rx.wait_for(|a| *a >= seq)).await {
             Ok(Ok(_)) => Ok(()),
             _ => Err(ServiceError::Internal(format!(
                 "the change is committed to CRM_EVENTS at sequence {seq}, but the main's projection has not applied it \
                  within {} s; it will appear once the projector catches up (see the main's log)",
-                APPLY_WAIT.as_secs()
+                limit.as_secs()
             ))),
         }
     }
@@ -200,7 +207,12 @@ impl Main {
             };
             match self.inner.nats.publish_event(subject.clone(), &envelope.event, known, envelope.encode()).await {
                 Ok(seq) => {
-                    self.wait_applied(seq).await?;
+                    let limit = if matches!(kind, Kind::Set | Kind::User | Kind::Remote) {
+                        CONFIG_APPLY_WAIT
+                    } else {
+                        APPLY_WAIT
+                    };
+                    self.wait_applied_for(seq, limit).await?;
                     return Ok(self.inner.store.get(kind, id)?);
                 }
                 Err(TransportError::WrongLastSequence) => {

@@ -208,38 +208,53 @@ fn route_target_change(
             old.union(listed).cloned().collect()
         }
     });
-    let mut candidates: Vec<(Kind, String, Stored)> = Vec::new();
+    let target = [&after.target];
+    let route = |t: &mut Tables<'_>, kind: Kind, id: &str, stored: &Stored| -> Result<(), StoreError> {
+        let basis = routing_basis(t, kind, id, &stored.fields)?;
+        let (was, is) = (held(before, &basis), held(Some(after), &basis));
+        if is && !was {
+            push(t, env, seq, &target, kind, id, Op::Upsert, Some(&stored.fields))?;
+        } else if was && !is {
+            push(t, env, seq, &target, kind, id, Op::Leave, None)?;
+        }
+        Ok(())
+    };
     match &only {
         Some(contacts) => {
             for contact in contacts {
                 if let Some(stored) = t.get(Kind::Contact, contact)? {
-                    candidates.push((Kind::Contact, contact.clone(), stored));
+                    route(t, Kind::Contact, contact, &stored)?;
                 }
                 for (kind, id) in t.children(contact)? {
                     if let Some(stored) = t.get(kind, &id)? {
-                        candidates.push((kind, id, stored));
+                        route(t, kind, &id, &stored)?;
                     }
                 }
             }
         }
         None => {
+            // Page by page, so a set change on a main of millions of records holds one page
+            // in memory, not all of them.
             for kind in Kind::DATA {
-                t.for_each(kind, |id, stored| candidates.push((kind, id.to_owned(), stored)))?;
+                let mut after_id: Option<String> = None;
+                loop {
+                    let page = t.page(kind, after_id.as_deref(), SCAN_PAGE)?;
+                    for (id, stored) in &page {
+                        route(t, kind, id, stored)?;
+                    }
+                    match page.last() {
+                        Some((id, _)) if page.len() == SCAN_PAGE => after_id = Some(id.clone()),
+                        _ => break,
+                    }
+                }
             }
-        }
-    }
-    let target = [&after.target];
-    for (kind, id, stored) in candidates {
-        let basis = routing_basis(t, kind, &id, &stored.fields)?;
-        let (was, is) = (held(before, &basis), held(Some(after), &basis));
-        if is && !was {
-            push(t, env, seq, &target, kind, &id, Op::Upsert, Some(&stored.fields))?;
-        } else if was && !is {
-            push(t, env, seq, &target, kind, &id, Op::Leave, None)?;
         }
     }
     Ok(())
 }
+
+/// Records read at once when a target change scans every record.
+const SCAN_PAGE: usize = 1024;
 
 /// Adds one routed message to the outbox, for every target given (none: nothing to do).
 #[allow(clippy::too_many_arguments)]

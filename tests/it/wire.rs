@@ -88,6 +88,12 @@ async fn every_message_sent_validates_against_the_schemas() {
         }
     }
     assert_eq!(kinds_seen.len(), Kind::ALL.len(), "{kinds_seen:?}");
+    // Deletes and leaves expire from CRM_SYNC after the longest remote expiry (90 days).
+    let nats = env.main_nats().await;
+    let sync = nats.js.get_stream(SYNC_STREAM).await.unwrap();
+    let tombstone = sync.get_last_raw_message_by_subject(&format!("crm.sync.everyone.contact.{c}")).await.unwrap();
+    let ttl = tombstone.headers.get("Nats-TTL").map(|v| v.as_str().to_owned());
+    assert_eq!(ttl.as_deref(), Some("7776000s"), "the delete of {c} carries a TTL");
     assert!(ops_seen.contains("upsert") && ops_seen.contains("delete"), "{ops_seen:?}");
 
     // The schemas are strict enough to catch a wrong message.

@@ -301,12 +301,15 @@ async fn data_set_figures(args: &BenchArgs, contacts: usize, figures: &mut Figur
         String::new(),
     );
     figures.set("load", json!({ "records": records.len(), "seconds": secs, "per_second": rate(n, secs) }));
+    wait_outbox_empty(&http, &main.base).await?;
 
     // A set of a tenth: the New York contacts of any user (all are public), with every
     // company, group and user.
     let users: Vec<String> = (0..20).map(|u| format!("user-{u}")).collect();
     post(&http, format!("{}/v1/sets", main.base), &json!({ "name": "ten", "users": users, "query": "state = NY" }))
         .await?;
+    // The new set is filled by the router: wait until all of it is in CRM_SYNC.
+    wait_outbox_empty(&http, &main.base).await?;
     let nats_client = Nats::connect(&nats.url(), "crmsync-bench").await?;
     let mut remote = None;
     for (set, label, key) in
@@ -460,6 +463,18 @@ async fn measure_rebuild(
         read_p99: median(p99),
         service,
     })
+}
+
+async fn wait_outbox_empty(http: &reqwest::Client, base: &str) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let s = get(http, format!("{base}/v1/status")).await?;
+        if s["outbox"] == 0 && s["backlog"] == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(1800), "the main did not finish routing: {s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn wait_backlog_zero(http: &reqwest::Client, base: &str) -> anyhow::Result<()> {

@@ -16,33 +16,24 @@ use crate::wire::Target;
 impl Main {
     /// The routing configuration as the projection holds it now.
     fn routing_config(&self) -> Result<RoutingConfig, ServiceError> {
-        let mut config = RoutingConfig::default();
-        for kind in [Kind::Set, Kind::User, Kind::Remote] {
-            self.store().for_each(kind, |id, stored| {
-                config.apply(kind, id, Some(&stored));
-            })?;
-        }
-        Ok(config)
+        Ok(super::projector::RouterState::load(self.store())?.config)
     }
 
     /// Checks a set's fields as a whole: either every record, or some users (that exist) and
     /// an optional query (that parses).
     fn check_set(&self, fields: &Fields) -> Result<(), ServiceError> {
         let spec = SetSpec::from_stored(&Stored::new(0, fields.clone()));
-        match (spec.all, spec.users.is_empty()) {
-            (true, false) | (true, true) if spec.query.is_some() || !spec.users.is_empty() => {
-                return Err(ServiceError::Invalid(
-                    "a set with `all` holds every record: it takes no users and no query".into(),
-                ));
-            }
-            (false, true) => {
-                return Err(ServiceError::Invalid(
-                    "a set holds either every record (`--all`) or what its users can access \
-                     (`--users U1,U2`, narrowed by an optional `--query`): give one of them"
-                        .into(),
-                ));
-            }
-            _ => {}
+        if spec.all && (spec.query.is_some() || !spec.users.is_empty()) {
+            return Err(ServiceError::Invalid(
+                "a set with `all` holds every record: it takes no users and no query".into(),
+            ));
+        }
+        if !spec.all && spec.users.is_empty() {
+            return Err(ServiceError::Invalid(
+                "a set holds either every record (`--all`) or what its users can access \
+                 (`--users U1,U2`, narrowed by an optional `--query`): give one of them"
+                    .into(),
+            ));
         }
         for user in &spec.users {
             if self.store().get(Kind::User, user)?.is_none() {

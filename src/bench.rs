@@ -161,16 +161,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// Writes records to an API with `clients` requests in flight, parents before children.
 /// Returns the seconds it took.
 async fn load(http: &reqwest::Client, base: &str, records: &[(Kind, J)], clients: usize) -> anyhow::Result<f64> {
-    let phases: [&[Kind]; 6] = [
-        &[Kind::Team],
-        &[Kind::User],
-        &[Kind::Company],
-        &[Kind::Group],
-        &[Kind::Contact],
-        &[Kind::Note, Kind::Membership],
-    ];
     let start = Instant::now();
-    for phase in phases {
+    for phase in crate::demo::PHASES {
         let batch: Vec<_> = records.iter().filter(|(k, _)| phase.contains(k)).collect();
         let mut writes = futures::stream::iter(batch)
             .map(|(kind, body)| post(http, format!("{base}/v1/{}", kind.plural()), body))

@@ -28,6 +28,11 @@ const LAST: [&str; 16] = [
 const TITLES: [&str; 6] = ["Owner", "Buyer", "Engineer", "Director", "Assistant", "Consultant"];
 const INDUSTRIES: [&str; 5] = ["Retail", "Software", "Logistics", "Health", "Finance"];
 
+/// The order records can be created in: each kind after the kinds it refers to. Records of
+/// one phase can be written concurrently.
+pub const PHASES: [&[Kind]; 6] =
+    [&[Kind::Team], &[Kind::User], &[Kind::Company], &[Kind::Group], &[Kind::Contact], &[Kind::Note, Kind::Membership]];
+
 /// A small deterministic generator (splitmix64): the same seed gives the same data.
 #[derive(Debug, Clone)]
 pub struct Rng(u64);

@@ -231,15 +231,7 @@ async fn seed(main: &Main, contacts: usize) -> anyhow::Result<()> {
     let records = crate::demo::generate(crate::demo::DemoSize::for_contacts(contacts), 42);
     let bar = progress_bar(records.len() as u64);
     bar.set_message("seeding");
-    let phases: [&[Kind]; 6] = [
-        &[Kind::Team],
-        &[Kind::User],
-        &[Kind::Company],
-        &[Kind::Group],
-        &[Kind::Contact],
-        &[Kind::Note, Kind::Membership],
-    ];
-    for phase in phases {
+    for phase in crate::demo::PHASES {
         let batch: Vec<_> = records.iter().filter(|(k, _)| phase.contains(k)).collect();
         let mut writes = futures::stream::iter(batch).map(|(kind, body)| main.create(*kind, body)).buffer_unordered(16);
         while let Some(result) = writes.next().await {

@@ -240,10 +240,73 @@ pub async fn run(args: BenchArgs, as_json: bool) -> anyhow::Result<()> {
         print_table("commit and routing", &figures);
     }
     report.insert("commit".into(), J::Object(figures.json));
+    let verdicts = targets(&report);
     if as_json {
+        report.insert(
+            "targets".into(),
+            verdicts.iter().map(|v| json!({ "target": v.0, "value": v.1, "met": v.2 })).collect(),
+        );
         println!("{}", J::Object(report));
+    } else {
+        println!();
+        println!("targets (2 cores, nats-server on the same machine)");
+        for (target, value, met) in &verdicts {
+            println!("  {:<7} {target:<68} {value}", if *met { "met" } else { "MISSED" });
+        }
     }
     Ok(())
+}
+
+/// Each target of the benchmark beside what this run measured: (target, measured, met).
+fn targets(report: &serde_json::Map<String, J>) -> Vec<(String, String, bool)> {
+    let mut out = Vec::new();
+    let f = |v: &J, path: &str| v.pointer(path).and_then(J::as_f64).unwrap_or(0.0);
+    for size in report.get("sizes").and_then(J::as_array).cloned().unwrap_or_default() {
+        let n = size["contacts"].as_u64().unwrap_or(0);
+        for (key, label) in [("rebuild_100", "100 %"), ("rebuild_10", "10 %")] {
+            let ratio = f(&size, &format!("/{key}/ratio"));
+            let gap = if ratio < 0.8 { format!(" ({:.0} points short)", (0.8 - ratio) * 100.0) } else { String::new() };
+            out.push((
+                format!("rebuild of a {label} set at {n} contacts >= 80 % of raw"),
+                format!("{}{gap}", pct(ratio)),
+                ratio >= 0.8,
+            ));
+        }
+        if n >= 1_000_000 {
+            let secs = f(&size, "/rebuild_100/seconds");
+            let raw = f(&size, "/rebuild_100/raw_seconds");
+            out.push((
+                format!("rebuild of {n} contacts < 10 s"),
+                format!("{secs:.1} s (the raw baseline alone: {raw:.1} s)"),
+                secs < 10.0,
+            ));
+            let mem = f(&size, "/memory_bytes/remote_peak") / 1e6;
+            out.push((
+                "remote memory while rebuilding 1,000,000 contacts < 100 MB".into(),
+                format!("{mem:.0} MB"),
+                mem < 100.0,
+            ));
+            let p99 = f(&size, "/rebuild_100/read_p99_ms");
+            out.push((
+                "remote API p99 while rebuilding 1,000,000 contacts < 50 ms".into(),
+                format!("{p99:.1} ms"),
+                p99 < 50.0,
+            ));
+        }
+        let (p50, p99) = (f(&size, "/latency_ms/p50"), f(&size, "/latency_ms/p99"));
+        out.push((
+            format!("change-to-remote latency at {n} contacts: p50 < 3 ms, p99 < 15 ms"),
+            format!("{p50:.2} / {p99:.2} ms"),
+            p50 < 3.0 && p99 < 15.0,
+        ));
+    }
+    if let Some(commit) = report.get("commit") {
+        let path = f(commit, "/sets_10/write_path_per_second") / f(commit, "/sets_10/raw_publish_per_second").max(1.0);
+        let http = f(commit, "/sets_10/http_per_second") / f(commit, "/sets_10/raw_publish_per_second").max(1.0);
+        out.push(("commit with 10 sets >= 50 % of bare publish (write path)".into(), pct(path), path >= 0.5));
+        out.push(("commit with 10 sets >= 50 % of bare publish (HTTP)".into(), pct(http), http >= 0.5));
+    }
+    out
 }
 
 fn machine() -> J {

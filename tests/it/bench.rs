@@ -29,4 +29,8 @@ async fn the_benchmark_smoke_run_reports_every_figure() {
         }
     }
     assert!(report["commit"]["routing_us_per_change_100_sets"]["total"].as_f64().is_some());
+    // Every target gets a verdict beside its measured value.
+    let targets = report["targets"].as_array().unwrap();
+    assert!(targets.len() >= 5, "{targets:?}");
+    assert!(targets.iter().all(|t| t["met"].is_boolean() && t["value"].is_string()), "{targets:?}");
 }

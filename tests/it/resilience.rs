@@ -9,15 +9,21 @@ use serde_json::json;
 
 use crate::harness::{Api, Env, seed_contacts, snapshot, wait_converged};
 
-fn remote_process(dir: &std::path::Path, port: u16, batch: usize) -> tokio::process::Child {
+/// Runs `crmsync ARGS… DIR` as a child process; CRMSYNC_TEST_LOGS=1 shows its log.
+fn crmsync_process(args: &[&str], dir: &std::path::Path) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
-        .args(["remote", "serve", "--listen", &format!("127.0.0.1:{port}"), "--batch", &batch.to_string(), "--data"])
+        .args(args)
         .arg(dir)
         .stdout(Stdio::null())
         .stderr(if std::env::var_os("CRMSYNC_TEST_LOGS").is_some() { Stdio::inherit() } else { Stdio::null() })
         .kill_on_drop(true)
         .spawn()
         .unwrap()
+}
+
+fn remote_process(dir: &std::path::Path, port: u16, batch: usize) -> tokio::process::Child {
+    let (listen, batch) = (format!("127.0.0.1:{port}"), batch.to_string());
+    crmsync_process(&["remote", "serve", "--listen", &listen, "--batch", &batch, "--data"], dir)
 }
 
 async fn contacts_at(api: &Api) -> Option<u64> {
@@ -120,14 +126,8 @@ async fn nats_restarted_under_main_and_remote_loses_no_acknowledged_write() {
 }
 
 fn main_process(nats_url: &str, dir: &std::path::Path, port: u16) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
-        .args(["main", "serve", "--nats", nats_url, "--listen", &format!("127.0.0.1:{port}"), "--data"])
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(if std::env::var_os("CRMSYNC_TEST_LOGS").is_some() { Stdio::inherit() } else { Stdio::null() })
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
+    let listen = format!("127.0.0.1:{port}");
+    crmsync_process(&["main", "serve", "--nats", nats_url, "--listen", &listen, "--data"], dir)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

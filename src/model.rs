@@ -437,6 +437,14 @@ pub fn text<'a>(fields: &'a Fields, name: &str) -> Option<&'a str> {
     fields.get(name).and_then(|f| f.value.as_str())
 }
 
+/// Reads a list field (ids or names), empty if unset.
+pub fn names<'a>(fields: &'a Fields, name: &str) -> &'a [String] {
+    match fields.get(name).map(|f| &f.value) {
+        Some(Value::List(l)) => l,
+        _ => &[],
+    }
+}
+
 /// A change to some fields of a record, as checked input: `Value::Null` clears a field.
 pub type Patch = Vec<(String, Value)>;
 

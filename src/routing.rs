@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use crate::model::{Fields, Kind, Value, text};
+use crate::model::{Fields, Kind, Value, names, text};
 use crate::query::Query;
 use crate::store::Stored;
 use crate::wire::Target;
@@ -33,13 +33,6 @@ pub struct UserView {
     pub teams: Vec<String>,
 }
 
-fn list<'a>(fields: &'a Fields, name: &str) -> &'a [String] {
-    match fields.get(name).map(|f| &f.value) {
-        Some(Value::List(l)) => l,
-        _ => &[],
-    }
-}
-
 /// Whether `user` may access a contact, company or group with these fields.
 pub fn can_access(user: &UserView, fields: &Fields) -> bool {
     let manager = text(fields, "manager") == Some(user.id.as_str());
@@ -47,8 +40,8 @@ pub fn can_access(user: &UserView, fields: &Fields) -> bool {
         Some("private") => manager,
         Some("limited") => {
             manager
-                || list(fields, "access_users").contains(&user.id)
-                || list(fields, "access_teams").iter().any(|t| user.teams.contains(t))
+                || names(fields, "access_users").contains(&user.id)
+                || names(fields, "access_teams").iter().any(|t| user.teams.contains(t))
         }
         _ => true,
     }
@@ -136,7 +129,7 @@ impl SetSpec {
     pub fn from_stored(stored: &Stored) -> SetSpec {
         SetSpec {
             all: matches!(stored.fields.get("all").map(|f| &f.value), Some(Value::Bool(true))),
-            users: list(&stored.fields, "users").to_vec(),
+            users: names(&stored.fields, "users").to_vec(),
             query: text(&stored.fields, "query").filter(|q| !q.trim().is_empty()).map(str::to_owned),
         }
     }
@@ -153,7 +146,7 @@ impl RemoteSpec {
     pub fn from_stored(stored: &Stored) -> RemoteSpec {
         RemoteSpec {
             set: text(&stored.fields, "set").unwrap_or_default().to_owned(),
-            subscriptions: list(&stored.fields, "subscriptions").iter().cloned().collect(),
+            subscriptions: names(&stored.fields, "subscriptions").iter().cloned().collect(),
         }
     }
 }
@@ -172,7 +165,7 @@ impl RoutingConfig {
     pub fn apply(&mut self, kind: Kind, id: &str, stored: Option<&Stored>) -> bool {
         match kind {
             Kind::Set => replace(&mut self.sets, id, stored.map(SetSpec::from_stored)),
-            Kind::User => replace(&mut self.user_teams, id, stored.map(|s| list(&s.fields, "teams").to_vec())),
+            Kind::User => replace(&mut self.user_teams, id, stored.map(|s| names(&s.fields, "teams").to_vec())),
             Kind::Remote => replace(&mut self.remotes, id, stored.map(RemoteSpec::from_stored)),
             _ => false,
         }

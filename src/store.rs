@@ -522,11 +522,10 @@ impl<'txn> Tables<'txn> {
     /// Changes the holders (and version) of a held record, keeping its fields.
     pub fn set_holders(&mut self, kind: Kind, id: &str, version: u64, holders: u8) -> Result<(), StoreError> {
         let table = &mut self.records[kind.code() as usize];
-        let bytes = match table.get(id)? {
+        let mut bytes = match table.get(id)? {
             Some(v) => v.value().to_vec(),
             None => return Ok(()),
         };
-        let mut bytes = bytes;
         bytes[..8].copy_from_slice(&version.to_be_bytes());
         bytes[8] = holders;
         table.insert(id, bytes.as_slice())?;

@@ -187,10 +187,7 @@ impl Main {
             .store()
             .get(Kind::Remote, remote)?
             .ok_or_else(|| ServiceError::NotFound { kind: Kind::Remote, id: remote.to_owned() })?;
-        Ok(match stored.fields.get("subscriptions").map(|f| &f.value) {
-            Some(Value::List(l)) => l.clone(),
-            _ => Vec::new(),
-        })
+        Ok(model::names(&stored.fields, "subscriptions").to_vec())
     }
 
     /// Adds contacts to a remote's subscription list: only contacts its users may access.
@@ -250,10 +247,7 @@ impl Main {
             .commit(Kind::Remote, remote, |current| {
                 let current =
                     current.ok_or_else(|| ServiceError::NotFound { kind: Kind::Remote, id: remote.to_owned() })?;
-                let mut list = match current.fields.get("subscriptions").map(|f| &f.value) {
-                    Some(Value::List(l)) => l.clone(),
-                    _ => Vec::new(),
-                };
+                let mut list = model::names(&current.fields, "subscriptions").to_vec();
                 change(&mut list)?;
                 if list.len() > model::MAX_NAMES {
                     return Err(ServiceError::Invalid(format!(
@@ -269,9 +263,6 @@ impl Main {
             })
             .await?;
         let stored = stored.ok_or_else(|| ServiceError::NotFound { kind: Kind::Remote, id: remote.to_owned() })?;
-        Ok(match stored.fields.get("subscriptions").map(|f| &f.value) {
-            Some(Value::List(l)) => l.clone(),
-            _ => Vec::new(),
-        })
+        Ok(model::names(&stored.fields, "subscriptions").to_vec())
     }
 }

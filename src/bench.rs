@@ -815,6 +815,7 @@ async fn raw_publish(nats_server: &NatsServer, sets: usize, changes: usize) -> a
                 version: i as u64,
                 origin: ORIGIN_MAIN.into(),
                 record: Some(fields.clone()),
+                reason: None,
             }
             .encode()
             .into()
@@ -882,6 +883,7 @@ fn routing_figures(figures: &mut Figures) {
             version: 1,
             origin: ORIGIN_MAIN.into(),
             record: Some(fields.clone()),
+            reason: None,
         };
         std::hint::black_box(env.encode());
         for target in &to {

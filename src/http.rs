@@ -346,8 +346,8 @@ pub fn remote_router(remote: Remote) -> Router {
     Router::new()
         .route("/v1/status", get(remote_status))
         .route("/v1/rebuild", post(remote_rebuild))
-        .route("/v1/{collection}", get(remote_list).post(remote_read_only))
-        .route("/v1/{collection}/{id}", get(remote_get).patch(remote_read_only).delete(remote_read_only))
+        .route("/v1/{collection}", get(remote_list).post(remote_create))
+        .route("/v1/{collection}/{id}", get(remote_get).patch(remote_update).delete(remote_delete))
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(remote)
@@ -371,11 +371,32 @@ async fn remote_get(State(remote): State<Remote>, Path((c, id)): Path<(String, S
     get_record(remote.store(), kind, &id)
 }
 
-async fn remote_read_only() -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "this remote's records are read-only in this version: make the change at the main",
-    )
+async fn remote_create(
+    State(remote): State<Remote>,
+    Path(c): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let kind = collection(&c, &Kind::DATA)?;
+    let body = parse_body(body)?;
+    let (id, stored) = remote.create(kind, &body).await?;
+    ok(StatusCode::CREATED, record_json(&id, &stored))
+}
+
+async fn remote_update(
+    State(remote): State<Remote>,
+    Path((c, id)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let kind = collection(&c, &Kind::DATA)?;
+    let body = parse_body(body)?;
+    let stored = remote.update(kind, &id, &body).await?;
+    ok(StatusCode::OK, record_json(&id, &stored))
+}
+
+async fn remote_delete(State(remote): State<Remote>, Path((c, id)): Path<(String, String)>) -> ApiResult {
+    let kind = collection(&c, &Kind::DATA)?;
+    remote.delete(kind, &id).await?;
+    ok(StatusCode::OK, json!({ "deleted": { "kind": kind, "id": id } }))
 }
 
 async fn remote_rebuild(State(remote): State<Remote>) -> ApiResult {

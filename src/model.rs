@@ -615,19 +615,52 @@ pub fn parse_input(kind: Kind, body: &serde_json::Value, creating: bool) -> Resu
     Ok(input)
 }
 
-/// Applies a checked patch: each field whose value changes gets `stamp`. Returns whether
-/// anything changed, so a no-op update commits nothing.
+/// Applies a checked patch: each field whose value changes gets `stamp`, or a stamp just
+/// above the field's own if that is newer (a clock behind another machine's must not make a
+/// later change look older than the one it replaces). Returns whether anything changed, so a
+/// no-op update commits nothing.
 pub fn apply_patch(fields: &mut Fields, patch: &Patch, stamp: u64) -> bool {
     let mut changed = false;
     for (name, value) in patch {
-        let same = fields.get(name).is_some_and(|f| f.value == *value)
-            || (value == &Value::Null && !fields.contains_key(name));
+        let old = fields.get(name);
+        let same = old.is_some_and(|f| f.value == *value) || (value == &Value::Null && old.is_none());
         if !same {
+            let stamp = old.map_or(stamp, |f| stamp.max(f.stamp + 1));
             fields.insert(name.clone(), Field { value: value.clone(), stamp });
             changed = true;
         }
     }
     changed
+}
+
+/// How edits of a kind merge: contacts, companies and groups field by field (two people
+/// changing different fields both keep their change); every other kind as a whole record.
+pub fn merges_by_field(kind: Kind) -> bool {
+    matches!(kind, Kind::Contact | Kind::Company | Kind::Group)
+}
+
+/// The newest stamp of a record's fields.
+pub fn newest_stamp(fields: &Fields) -> u64 {
+    fields.values().map(|f| f.stamp).max().unwrap_or(0)
+}
+
+/// Merges `incoming` into `current`, newest stamp wins: field by field, or for kinds that do
+/// not merge by field, the whole record by its newest stamp. At equal stamps what is held
+/// stays. Returns the merged fields, or `None` when `incoming` changes nothing.
+pub fn merge(kind: Kind, current: &Fields, incoming: &Fields) -> Option<Fields> {
+    if !merges_by_field(kind) {
+        return (newest_stamp(incoming) > newest_stamp(current) && incoming != current).then(|| incoming.clone());
+    }
+    let mut merged = current.clone();
+    let mut changed = false;
+    for (name, field) in incoming {
+        let newer = current.get(name).is_none_or(|held| field.stamp > held.stamp);
+        if newer && current.get(name) != Some(field) {
+            merged.insert(name.clone(), field.clone());
+            changed = true;
+        }
+    }
+    changed.then_some(merged)
 }
 
 /// A record as the API shows it: `id`, `version`, then every field that holds a value.
@@ -713,5 +746,36 @@ mod tests {
         let bytes = rmp_serde::to_vec_named(&fields).unwrap();
         let back: Fields = rmp_serde::from_slice(&bytes).unwrap();
         assert_eq!(back, fields);
+    }
+
+    fn rec(pairs: &[(&str, &str, u64)]) -> Fields {
+        pairs.iter().map(|(k, v, st)| (k.to_string(), Field { value: Value::Str(v.to_string()), stamp: *st })).collect()
+    }
+
+    #[test]
+    fn contacts_merge_field_by_field_newest_stamp_wins() {
+        let main = rec(&[("first_name", "Ann", 10), ("city", "Boston", 20)]);
+        let remote = rec(&[("first_name", "Anne", 30), ("city", "Albany", 5)]);
+        let merged = merge(Kind::Contact, &main, &remote).unwrap();
+        assert_eq!(merged, rec(&[("first_name", "Anne", 30), ("city", "Boston", 20)]));
+        // Merging the same edit again changes nothing.
+        assert_eq!(merge(Kind::Contact, &merged, &remote), None);
+        // At equal stamps what is held stays.
+        assert_eq!(merge(Kind::Contact, &main, &rec(&[("first_name", "Other", 10)])), None);
+    }
+
+    #[test]
+    fn notes_merge_as_a_whole_record() {
+        let main = rec(&[("text", "a", 10), ("contact_id", "c1", 1)]);
+        let newer = rec(&[("text", "b", 11), ("contact_id", "c1", 1)]);
+        assert_eq!(merge(Kind::Note, &main, &newer), Some(newer.clone()));
+        assert_eq!(merge(Kind::Note, &newer, &main), None);
+    }
+
+    #[test]
+    fn a_patch_never_stamps_a_field_older_than_it_was() {
+        let mut fields = rec(&[("city", "Boston", 100)]);
+        assert!(apply_patch(&mut fields, &vec![("city".into(), Value::Str("Albany".into()))], 50));
+        assert_eq!(fields["city"].stamp, 101);
     }
 }

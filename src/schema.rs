@@ -72,7 +72,9 @@ pub fn record_schema(kind: Kind) -> J {
     })
 }
 
-/// The envelope every message on `CRM_EVENTS`, `CRM_SYNC` and `CRM_UP` carries.
+/// The envelope every message on `CRM_EVENTS`, `CRM_SYNC` and `CRM_UP` carries. On `CRM_UP` the
+/// record is the remote's whole copy of it, each field with its stamp: the main keeps, field by
+/// field, whichever stamp is newer.
 pub fn envelope_schema() -> J {
     let kinds: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
     let mut defs = serde_json::Map::new();
@@ -101,14 +103,15 @@ pub fn envelope_schema() -> J {
             "event": { "type": "string", "description": "unique id of the change (a ULID)" },
             "kind": { "enum": kinds },
             "id": token(),
-            "op": { "enum": ["upsert", "delete", "leave"] },
+            "op": { "enum": ["upsert", "delete", "leave", "reject"] },
             "version": {
                 "type": "integer",
                 "minimum": 0,
                 "description": "CRM_SYNC: the CRM_EVENTS sequence of the change that caused the message (newer wins). CRM_EVENTS: the record's version the change was made against (0 for a new record)."
             },
             "origin": { "type": "string", "description": "`main`, or the name of the remote where the change was made" },
-            "record": { "type": "object", "description": "the record's fields; present for upsert, absent for delete and leave" },
+            "record": { "type": "object", "description": "the record's fields; present for upsert (for reject: the refused edit), absent for delete and leave" },
+            "reason": { "type": "string", "description": "reject: why the main refused the edit" },
         },
         "required": ["product", "schema", "db", "event", "kind", "id", "op", "version", "origin"],
         "additionalProperties": false,

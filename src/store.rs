@@ -9,6 +9,8 @@
 //! | `gone` | (kind code, id) | version of the delete or leave |
 //! | `outbox` | sequence | [`OutboxEntry`]: a routed message not yet acknowledged by NATS |
 //! | `quarantine` | stream sequence | [`Quarantined`]: a message that did not decode |
+//! | `uploads` | sequence | [`Upload`]: a remote's edit not yet acknowledged by `CRM_UP` |
+//! | `sync_log` | sequence | [`LogEntry`]: an edit the main refused, as each side recorded it |
 //! | `meta` | name | u64 (stream positions, counters) |
 //! | `meta_str` | name | string (database id, role) |
 //!
@@ -45,6 +47,8 @@ const CHILDREN: TableDefinition<ChildKey, ()> = TableDefinition::new("children")
 const GONE: TableDefinition<(u8, &str), u64> = TableDefinition::new("gone");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
+const UPLOADS: TableDefinition<u64, &[u8]> = TableDefinition::new("uploads");
+const SYNC_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("sync_log");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const META_STR: TableDefinition<&str, &str> = TableDefinition::new("meta_str");
 
@@ -109,6 +113,8 @@ pub struct Stored {
 pub const HELD_BY_SET: u8 = 1;
 /// The record is in the remote's subscription list.
 pub const HELD_BY_SUBSCRIPTION: u8 = 2;
+/// The record was created at this remote and the main has not sent it back yet.
+pub const HELD_LOCALLY: u8 = 4;
 
 impl Stored {
     pub fn new(version: u64, fields: Fields) -> Stored {
@@ -154,6 +160,30 @@ impl OutboxEntry {
     pub fn msg_id(&self, subject: &str) -> String {
         format!("{}:{subject}", self.seq)
     }
+}
+
+/// An edit made at a remote, waiting to be published to `CRM_UP`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Upload {
+    /// The edit's event id: its `Nats-Msg-Id`.
+    pub event: String,
+    pub subject: String,
+    #[serde(with = "serde_bytes_compat")]
+    pub payload: Vec<u8>,
+}
+
+/// An edit the main refused: kept in the sync log of the main and of the remote that made it,
+/// with the edit itself, so no edit disappears without a trace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub at_ms: u64,
+    pub remote: String,
+    pub kind: Kind,
+    pub id: String,
+    pub event: String,
+    pub reason: String,
+    /// The refused edit's fields (none for a refused delete).
+    pub edit: Option<Fields>,
 }
 
 /// A message that could not be decoded, kept as it came.
@@ -435,18 +465,38 @@ impl Store {
         Ok(self.read_txn()?.open_table(OUTBOX)?.len()?)
     }
 
-    /// Quarantined messages, newest last, at most `limit`.
+    /// Quarantined messages, newest last, at most `limit`, and how many there are.
     pub fn quarantine(&self, limit: usize) -> Result<(u64, Vec<(u64, Quarantined)>), StoreError> {
+        self.newest(QUARANTINE, "quarantined message", limit)
+    }
+
+    /// The oldest uploads waiting for `CRM_UP`, in order, at most `limit`.
+    pub fn uploads_head(&self, limit: usize) -> Result<Vec<(u64, Upload)>, StoreError> {
         let txn = self.read_txn()?;
-        let table = txn.open_table(QUARANTINE)?;
+        let table = txn.open_table(UPLOADS)?;
+        table.iter()?.take(limit).map(|item| decode_entry(item?, "upload")).collect()
+    }
+
+    pub fn uploads_len(&self) -> Result<u64, StoreError> {
+        Ok(self.read_txn()?.open_table(UPLOADS)?.len()?)
+    }
+
+    /// The sync log: refused edits, newest last, at most `limit`, and how many there are.
+    pub fn sync_log(&self, limit: usize) -> Result<(u64, Vec<(u64, LogEntry)>), StoreError> {
+        self.newest(SYNC_LOG, "sync log entry", limit)
+    }
+
+    fn newest<T: serde::de::DeserializeOwned>(
+        &self,
+        def: TableDefinition<u64, &[u8]>,
+        what: &'static str,
+        limit: usize,
+    ) -> Result<(u64, Vec<(u64, T)>), StoreError> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(def)?;
         let total = table.len()?;
-        let mut out = Vec::new();
-        for item in table.iter()?.rev().take(limit) {
-            let (k, v) = item?;
-            let q = rmp_serde::from_slice(v.value())
-                .map_err(|e| StoreError::Corrupt { what: "quarantined message", detail: e.to_string() })?;
-            out.push((k.value(), q));
-        }
+        let mut out =
+            table.iter()?.rev().take(limit).map(|item| decode_entry(item?, what)).collect::<Result<Vec<_>, _>>()?;
         out.reverse();
         Ok((total, out))
     }
@@ -456,6 +506,27 @@ impl Store {
         let txn = self.read_txn()?;
         children_of(&txn.open_table(CHILDREN)?, parent)
     }
+}
+
+/// Appends an entry to a queue table under the next number of the `counter` kept in `meta`.
+fn append(
+    table: &mut Table<'_, u64, &'static [u8]>,
+    meta: &mut Table<'_, &'static str, u64>,
+    counter: &str,
+    entry: &impl Serialize,
+) -> Result<(), StoreError> {
+    let next = meta.get(counter)?.map(|v| v.value()).unwrap_or(0);
+    table.insert(next, rmp_serde::to_vec(entry).expect("a queue entry encodes").as_slice())?;
+    meta.insert(counter, next + 1)?;
+    Ok(())
+}
+
+fn decode_entry<T: serde::de::DeserializeOwned>(
+    (k, v): (redb::AccessGuard<'_, u64>, redb::AccessGuard<'_, &[u8]>),
+    what: &'static str,
+) -> Result<(u64, T), StoreError> {
+    let value = rmp_serde::from_slice(v.value()).map_err(|e| StoreError::Corrupt { what, detail: e.to_string() })?;
+    Ok((k.value(), value))
 }
 
 type ChildKey = (&'static str, u8, &'static str);
@@ -480,6 +551,8 @@ pub struct Tables<'txn> {
     gone: Table<'txn, (u8, &'static str), u64>,
     outbox: Table<'txn, u64, &'static [u8]>,
     quarantine: Table<'txn, u64, &'static [u8]>,
+    uploads: Table<'txn, u64, &'static [u8]>,
+    sync_log: Table<'txn, u64, &'static [u8]>,
     meta: Table<'txn, &'static str, u64>,
     meta_str: Table<'txn, &'static str, &'static str>,
 }
@@ -496,6 +569,8 @@ impl<'txn> Tables<'txn> {
             gone: txn.open_table(GONE)?,
             outbox: txn.open_table(OUTBOX)?,
             quarantine: txn.open_table(QUARANTINE)?,
+            uploads: txn.open_table(UPLOADS)?,
+            sync_log: txn.open_table(SYNC_LOG)?,
             meta: txn.open_table(META)?,
             meta_str: txn.open_table(META_STR)?,
         })
@@ -600,15 +675,28 @@ impl<'txn> Tables<'txn> {
     }
 
     pub fn push_outbox(&mut self, entry: &OutboxEntry) -> Result<(), StoreError> {
-        let next = self.meta("outbox_next")?;
-        self.outbox.insert(next, rmp_serde::to_vec(entry).expect("outbox entry encodes").as_slice())?;
-        self.set_meta("outbox_next", next + 1)
+        append(&mut self.outbox, &mut self.meta, "outbox_next", entry)
     }
 
     /// Drops outbox entries up to and including `last`, once NATS acknowledged them.
     pub fn pop_outbox(&mut self, last: u64) -> Result<(), StoreError> {
         self.outbox.retain_in(..=last, |_, _| false)?;
         Ok(())
+    }
+
+    /// Queues a remote's edit for `CRM_UP`.
+    pub fn push_upload(&mut self, upload: &Upload) -> Result<(), StoreError> {
+        append(&mut self.uploads, &mut self.meta, "uploads_next", upload)
+    }
+
+    /// Drops uploads up to and including `last`, once `CRM_UP` acknowledged them.
+    pub fn pop_uploads(&mut self, last: u64) -> Result<(), StoreError> {
+        self.uploads.retain_in(..=last, |_, _| false)?;
+        Ok(())
+    }
+
+    pub fn log(&mut self, entry: &LogEntry) -> Result<(), StoreError> {
+        append(&mut self.sync_log, &mut self.meta, "sync_log_next", entry)
     }
 
     pub fn quarantine(&mut self, seq: u64, q: &Quarantined) -> Result<(), StoreError> {

@@ -18,6 +18,8 @@ pub const ACK_WAIT: Duration = Duration::from_secs(10);
 /// Publish acknowledgements awaited at most at once by one pipelined publisher.
 pub const PUBLISH_WINDOW: usize = 1024;
 const DATABASE_ID_KEY: &str = "crmsync.database_id";
+/// The durable consumer of the main's merger on `CRM_UP`.
+pub const MERGER: &str = "merger";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -223,6 +225,69 @@ impl Nats {
             ack.await?;
         }
         Ok(())
+    }
+
+    /// Publishes a remote's edits to `CRM_UP` in order, each with its event id as
+    /// `Nats-Msg-Id` (a retried upload is dropped as a duplicate), and waits for every ack.
+    pub async fn publish_uploads(&self, uploads: &[(u64, crate::store::Upload)]) -> Result<(), TransportError> {
+        let mut messages = Vec::with_capacity(uploads.len());
+        for (_, u) in uploads {
+            let publish =
+                jetstream::message::PublishMessage::build().payload(u.payload.clone().into()).message_id(&u.event);
+            messages.push((u.subject.clone(), publish));
+        }
+        self.publish_pipelined(messages).await.map_err(|e| TransportError::request("uploading edits to CRM_UP", e))
+    }
+
+    /// Tells a remote that its edit was refused: one message on its own reject subject, which
+    /// expires like a tombstone.
+    pub async fn publish_reject(&self, subject: String, msg_id: &str, payload: Vec<u8>) -> Result<(), TransportError> {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", msg_id);
+        headers.insert("Nats-TTL", format!("{}s", TOMBSTONE_TTL.as_secs()).as_str());
+        let publish = jetstream::message::PublishMessage::build().payload(payload.into()).headers(headers);
+        self.publish_pipelined([(subject, publish)])
+            .await
+            .map_err(|e| TransportError::request("publishing a refusal to CRM_SYNC", e))
+    }
+
+    /// The last message on a subject of `CRM_SYNC`, if any: the current state of a record in
+    /// one target.
+    pub async fn last_on(&self, subject: &str) -> Result<Option<bytes::Bytes>, TransportError> {
+        let stream = self.stream(SYNC_STREAM).await?;
+        match stream.direct_get_last_for_subject(subject).await {
+            Ok(msg) => Ok(Some(msg.payload)),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(TransportError::request(format!("reading the last message on {subject}"), e)),
+        }
+    }
+
+    /// The main's merger: one durable consumer taking every upload off the `CRM_UP` work queue,
+    /// in order, acknowledging each once it is merged or refused.
+    pub async fn merger_consumer(&self) -> Result<consumer::Consumer<consumer::pull::Config>, TransportError> {
+        let stream = self.stream(UP_STREAM).await?;
+        stream
+            .get_or_create_consumer(
+                MERGER,
+                consumer::pull::Config {
+                    durable_name: Some(MERGER.into()),
+                    description: Some("crmsync main: merges edits from remotes".into()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(30),
+                    filter_subject: "crm.up.>".into(),
+                    max_ack_pending: 1000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| TransportError::request("creating the merger's consumer on CRM_UP", e))
+    }
+
+    /// Uploads waiting in `CRM_UP` for the merger.
+    pub async fn uploads_waiting(&self) -> Result<u64, TransportError> {
+        let mut s = self.js.get_stream(UP_STREAM).await.map_err(|e| TransportError::request("opening CRM_UP", e))?;
+        let info = s.info().await.map_err(|e| TransportError::request("reading CRM_UP", e))?;
+        Ok(info.state.messages)
     }
 
     /// Creates a remote's durable consumer on `CRM_SYNC`, filtered to its two subjects. The

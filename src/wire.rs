@@ -28,6 +28,9 @@ pub enum Op {
     Delete,
     /// The record left this target; it still exists at the main.
     Leave,
+    /// The main refused an edit a remote uploaded: sent to that remote alone, with the edit it
+    /// refused in `record` and why in `reason`. The remote takes the main's state back.
+    Reject,
 }
 
 /// Every message on every stream is one envelope.
@@ -47,9 +50,13 @@ pub struct Envelope {
     pub version: u64,
     /// `main`, or the name of the remote where the change was made.
     pub origin: String,
-    /// The record's fields, for `upsert`; absent for `delete` and `leave`.
+    /// The record's fields, for `upsert` (for `reject`: the refused edit); absent for
+    /// `delete` and `leave`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record: Option<Fields>,
+    /// Why the main refused an edit, for `reject`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// The part of an envelope that says whose it is. Decoded on its own when a whole envelope
@@ -162,6 +169,22 @@ pub fn sync_subject(target: &Target, kind: Kind, id: &str) -> String {
     format!("crm.sync.{}.{kind}.{id}", target.token())
 }
 
+/// The subject of an edit uploaded by `remote`.
+pub fn up_subject(remote: &str, kind: Kind, id: &str) -> String {
+    format!("crm.up.{remote}.{kind}.{id}")
+}
+
+/// The subject on which the main tells `remote` it refused its edit of a record: in the
+/// remote's own subscription namespace (so its consumer receives it), one per record.
+pub fn reject_subject(remote: &str, kind: Kind, id: &str) -> String {
+    format!("crm.sync.{}.{kind}.{id}.rejected", Target::Subscriptions(remote.to_owned()).token())
+}
+
+/// The remote a `crm.up.<remote>.<kind>.<id>` subject comes from.
+pub fn up_remote(subject: &str) -> Option<&str> {
+    subject.strip_prefix("crm.up.")?.split('.').next()
+}
+
 /// The filter subjects of a remote's consumer: its set and its own subscription list.
 pub fn remote_filters(set: &str, remote: &str) -> Vec<String> {
     vec![
@@ -197,6 +220,7 @@ mod tests {
             version: 3,
             origin: ORIGIN_MAIN.into(),
             record: Some(record),
+            reason: None,
         }
     }
 
@@ -238,5 +262,7 @@ mod tests {
         let s = sync_subject(&Target::Subscriptions("r1".into()), Kind::Note, "n1");
         assert_eq!(s, "crm.sync.~r1.note.n1");
         assert_eq!(subject_record(&s), Some((Kind::Note, "n1")));
+        assert_eq!(up_remote(&up_subject("r1", Kind::Note, "n1")), Some("r1"));
+        assert!(reject_subject("r1", Kind::Note, "n1").starts_with("crm.sync.~r1."));
     }
 }

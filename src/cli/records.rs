@@ -311,6 +311,22 @@ fn print_status(s: &J, as_json: bool) {
     println!("applied   {} (backlog {})", f("applied"), f("backlog"));
     if f("role") == "main" {
         println!("outbox    {}", f("outbox"));
+        println!("uploads   {} waiting in CRM_UP", f("uploads_waiting"));
+    } else if let Some(up) = s.get("uploads") {
+        let error = up.get("error").and_then(J::as_str).map(|e| format!(" (failing: {e})")).unwrap_or_default();
+        println!("uploads   {} waiting{error}", up.get("waiting").map(scalar).unwrap_or_default());
+    }
+    println!("refused   {}", f("refused"));
+    if let Some(log) = s.get("sync_log").and_then(J::as_array) {
+        for e in log {
+            println!(
+                "  {} {} {}: {}",
+                scalar(&e["remote"]),
+                scalar(&e["kind"]),
+                scalar(&e["id"]),
+                scalar(&e["reason"])
+            );
+        }
     }
     println!("quarantined {}", f("quarantined"));
     if let Some(q) = s.get("quarantine").and_then(J::as_array) {

@@ -6,6 +6,7 @@
 //! write returns once the projector has applied it (read-your-writes). Nothing writes the
 //! projection except the projector, so the projection is always a prefix of the stream.
 
+mod merger;
 mod projector;
 mod router;
 mod sets;
@@ -133,7 +134,10 @@ impl Main {
         let router = tokio::spawn(router::run(store.clone(), nats, notify, shutdown_rx.clone()));
         let flusher = tokio::spawn(store.flush_periodically(shutdown_rx));
         inner.tasks.lock().unwrap().extend([projector, router, flusher]);
-        Ok(Main { inner })
+        let main = Main { inner };
+        let merger = tokio::spawn(merger::run(main.clone(), main.inner.shutdown.subscribe()));
+        main.inner.tasks.lock().unwrap().push(merger);
+        Ok(main)
     }
 
     pub fn store(&self) -> &Store {
@@ -185,6 +189,17 @@ impl Main {
         id: &str,
         decide: impl Fn(Option<&Stored>) -> Result<Decision, ServiceError>,
     ) -> Result<Option<Stored>, ServiceError> {
+        self.commit_from(ORIGIN_MAIN, kind, id, decide).await
+    }
+
+    /// [`Main::commit`] of a change made at `origin` (the main, or a remote whose edit is merged).
+    pub(crate) async fn commit_from(
+        &self,
+        origin: &str,
+        kind: Kind,
+        id: &str,
+        decide: impl Fn(Option<&Stored>) -> Result<Decision, ServiceError>,
+    ) -> Result<Option<Stored>, ServiceError> {
         let subject = wire::event_subject(kind, id);
         for _ in 0..MAX_ATTEMPTS {
             let (current, known) = self.inner.store.get_known(kind, id)?;
@@ -202,8 +217,9 @@ impl Main {
                 id: id.to_owned(),
                 op,
                 version: known,
-                origin: ORIGIN_MAIN.into(),
+                origin: origin.to_owned(),
                 record,
+                reason: None,
             };
             match self.inner.nats.publish_event(subject.clone(), &envelope.event, known, envelope.encode()).await {
                 Ok(seq) => {
@@ -285,19 +301,24 @@ impl Main {
     /// Deletes a record; a contact's notes, histories, activities and memberships go first, so
     /// no child is ever left without its contact.
     pub async fn delete(&self, kind: Kind, id: &str) -> Result<(), ServiceError> {
+        self.delete_from(ORIGIN_MAIN, kind, id).await
+    }
+
+    /// [`Main::delete`] of a delete made at `origin`.
+    pub(crate) async fn delete_from(&self, origin: &str, kind: Kind, id: &str) -> Result<(), ServiceError> {
         check_data_kind(kind)?;
         if self.inner.store.get(kind, id)?.is_none() {
             return Err(ServiceError::NotFound { kind, id: id.to_owned() });
         }
         if kind == Kind::Contact {
             for (child_kind, child_id) in self.inner.store.children(id)? {
-                self.commit(child_kind, &child_id, |current| {
+                self.commit_from(origin, child_kind, &child_id, |current| {
                     Ok(if current.is_some() { Decision::Delete } else { Decision::Unchanged })
                 })
                 .await?;
             }
         }
-        self.commit(kind, id, |current| {
+        self.commit_from(origin, kind, id, |current| {
             if current.is_none() {
                 return Err(ServiceError::NotFound { kind, id: id.to_owned() });
             }
@@ -390,6 +411,7 @@ impl Main {
         let counts = self.inner.store.counts()?;
         let stream_last = self.inner.nats.last_sequence(EVENTS_STREAM).await.ok();
         let applied = self.inner.store.meta(APPLIED)?;
+        let (refused, log) = self.inner.store.sync_log(10)?;
         Ok(serde_json::json!({
             "role": "main",
             "product": PRODUCT,
@@ -401,6 +423,9 @@ impl Main {
             "stream_last": stream_last,
             "backlog": stream_last.map(|l| l.saturating_sub(applied)),
             "outbox": self.inner.store.outbox_len()?,
+            "uploads_waiting": self.inner.nats.uploads_waiting().await.ok(),
+            "refused": refused,
+            "sync_log": log.iter().map(|(_, e)| crate::remote_service::log_json(e)).collect::<Vec<_>>(),
             "quarantined": self.inner.store.quarantine(0)?.0,
         }))
     }

@@ -84,6 +84,8 @@ fn apply_event(
     let new = match env.op {
         Op::Upsert => Some(Stored::new(seq, env.record.clone().unwrap_or_default())),
         Op::Delete | Op::Leave => None,
+        // Only ever sent on CRM_SYNC, to one remote: nothing to apply here.
+        Op::Reject => return Ok(()),
     };
     match &new {
         Some(stored) => t.put(kind, id, stored)?,
@@ -282,6 +284,7 @@ fn push(
         version: seq,
         origin: cause.origin.clone(),
         record: if op == Op::Upsert { Some(fields.cloned().unwrap_or_default()) } else { None },
+        reason: None,
     };
     t.push_outbox(&OutboxEntry {
         seq,

@@ -237,7 +237,7 @@ impl Main {
         .await
     }
 
-    async fn change_subscriptions(
+    pub(super) async fn change_subscriptions(
         &self,
         remote: &str,
         change: impl Fn(&mut Vec<String>) -> Result<(), ServiceError>,

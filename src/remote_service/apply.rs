@@ -1,9 +1,47 @@
 //! Applying a batch of `CRM_SYNC` messages to a remote's projection. Pure of IO beyond the
 //! transaction it is given: no NATS, no clock.
 
-use crate::store::{APPLIED, HELD_BY_SET, HELD_BY_SUBSCRIPTION, Quarantined, StoreError, Stored, Tables};
+use std::collections::BTreeMap;
+
+use crate::model;
+use crate::store::{
+    APPLIED, HELD_BY_SET, HELD_BY_SUBSCRIPTION, HELD_LOCALLY, LogEntry, Quarantined, StoreError, Stored, Tables,
+};
 use crate::transport::Incoming;
 use crate::wire::{self, Decoded, Envelope, Foreign, Op};
+
+/// The main's current state of a record, read from the remote's targets in `CRM_SYNC` when the
+/// main refused an edit of it: what the remote takes back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refreshed {
+    /// The record as the remote's targets hold it, with their holder bits; `None` if none does.
+    pub state: Option<Stored>,
+    /// The newest version seen, also of a delete or leave.
+    pub version: u64,
+}
+
+impl Refreshed {
+    /// Combines the last message of each target (`None`: the target never held the record).
+    pub fn from_targets(messages: &[(u8, Option<Envelope>)]) -> Refreshed {
+        let mut out = Refreshed { state: None, version: 0 };
+        for (bit, env) in messages {
+            let Some(env) = env else { continue };
+            out.version = out.version.max(env.version);
+            if env.op != Op::Upsert {
+                continue;
+            }
+            match &mut out.state {
+                Some(held) if held.version >= env.version => held.holders |= bit,
+                state => {
+                    let holders = state.as_ref().map_or(0, |s| s.holders) | bit;
+                    *state =
+                        Some(Stored { version: env.version, holders, fields: env.record.clone().unwrap_or_default() });
+                }
+            }
+        }
+        out
+    }
+}
 
 /// What one batch did.
 #[derive(Debug, Default)]
@@ -17,11 +55,22 @@ pub struct Applied {
     pub foreign: Option<Foreign>,
 }
 
-pub fn apply_batch(t: &mut Tables<'_>, db_id: &str, batch: &[Incoming]) -> Result<Applied, StoreError> {
+/// Applies a batch. `refreshed` holds, by stream sequence, the main's state of each record whose
+/// edit a message of the batch says was refused.
+pub fn apply_batch(
+    t: &mut Tables<'_>,
+    db_id: &str,
+    batch: &[Incoming],
+    refreshed: &BTreeMap<u64, Refreshed>,
+) -> Result<Applied, StoreError> {
     let mut out = Applied::default();
     let mut position = t.meta(APPLIED)?;
     for msg in batch {
         match wire::decode_checked(&msg.payload, db_id) {
+            Decoded::Ok(env) if env.op == Op::Reject => {
+                take_back(t, env, refreshed.get(&msg.seq))?;
+                out.changed += 1;
+            }
             Decoded::Ok(env) if env.kind.is_routed() => {
                 if apply_one(t, target_bit(&msg.subject), env)? {
                     out.changed += 1;
@@ -68,9 +117,19 @@ fn apply_one(t: &mut Tables<'_>, bit: u8, env: Envelope) -> Result<bool, StoreEr
     let known = held.map(|(version, _)| version).unwrap_or(0).max(gone);
     match (env.op, held) {
         (Op::Upsert, _) if v > known => {
-            let holders = held.map(|(_, h)| h).unwrap_or(0) | bit;
-            let stored = Stored { version: v, holders, fields: env.record.unwrap_or_default() };
-            t.put(kind, &env.id, &stored)?;
+            let mut fields = env.record.unwrap_or_default();
+            let mut holders = bit;
+            if let Some((_, h)) = held {
+                // The main's copy replaces a record created here; edits made here since the
+                // main's last version (newer stamps) stay until the main merges them.
+                holders |= h & !HELD_LOCALLY;
+                if let Some(local) = t.get(kind, &env.id)?
+                    && let Some(merged) = model::merge(kind, &fields, &local.fields)
+                {
+                    fields = merged;
+                }
+            }
+            t.put(kind, &env.id, &Stored { version: v, holders, fields })?;
         }
         (Op::Upsert, Some((version, holders))) if v == version && holders & bit == 0 => {
             t.set_holders(kind, &env.id, version, holders | bit)?;
@@ -90,6 +149,27 @@ fn apply_one(t: &mut Tables<'_>, bit: u8, env: Envelope) -> Result<bool, StoreEr
         _ => return Ok(false),
     }
     Ok(true)
+}
+
+/// The main refused an edit made here: the refusal goes into the sync log with the edit, and
+/// the record becomes the main's again (or goes, if none of this remote's targets holds it).
+fn take_back(t: &mut Tables<'_>, env: Envelope, refreshed: Option<&Refreshed>) -> Result<(), StoreError> {
+    let reason = env.reason.clone().unwrap_or_else(|| "the main refused the edit".into());
+    tracing::warn!(kind = %env.kind, id = %env.id, "the main refused an edit: {reason}");
+    t.log(&LogEntry {
+        at_ms: crate::hlc::wall_ms(),
+        remote: env.origin.clone(),
+        kind: env.kind,
+        id: env.id.clone(),
+        event: env.event.clone(),
+        reason,
+        edit: env.record,
+    })?;
+    let Some(refreshed) = refreshed else { return Ok(()) };
+    match &refreshed.state {
+        Some(stored) => t.put(env.kind, &env.id, stored),
+        None => t.remove(env.kind, &env.id, refreshed.version).map(|_| ()),
+    }
 }
 
 fn quarantine(t: &mut Tables<'_>, msg: &Incoming, error: String) -> Result<(), StoreError> {

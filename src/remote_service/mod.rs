@@ -7,18 +7,20 @@
 //! whose version is not newer than the one held is skipped.
 
 mod apply;
+mod edit;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::error::ServiceError;
+use crate::hlc::Clock;
 use crate::main_service::{Bundle, counts_json};
-use crate::store::{APPLIED, DATABASE_ID, Store};
+use crate::store::{APPLIED, DATABASE_ID, HELD_BY_SET, HELD_BY_SUBSCRIPTION, Store};
 use crate::transport::{self, Incoming, Nats, TransportError};
-use crate::wire::{PRODUCT, SCHEMA_MAJOR};
+use crate::wire::{self, Decoded, Op, PRODUCT, SCHEMA_MAJOR, Target};
 
 pub const SYNC_BATCH: usize = 4000;
 const BUNDLE_FILE: &str = "remote.json";
@@ -100,6 +102,8 @@ pub struct SyncState {
     pub last_rebuild: Option<RebuildSummary>,
     /// Messages left in the consumer, as of the last message delivered.
     pub pending: Option<u64>,
+    /// Why the last upload of local edits failed, until one succeeds.
+    pub upload_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -126,12 +130,16 @@ struct Inner {
     nats_url: String,
     batch: usize,
     state: Mutex<SyncState>,
+    clock: Clock,
+    /// Wakes the uploader when an edit is queued.
+    upload_ready: Notify,
     rebuild_tx: mpsc::Sender<oneshot::Sender<Result<u64, String>>>,
     shutdown: watch::Sender<bool>,
     /// Ends when sync stops, with the reason if it was an error.
     done: Mutex<Option<tokio::task::JoinHandle<Result<(), String>>>>,
-    /// Makes the projection durable every [`crate::store::FLUSH_INTERVAL`], and at shutdown.
-    flusher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Makes the projection durable every [`crate::store::FLUSH_INTERVAL`], and at shutdown;
+    /// and the uploader.
+    helpers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Remote {
@@ -160,14 +168,18 @@ impl Remote {
             nats_url,
             batch: config.batch.max(1),
             state: Mutex::new(SyncState::default()),
+            clock: Clock::new(),
+            upload_ready: Notify::new(),
             rebuild_tx,
             shutdown,
             done: Mutex::new(None),
-            flusher: Mutex::new(None),
+            helpers: Mutex::new(Vec::new()),
         });
         let task = tokio::spawn(run_sync(inner.clone(), rebuild_rx, shutdown_rx.clone()));
         *inner.done.lock().unwrap() = Some(task);
-        *inner.flusher.lock().unwrap() = Some(tokio::spawn(inner.store.clone().flush_periodically(shutdown_rx)));
+        let flusher = tokio::spawn(inner.store.clone().flush_periodically(shutdown_rx.clone()));
+        let uploader = tokio::spawn(edit::run_uploader(inner.clone(), shutdown_rx));
+        inner.helpers.lock().unwrap().extend([flusher, uploader]);
         Ok(Remote { inner })
     }
 
@@ -195,9 +207,9 @@ impl Remote {
     pub async fn stop(&self) {
         let _ = self.inner.shutdown.send(true);
         let _ = self.stopped().await;
-        let flusher = self.inner.flusher.lock().unwrap().take();
-        if let Some(flusher) = flusher {
-            let _ = flusher.await;
+        let helpers: Vec<_> = std::mem::take(&mut *self.inner.helpers.lock().unwrap());
+        for task in helpers {
+            let _ = task.await;
         }
     }
 
@@ -221,6 +233,7 @@ impl Remote {
         let (quarantined, recent) = store.quarantine(10)?;
         let backlog = self.inner.nats.remote_backlog(&self.inner.bundle.consumer).await.ok();
         let state = self.state();
+        let (refused, log) = store.sync_log(10)?;
         Ok(serde_json::json!({
             "role": "remote",
             "product": PRODUCT,
@@ -236,11 +249,22 @@ impl Remote {
             "quarantine": recent.iter().map(|(seq, q)| serde_json::json!({
                 "seq": seq, "subject": q.subject, "error": q.error, "bytes": q.payload.len(),
             })).collect::<Vec<_>>(),
+            "uploads": { "waiting": store.uploads_len()?, "error": state.upload_error },
+            "refused": refused,
+            "sync_log": log.iter().map(|(_, e)| log_json(e)).collect::<Vec<_>>(),
             "error": state.error,
             "rebuilding": state.rebuilding,
             "last_rebuild": state.last_rebuild,
         }))
     }
+}
+
+/// A sync log entry as the APIs show it.
+pub fn log_json(e: &crate::store::LogEntry) -> serde_json::Value {
+    serde_json::json!({
+        "at_ms": e.at_ms, "remote": e.remote, "kind": e.kind, "id": e.id, "event": e.event,
+        "reason": e.reason, "edit": e.edit.as_ref().map(|f| crate::model::to_json(&e.id, 0, f)),
+    })
 }
 
 struct Rebuild {
@@ -372,15 +396,18 @@ async fn sync(
             pending,
             "applying a batch"
         );
+        let refreshed = refresh_refused(inner, &incoming).await?;
         let db = inner.bundle.database_id.clone();
         let s = store.clone();
         // Large batches (a rebuild, a catch-up) commit durably: many non-durable commits in a
         // row make redb's file grow, because pages are only freed by a durable commit.
         let durable = incoming.len() >= crate::store::DURABLE_BATCH;
-        let applied = tokio::task::spawn_blocking(move || s.write(durable, |t| apply::apply_batch(t, &db, &incoming)))
-            .await
-            .map_err(|e| SyncStop::Fatal(e.to_string()))?
-            .map_err(fatal)?;
+        let applied = tokio::task::spawn_blocking(move || {
+            s.write(durable, |t| apply::apply_batch(t, &db, &incoming, &refreshed))
+        })
+        .await
+        .map_err(|e| SyncStop::Fatal(e.to_string()))?
+        .map_err(fatal)?;
         if applied.taken > 0
             && let Err(e) = batch[applied.taken - 1].ack().await
         {
@@ -404,4 +431,34 @@ async fn sync(
             }
         }
     }
+}
+
+/// For each refusal in a batch, the main's state of the refused record, read from the last
+/// message of each of this remote's targets. Read before the batch is applied, so a crash
+/// never leaves a refused edit in place: the refusal and the record taken back commit together.
+async fn refresh_refused(
+    inner: &Inner,
+    batch: &[Incoming],
+) -> Result<std::collections::BTreeMap<u64, apply::Refreshed>, SyncStop> {
+    let mut out = std::collections::BTreeMap::new();
+    for msg in batch.iter().filter(|m| m.subject.ends_with(".rejected")) {
+        let Decoded::Ok(env) = wire::decode_checked(&msg.payload, &inner.bundle.database_id) else { continue };
+        if env.op != Op::Reject {
+            continue;
+        }
+        let mut messages = Vec::new();
+        for (bit, target) in [
+            (HELD_BY_SET, Target::Set(inner.bundle.set.clone())),
+            (HELD_BY_SUBSCRIPTION, Target::Subscriptions(inner.bundle.remote.clone())),
+        ] {
+            let last = inner.nats.last_on(&wire::sync_subject(&target, env.kind, &env.id)).await?;
+            let env = last.and_then(|bytes| match wire::decode_checked(&bytes, &inner.bundle.database_id) {
+                Decoded::Ok(env) => Some(env),
+                _ => None,
+            });
+            messages.push((bit, env));
+        }
+        out.insert(msg.seq, apply::Refreshed::from_targets(&messages));
+    }
+    Ok(out)
 }

@@ -5,6 +5,7 @@ mod harness;
 
 mod api;
 mod bench;
+mod edits;
 mod pipeline;
 mod rebuild;
 mod resilience;

@@ -32,6 +32,15 @@ fn the_schema_documents_match_the_code() {
     }
 }
 
+/// What is wrong with a message, by the envelope schema (nothing: an empty list).
+pub fn schema_errors(payload: &[u8]) -> Vec<String> {
+    let schema: J =
+        serde_json::from_str(&std::fs::read_to_string(schemas_dir().join("envelope.schema.json")).unwrap()).unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let as_json: J = rmp_serde::from_slice(payload).unwrap();
+    validator.iter_errors(&as_json).map(|e| format!("{as_json}: {e}")).collect()
+}
+
 async fn all_messages(env: &Env, stream: &str) -> Vec<(String, Vec<u8>)> {
     let nats = env.main_nats().await;
     let s = nats.js.get_stream(stream).await.unwrap();
@@ -70,6 +79,24 @@ async fn every_message_sent_validates_against_the_schemas() {
     api.delete(&format!("/v1/contacts/{c}")).await;
     wait_for("routing to finish", Duration::from_secs(20), || async { env.main().store().outbox_len().unwrap() == 0 })
         .await;
+    // Edits at a remote, kept in CRM_UP while the main is down.
+    let mut env = env;
+    env.stop_main().await;
+    let laptop = env.start_remote(&_remote).await;
+    laptop.api.create(Kind::Contact, json!({ "id": "up1", "first_name": "Up" })).await;
+    laptop.api.patch("/v1/contacts/up1", &json!({ "city": "Albany" })).await;
+    laptop.api.delete("/v1/contacts/up1").await;
+    wait_for("the uploads in CRM_UP", Duration::from_secs(20), || async {
+        laptop.api.status().await["uploads"]["waiting"] == 0
+    })
+    .await;
+    let uploads = all_messages(&env, crmsync::wire::UP_STREAM).await;
+    assert_eq!(uploads.len(), 3);
+    for (subject, payload) in &uploads {
+        assert!(subject.starts_with("crm.up.laptop.contact.up1"), "{subject}");
+        assert_eq!(schema_errors(payload), Vec::<String>::new(), "{subject}");
+    }
+    laptop.stop().await;
 
     let schema: J =
         serde_json::from_str(&std::fs::read_to_string(schemas_dir().join("envelope.schema.json")).unwrap()).unwrap();
@@ -144,6 +171,7 @@ async fn a_message_from_another_database_stops_the_remote_with_both_ids() {
         version: 999,
         origin: "main".into(),
         record: Some(Default::default()),
+        reason: None,
     };
     let seq = publish_raw(&env, "crm.sync.everyone.contact.intruder", foreign.encode()).await;
     let stopped = tokio::time::timeout(Duration::from_secs(10), remote.remote.stopped()).await.expect("sync stops");

@@ -1,0 +1,205 @@
+//! Edits made at a remote. They are written to the remote's own projection at once (its users
+//! never wait for the network) and queued for `CRM_UP` in the same durable transaction; the
+//! uploader publishes the queue in order whenever NATS is reachable, and forgets an edit only
+//! once `CRM_UP` has acknowledged it. The main merges each edit and routes the result back like
+//! any change; an edit it refuses comes back as a `reject` (see apply.rs).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::{Inner, Remote};
+use crate::error::ServiceError;
+use crate::model::{self, FieldType, Fields, Kind, Value};
+use crate::names;
+use crate::store::{HELD_LOCALLY, StoreError, Stored, Tables, Upload};
+use crate::wire::{self, Envelope, Op, PRODUCT, SCHEMA_MAJOR};
+
+/// Uploads published at once.
+const UPLOAD_BATCH: usize = 512;
+/// How long the uploader waits before trying NATS again after a failure.
+const UPLOAD_RETRY: Duration = Duration::from_secs(1);
+
+/// Whether a remote may change records of `kind`: CRM data, but not users and teams, which
+/// decide who sees what and are managed at the main.
+fn check_editable(kind: Kind) -> Result<(), ServiceError> {
+    match kind {
+        Kind::User | Kind::Team => Err(ServiceError::Invalid(format!(
+            "{} are managed at the main (they decide who sees what); make the change there",
+            kind.plural()
+        ))),
+        k if Kind::DATA.contains(&k) => Ok(()),
+        _ => Err(ServiceError::Invalid(format!("{} are managed at the main", kind.plural()))),
+    }
+}
+
+impl Remote {
+    /// Creates a record here; it joins the main (and this remote's subscription list, if it is
+    /// a contact) once uploaded and merged.
+    pub async fn create(&self, kind: Kind, body: &serde_json::Value) -> Result<(String, Stored), ServiceError> {
+        check_editable(kind)?;
+        let input = model::parse_input(kind, body, true)?;
+        let id = input.id.clone().unwrap_or_else(names::new_id);
+        let stamp = self.inner.clock.now();
+        let id2 = id.clone();
+        let stored = self
+            .local_write(move |t, inner| {
+                let (held, _) = t.known(kind, &id2)?;
+                if held.is_some() {
+                    return Ok(Err(ServiceError::Exists { kind, id: id2.clone() }));
+                }
+                if let Err(e) = check_refs(t, kind, &input.patch)? {
+                    return Ok(Err(e));
+                }
+                let mut fields = Fields::new();
+                model::apply_patch(&mut fields, &input.patch, stamp);
+                let stored = Stored { version: 0, holders: HELD_LOCALLY, fields };
+                t.put(kind, &id2, &stored)?;
+                queue(t, inner, kind, &id2, Op::Upsert, 0, Some(&stored.fields))?;
+                Ok(Ok(stored))
+            })
+            .await?;
+        Ok((id, stored))
+    }
+
+    pub async fn update(&self, kind: Kind, id: &str, body: &serde_json::Value) -> Result<Stored, ServiceError> {
+        check_editable(kind)?;
+        let input = model::parse_input(kind, body, false)?;
+        let stamp = self.inner.clock.now();
+        let id = id.to_owned();
+        self.local_write(move |t, inner| {
+            let Some(mut stored) = t.get(kind, &id)? else {
+                return Ok(Err(ServiceError::NotFound { kind, id: id.clone() }));
+            };
+            if let Err(e) = check_refs(t, kind, &input.patch)? {
+                return Ok(Err(e));
+            }
+            if model::apply_patch(&mut stored.fields, &input.patch, stamp) {
+                t.put(kind, &id, &stored)?;
+                queue(t, inner, kind, &id, Op::Upsert, stored.version, Some(&stored.fields))?;
+            }
+            Ok(Ok(stored))
+        })
+        .await
+    }
+
+    /// Deletes a record here (a contact with its children); the main deletes it when the
+    /// upload is merged.
+    pub async fn delete(&self, kind: Kind, id: &str) -> Result<(), ServiceError> {
+        check_editable(kind)?;
+        let id = id.to_owned();
+        self.local_write(move |t, inner| {
+            let Some(stored) = t.get(kind, &id)? else {
+                return Ok(Err(ServiceError::NotFound { kind, id: id.clone() }));
+            };
+            if kind == Kind::Contact {
+                for (child_kind, child_id) in t.children(&id)? {
+                    let version = t.known(child_kind, &child_id)?.0.map_or(0, |(v, _)| v);
+                    t.remove(child_kind, &child_id, version)?;
+                }
+            }
+            t.remove(kind, &id, stored.version)?;
+            queue(t, inner, kind, &id, Op::Delete, stored.version, None)?;
+            Ok(Ok(()))
+        })
+        .await
+    }
+
+    /// Runs a local edit in one durable transaction (the API answers only once the edit is on
+    /// disk) and wakes the uploader.
+    async fn local_write<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Tables<'_>, &Inner) -> Result<Result<R, ServiceError>, StoreError> + Send + 'static,
+    ) -> Result<R, ServiceError> {
+        let inner = self.inner.clone();
+        let result = tokio::task::spawn_blocking(move || inner.store.write(true, |t| f(t, &inner)))
+            .await
+            .map_err(|e| ServiceError::Internal(e.to_string()))???;
+        self.inner.upload_ready.notify_one();
+        Ok(result)
+    }
+}
+
+/// Checks that every reference in a patch points at a record this remote holds.
+fn check_refs(t: &Tables<'_>, kind: Kind, patch: &model::Patch) -> Result<Result<(), ServiceError>, StoreError> {
+    for (name, value) in patch {
+        let (Some(spec), Value::Str(target)) = (kind.field(name), value) else { continue };
+        if let FieldType::Ref(ref_kind) = spec.ty
+            && t.known(ref_kind, target)?.0.is_none()
+        {
+            return Ok(Err(ServiceError::MissingRef { field: name.clone(), kind: ref_kind, id: target.clone() }));
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// Queues an edit for `CRM_UP`: the whole record as held here, each field with its stamp, so
+/// the main can keep, field by field, whichever change is newer.
+fn queue(
+    t: &mut Tables<'_>,
+    inner: &Inner,
+    kind: Kind,
+    id: &str,
+    op: Op,
+    version: u64,
+    fields: Option<&Fields>,
+) -> Result<(), StoreError> {
+    let envelope = Envelope {
+        product: PRODUCT.into(),
+        schema: SCHEMA_MAJOR,
+        db: inner.bundle.database_id.clone(),
+        event: names::new_id(),
+        kind,
+        id: id.to_owned(),
+        op,
+        version,
+        origin: inner.bundle.remote.clone(),
+        record: fields.cloned(),
+        reason: None,
+    };
+    t.push_upload(&Upload {
+        subject: wire::up_subject(&inner.bundle.remote, kind, id),
+        payload: envelope.encode(),
+        event: envelope.event,
+    })
+}
+
+/// The uploader: publishes queued edits to `CRM_UP` in order, and drops each from the queue
+/// once acknowledged. A failure leaves the queue as it is and tries again.
+pub(super) async fn run_uploader(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let wait = match upload_all(&inner).await {
+            Ok(()) => {
+                inner.state.lock().unwrap().upload_error = None;
+                Duration::from_secs(5)
+            }
+            Err(e) => {
+                tracing::warn!("uploading edits: {e}");
+                inner.state.lock().unwrap().upload_error = Some(e);
+                UPLOAD_RETRY
+            }
+        };
+        tokio::select! {
+            _ = inner.upload_ready.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn upload_all(inner: &Inner) -> Result<(), String> {
+    loop {
+        let head = inner.store.uploads_head(UPLOAD_BATCH).map_err(|e| e.to_string())?;
+        let Some((last, _)) = head.last() else { return Ok(()) };
+        let last = *last;
+        inner.nats.publish_uploads(&head).await.map_err(|e| e.to_string())?;
+        // Not durable on its own: an upload sent again after a crash is dropped by NATS as a
+        // duplicate, or merged again by the main without effect.
+        let store = inner.store.clone();
+        tokio::task::spawn_blocking(move || store.write(false, |t| t.pop_uploads(last)))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+    }
+}

@@ -432,15 +432,33 @@ async fn data_set_figures(args: &BenchArgs, contacts: usize, figures: &mut Figur
     figures.set("catch_up", json!({ "changes": backlog, "seconds": secs, "per_second": rate(backlog as f64, secs) }));
 
     // Latency: one change at a time at the main's API until the remote's API shows it.
-    let lat = latency(&http, &main.base, &remote.base, contacts, args.latency_changes).await?;
-    figures.line(
-        &format!("latency main → remote, {} changes", args.latency_changes),
-        format!("p50 {:.2} / p99 {:.2} / max {:.2} ms", lat[0], lat[1], lat[2]),
-        String::new(),
-        String::new(),
-    );
-    figures.set("latency_ms", json!({ "p50": lat[0], "p99": lat[1], "max": lat[2], "changes": args.latency_changes }));
-    figures.line("latency remote → main → remote", "n/a: remote edits come later".into(), String::new(), String::new());
+    let ids: Vec<String> = (0..contacts.max(1)).map(|i| format!("contact-{i}")).collect();
+    let n = args.latency_changes;
+    let lat = latency(&http, &main.base, &remote.base, &ids, n, Some(LATENCY_RATE)).await?;
+    latency_line(figures, &format!("latency main → remote, {n} changes at {LATENCY_RATE}/s"), "latency_ms", &lat, n);
+    let lat = latency(&http, &main.base, &remote.base, &ids, n, None).await?;
+    latency_line(figures, "  the same, one change at a time", "latency_one_at_a_time_ms", &lat, n);
+    // And from one remote through the main to another: the 100 % remote edits New York
+    // contacts, which the 10 % remote (restarted, caught up) holds too.
+    let ten_port = free_port();
+    let ten_dir = scratch.0.join("ten").to_string_lossy().into_owned();
+    let ten = Service::spawn(
+        &["remote", "serve", "--data", &ten_dir, "--listen", &format!("127.0.0.1:{ten_port}")],
+        ten_port,
+    )
+    .await?;
+    wait_backlog_zero(&http, &ten.base).await?;
+    let ny: Vec<String> = records
+        .iter()
+        .filter(|(k, r)| *k == Kind::Contact && r["state"] == "NY")
+        .filter_map(|(_, r)| r["id"].as_str().map(str::to_owned))
+        .collect();
+    let hop = latency(&http, &remote.base, &ten.base, &ny, n, Some(LATENCY_RATE)).await?;
+    let label = format!("latency remote → main → remote, {n} changes at {LATENCY_RATE}/s");
+    latency_line(figures, &label, "remote_to_remote_latency_ms", &hop, n);
+    let hop = latency(&http, &remote.base, &ten.base, &ny, n, None).await?;
+    latency_line(figures, "  the same, one change at a time", "remote_to_remote_one_at_a_time_ms", &hop, n);
+    ten.stop().await;
 
     // Memory and disk.
     let (main_mem, remote_mem) = (main.peak_memory(), remote.peak_memory());
@@ -646,37 +664,106 @@ async fn patch_all(http: &reqwest::Client, base: &str, changes: &[(Kind, J)], cl
     Ok(())
 }
 
-/// p50, p99 and max milliseconds from a change at the main's API until the remote's API shows it.
+/// p50, p99 and max milliseconds from a change at one API (`writer`) until another (`reader`)
+/// shows it, each change on the next of `ids`. With a `rate`, the changes start at that steady
+/// rate whether or not earlier ones have arrived (an open loop, as users make them); without,
+/// one after another. Each change's reader asks again every [`POLL_EVERY`] (a thread ticks
+/// finer than tokio's 1 ms timer): asking nonstop would load the two cores more than the
+/// changes themselves do.
 async fn latency(
     http: &reqwest::Client,
-    main: &str,
-    remote: &str,
-    contacts: usize,
+    writer: &str,
+    reader: &str,
+    ids: &[String],
     changes: usize,
+    rate: Option<f64>,
 ) -> anyhow::Result<[f64; 3]> {
+    anyhow::ensure!(!ids.is_empty(), "no contacts to change for the latency figure");
+    let ticker = Ticker::start(POLL_EVERY);
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
     let mut lat = Vec::with_capacity(changes);
-    let interval = Duration::from_millis(1);
     for i in 0..changes {
-        let id = format!("contact-{}", i % contacts.max(1));
-        let city = format!("City {i}");
-        let tick = Instant::now();
-        let resp = http.patch(format!("{main}/v1/contacts/{id}")).json(&json!({ "city": city })).send().await?;
-        anyhow::ensure!(resp.status().is_success(), "PATCH: {}", resp.status());
-        loop {
-            let c = get(http, format!("{remote}/v1/contacts/{id}")).await;
-            if c.as_ref().is_ok_and(|c| c["city"] == city.as_str()) {
-                break;
+        let (writer, reader, id) = (writer.to_owned(), reader.to_owned(), ids[i % ids.len()].clone());
+        let change = one_change(http.clone(), writer, reader, id, i, ticker.tick.clone());
+        match rate {
+            Some(rate) => {
+                if let Some(wait) = Duration::from_secs_f64(i as f64 / rate).checked_sub(start.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+                tasks.spawn(change);
             }
-            anyhow::ensure!(tick.elapsed() < Duration::from_secs(30), "the change never reached the remote");
+            None => lat.push(change.await?),
         }
-        lat.push(tick.elapsed().as_secs_f64() * 1000.0);
-        if let Some(rest) = interval.checked_sub(tick.elapsed()) {
-            tokio::time::sleep(rest).await;
-        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        lat.push(done??);
     }
     lat.sort_by(|a, b| a.total_cmp(b));
     Ok([percentile(&lat, 0.5), percentile(&lat, 0.99), lat.last().copied().unwrap_or(0.0)])
 }
+
+fn latency_line(figures: &mut Figures, label: &str, key: &str, lat: &[f64; 3], changes: usize) {
+    let text = format!("p50 {:.2} / p99 {:.2} / max {:.2} ms", lat[0], lat[1], lat[2]);
+    figures.line(label, text, String::new(), String::new());
+    figures.set(key, json!({ "p50": lat[0], "p99": lat[1], "max": lat[2], "changes": changes }));
+}
+
+/// A thread that wakes every waiter of `tick` at a fixed interval, until dropped.
+struct Ticker {
+    tick: std::sync::Arc<tokio::sync::Notify>,
+    running: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Ticker {
+    fn start(every: Duration) -> Ticker {
+        let tick = std::sync::Arc::new(tokio::sync::Notify::new());
+        let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (t, r) = (tick.clone(), running.clone());
+        std::thread::spawn(move || {
+            while r.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(every);
+                t.notify_waiters();
+            }
+        });
+        Ticker { tick, running }
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.running.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// One change at `writer` and the milliseconds until `reader` shows it.
+async fn one_change(
+    http: reqwest::Client,
+    writer: String,
+    reader: String,
+    id: String,
+    i: usize,
+    poll: std::sync::Arc<tokio::sync::Notify>,
+) -> anyhow::Result<f64> {
+    // Unique to this run, so no change is a no-op repeat of an earlier run's.
+    let city = format!("City {i} {}", crate::names::new_id());
+    let tick = Instant::now();
+    let resp = http.patch(format!("{writer}/v1/contacts/{id}")).json(&json!({ "city": city })).send().await?;
+    anyhow::ensure!(resp.status().is_success(), "PATCH: {}", resp.status());
+    loop {
+        let c = get(&http, format!("{reader}/v1/contacts/{id}")).await;
+        if c.as_ref().is_ok_and(|c| c["city"] == city.as_str()) {
+            return Ok(tick.elapsed().as_secs_f64() * 1000.0);
+        }
+        anyhow::ensure!(tick.elapsed() < Duration::from_secs(30), "change {i} never reached {reader}");
+        poll.notified().await;
+    }
+}
+
+/// Changes per second in the latency figures.
+const LATENCY_RATE: f64 = 1000.0;
+/// How often a latency reader asks the reading API again.
+const POLL_EVERY: Duration = Duration::from_micros(250);
 
 /// Commits through the write path (in this process) and through HTTP (a main process), routed
 /// to 10 and to 100 sets, beside a bare async publish of the same messages.

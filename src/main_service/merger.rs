@@ -10,9 +10,9 @@
 //! Only after that is the upload acknowledged. A crash in between merges it again, which
 //! changes nothing (the same stamps are already held).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use futures::StreamExt;
 use tokio::sync::watch;
 
 use super::{Decision, Main};
@@ -20,6 +20,7 @@ use crate::error::ServiceError;
 use crate::model::{self, Fields, Kind, Value};
 use crate::routing::{RoutingConfig, SetSpec, TargetDef};
 use crate::store::{LogEntry, Stored};
+use crate::transport;
 use crate::wire::{self, Decoded, Envelope, Op, Target};
 
 pub(super) async fn run(main: Main, mut shutdown: watch::Receiver<bool>) {
@@ -38,11 +39,14 @@ pub(super) async fn run(main: Main, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
+/// Uploads taken off the queue at most at once.
+const MERGE_BATCH: usize = 256;
+
 async fn merge_loop(main: &Main, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
     let consumer = main.inner.nats.merger_consumer().await?;
     let mut messages = consumer
         .stream()
-        .max_messages_per_batch(64)
+        .max_messages_per_batch(MERGE_BATCH)
         .heartbeat(Duration::from_secs(5))
         .expires(Duration::from_secs(30))
         .messages()
@@ -50,30 +54,84 @@ async fn merge_loop(main: &Main, shutdown: &mut watch::Receiver<bool>) -> anyhow
     let mut connections = main.inner.nats.connections.clone();
     connections.mark_unchanged();
     loop {
-        let msg = tokio::select! {
+        let batch = tokio::select! {
             _ = shutdown.changed() => return Ok(()),
             _ = connections.changed() => anyhow::bail!("reconnected to NATS"),
-            m = messages.next() => m,
+            b = transport::next_batch(&mut messages, MERGE_BATCH) => b,
         };
-        let msg = match msg {
+        let batch = match batch {
             None => anyhow::bail!("the upload consumer ended"),
             Some(Err(e)) => anyhow::bail!("reading CRM_UP: {e}"),
-            Some(Ok(msg)) => msg,
+            Some(Ok(batch)) => batch,
         };
-        match main.merge_upload(&msg.subject, &msg.payload).await {
-            Ok(()) => {
+        let mut start = 0;
+        while start < batch.len() {
+            let end = start + wave_len(&batch[start..]);
+            merge_wave(main, &batch[start..end], &batch[end..]).await?;
+            start = end;
+        }
+    }
+}
+
+/// How many uploads from the head of `batch` can be merged at once: uploads of different
+/// records, and never a contact together with a note, history, activity or membership (which
+/// may belong to it), so the order in which a remote made them still holds where it matters.
+fn wave_len(batch: &[async_nats::jetstream::Message]) -> usize {
+    let mut records = BTreeSet::new();
+    let (mut contacts, mut children) = (false, false);
+    for (n, msg) in batch.iter().enumerate() {
+        let Some((kind, id)) = wire::subject_record(&msg.subject) else { return n.max(1) };
+        let child = kind.parent_field().is_some();
+        contacts |= kind == Kind::Contact;
+        children |= child;
+        if !records.insert((kind, id)) || (contacts && children) {
+            return n.max(1);
+        }
+    }
+    batch.len()
+}
+
+/// Merges a wave of uploads concurrently, adds the contacts created in it to their remotes'
+/// lists, then acknowledges each. If one could not be decided, it and everything after it
+/// (`rest`) go back to the queue, in order.
+async fn merge_wave(
+    main: &Main,
+    wave: &[async_nats::jetstream::Message],
+    rest: &[async_nats::jetstream::Message],
+) -> anyhow::Result<()> {
+    let results = futures::future::join_all(wave.iter().map(|m| main.merge_upload(&m.subject, &m.payload))).await;
+    let mut created: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (remote, contact) in results.iter().filter_map(|r| r.as_ref().ok().cloned().flatten()) {
+        created.entry(remote).or_default().push(contact);
+    }
+    for (remote, contacts) in created {
+        // Contacts made at a remote join its subscription list, so they never vanish from the
+        // place they were made.
+        if let Err(e) = main.add_subscriptions(&remote, contacts).await {
+            tracing::warn!(remote, "contacts made at the remote could not join its list: {e}");
+        }
+    }
+    let mut failed = None;
+    for (msg, result) in wave.iter().zip(results) {
+        match (result, &failed) {
+            (Ok(_), None) => {
                 if let Err(e) = msg.ack().await {
                     // Merged; if the ack is lost the upload comes again and changes nothing.
                     tracing::warn!("acknowledging an upload failed: {e}");
                 }
             }
-            Err(e) => {
-                // NATS or the store failed: leave the upload in the queue and try again.
-                let _ = msg.ack_with(async_nats::jetstream::AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                anyhow::bail!("merging an upload from {}: {e}", msg.subject);
-            }
+            (Err(e), None) => failed = Some(format!("merging an upload from {}: {e}", msg.subject)),
+            _ => {}
         }
     }
+    if let Some(why) = failed {
+        // NATS or the store failed: leave the uploads in the queue and try again, in order.
+        for msg in wave.iter().chain(rest) {
+            let _ = msg.ack_with(async_nats::jetstream::AckKind::Nak(Some(Duration::from_secs(1)))).await;
+        }
+        anyhow::bail!(why);
+    }
+    Ok(())
 }
 
 /// Why an edit was not merged.
@@ -100,18 +158,24 @@ impl From<crate::store::StoreError> for Outcome {
 }
 
 impl Main {
-    /// Merges one upload. `Err` only when it could not be decided now and must come again.
-    pub(super) async fn merge_upload(&self, subject: &str, payload: &[u8]) -> Result<(), ServiceError> {
+    /// Merges one upload. `Err` only when it could not be decided now and must come again;
+    /// `Ok(Some((remote, contact)))` when it created a contact, which joins the remote's list.
+    pub(super) async fn merge_upload(
+        &self,
+        subject: &str,
+        payload: &[u8],
+    ) -> Result<Option<(String, String)>, ServiceError> {
         let remote = wire::up_remote(subject).unwrap_or_default().to_owned();
         let env = match wire::decode_checked(payload, &self.inner.database_id) {
             Decoded::Ok(env) => env,
-            Decoded::Foreign(f) => return self.log_refusal(&remote, None, f.to_string()),
+            Decoded::Foreign(f) => return self.log_refusal(&remote, None, f.to_string()).map(|_| None),
             Decoded::Malformed(e) => {
-                return self.log_refusal(&remote, None, format!("the upload on {subject} does not decode: {e}"));
+                let why = format!("the upload on {subject} does not decode: {e}");
+                return self.log_refusal(&remote, None, why).map(|_| None);
             }
         };
         match self.merge_edit(&remote, &env).await {
-            Ok(()) => Ok(()),
+            Ok(created) => Ok(created.then(|| (remote, env.id.clone()))),
             Err(Outcome::Retry(e)) => Err(e),
             Err(Outcome::Refused(reason)) => {
                 tracing::warn!(remote, kind = %env.kind, id = %env.id, "refused an edit: {reason}");
@@ -125,12 +189,13 @@ impl Main {
                         reject.encode(),
                     )
                     .await?;
-                Ok(())
+                Ok(None)
             }
         }
     }
 
-    async fn merge_edit(&self, remote: &str, env: &Envelope) -> Result<(), Outcome> {
+    /// Merges one edit; `Ok(true)` when it created a contact the remote's list does not hold.
+    async fn merge_edit(&self, remote: &str, env: &Envelope) -> Result<bool, Outcome> {
         let (kind, id) = (env.kind, env.id.as_str());
         if env.origin != remote {
             return Err(Outcome::Refused(format!(
@@ -156,14 +221,14 @@ impl Main {
         match env.op {
             Op::Delete => {
                 if current.is_none() {
-                    return Ok(()); // already gone: nothing to do
+                    return Ok(false); // already gone: nothing to do
                 }
                 if !held {
                     return Err(not_held(remote, kind, id));
                 }
                 match self.delete_from(remote, kind, id).await {
-                    Err(ServiceError::NotFound { .. }) => Ok(()),
-                    other => Ok(other?),
+                    Err(ServiceError::NotFound { .. }) => Ok(false),
+                    other => Ok(other.map(|_| false)?),
                 }
             }
             Op::Upsert => {
@@ -198,15 +263,8 @@ impl Main {
                     }
                 })
                 .await?;
-                if kind == Kind::Contact && !existed {
-                    // Contacts made at a remote join its subscription list, so they never
-                    // vanish from the place they were made.
-                    let listed = model::names(&remote_record.fields, "subscriptions").contains(&id.to_owned());
-                    if !listed && let Err(e) = self.add_subscription(remote, id).await {
-                        tracing::warn!(remote, id, "a contact made at the remote could not join its list: {e}");
-                    }
-                }
-                Ok(())
+                let listed = model::names(&remote_record.fields, "subscriptions").contains(&id.to_owned());
+                Ok(kind == Kind::Contact && !existed && !listed)
             }
             Op::Leave | Op::Reject => Err(Outcome::Refused(format!("a remote cannot upload a {:?}", env.op))),
         }
@@ -257,11 +315,12 @@ impl Main {
         Ok(defs.iter().any(|d| d.holds(basis.0, &basis.1, &basis.2)))
     }
 
-    async fn add_subscription(&self, remote: &str, contact: &str) -> Result<Vec<String>, ServiceError> {
-        let contact = contact.to_owned();
+    async fn add_subscriptions(&self, remote: &str, contacts: Vec<String>) -> Result<Vec<String>, ServiceError> {
         self.change_subscriptions(remote, move |list| {
-            if !list.contains(&contact) {
-                list.push(contact.clone());
+            for contact in &contacts {
+                if !list.contains(contact) {
+                    list.push(contact.clone());
+                }
             }
             Ok(())
         })

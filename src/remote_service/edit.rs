@@ -106,18 +106,72 @@ impl Remote {
         .await
     }
 
-    /// Runs a local edit in one durable transaction (the API answers only once the edit is on
-    /// disk) and wakes the uploader.
+    /// Runs a local edit through the local writer, which commits it durably (with whatever
+    /// other edits arrived meanwhile), and answers only once it is on disk.
     async fn local_write<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Tables<'_>, &Inner) -> Result<Result<R, ServiceError>, StoreError> + Send + 'static,
     ) -> Result<R, ServiceError> {
-        let inner = self.inner.clone();
-        let result = tokio::task::spawn_blocking(move || inner.store.write(true, |t| f(t, &inner)))
-            .await
-            .map_err(|e| ServiceError::Internal(e.to_string()))???;
-        self.inner.upload_ready.notify_one();
-        Ok(result)
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |t, inner| {
+            let result = f(t, inner)?;
+            Ok(Box::new(move || {
+                let _ = tx.send(result);
+            }))
+        });
+        let not_saved = || {
+            ServiceError::Internal(
+                "the edit could not be saved (the remote's log says why); nothing was changed, try again".into(),
+            )
+        };
+        self.inner.edits.send(job).map_err(|_| not_saved())?;
+        rx.await.map_err(|_| not_saved())?
+    }
+}
+
+/// A local edit for the writer: applies itself to the transaction and returns what answers
+/// its caller, to be called once the transaction is durable.
+pub(super) type Job = Box<dyn FnOnce(&mut Tables<'_>, &Inner) -> Result<Reply, StoreError> + Send>;
+type Reply = Box<dyn FnOnce() + Send>;
+
+/// Most local edits committed in one transaction.
+const GROUP_COMMIT: usize = 256;
+
+/// The local writer: commits the edits waiting at each turn in one durable transaction (a
+/// group commit: one disk flush for all of them), then answers each. If the transaction
+/// fails, none of them is answered as saved.
+pub(super) async fn run_writer(
+    inner: Arc<Inner>,
+    mut jobs: tokio::sync::mpsc::UnboundedReceiver<Job>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let first = tokio::select! {
+            job = jobs.recv() => match job {
+                Some(job) => job,
+                None => return,
+            },
+            _ = shutdown.changed() => return,
+        };
+        let mut batch = vec![first];
+        while batch.len() < GROUP_COMMIT
+            && let Ok(job) = jobs.try_recv()
+        {
+            batch.push(job);
+        }
+        let inner2 = inner.clone();
+        let committed = tokio::task::spawn_blocking(move || {
+            inner2.store.write(true, |t| batch.into_iter().map(|job| job(t, &inner2)).collect::<Result<Vec<_>, _>>())
+        })
+        .await;
+        match committed {
+            Ok(Ok(replies)) => {
+                replies.into_iter().for_each(|reply| reply());
+                inner.upload_ready.notify_one();
+            }
+            Ok(Err(e)) => tracing::error!("saving local edits failed: {e}"),
+            Err(e) => tracing::error!("saving local edits failed: {e}"),
+        }
     }
 }
 

@@ -133,6 +133,8 @@ struct Inner {
     clock: Clock,
     /// Wakes the uploader when an edit is queued.
     upload_ready: Notify,
+    /// Local edits on their way to the local writer.
+    edits: mpsc::UnboundedSender<edit::Job>,
     rebuild_tx: mpsc::Sender<oneshot::Sender<Result<u64, String>>>,
     shutdown: watch::Sender<bool>,
     /// Ends when sync stops, with the reason if it was an error.
@@ -160,6 +162,7 @@ impl Remote {
         let nats_url = config.nats_url.clone().unwrap_or_else(|| bundle.nats_url.clone());
         let nats = Nats::connect(&nats_url, &format!("crmsync-remote-{}", bundle.remote)).await?;
         let (rebuild_tx, rebuild_rx) = mpsc::channel(4);
+        let (edits, edit_rx) = mpsc::unbounded_channel();
         let (shutdown, shutdown_rx) = watch::channel(false);
         let inner = Arc::new(Inner {
             store,
@@ -170,6 +173,7 @@ impl Remote {
             state: Mutex::new(SyncState::default()),
             clock: Clock::new(),
             upload_ready: Notify::new(),
+            edits,
             rebuild_tx,
             shutdown,
             done: Mutex::new(None),
@@ -178,8 +182,9 @@ impl Remote {
         let task = tokio::spawn(run_sync(inner.clone(), rebuild_rx, shutdown_rx.clone()));
         *inner.done.lock().unwrap() = Some(task);
         let flusher = tokio::spawn(inner.store.clone().flush_periodically(shutdown_rx.clone()));
-        let uploader = tokio::spawn(edit::run_uploader(inner.clone(), shutdown_rx));
-        inner.helpers.lock().unwrap().extend([flusher, uploader]);
+        let uploader = tokio::spawn(edit::run_uploader(inner.clone(), shutdown_rx.clone()));
+        let writer = tokio::spawn(edit::run_writer(inner.clone(), edit_rx, shutdown_rx));
+        inner.helpers.lock().unwrap().extend([flusher, uploader, writer]);
         Ok(Remote { inner })
     }
 

@@ -125,6 +125,12 @@ impl Kind {
         }
     }
 
+    /// Whether a remote may create, change and delete records of this kind: CRM data, but not
+    /// users and teams, which decide who sees what and are managed at the main.
+    pub fn is_editable_at_remotes(self) -> bool {
+        Kind::DATA.contains(&self) && !matches!(self, Kind::User | Kind::Team)
+    }
+
     pub fn fields(self) -> &'static [FieldSpec] {
         match self {
             Kind::Contact => CONTACT,
@@ -613,6 +619,14 @@ pub fn parse_input(kind: Kind, body: &serde_json::Value, creating: bool) -> Resu
         }
     }
     Ok(input)
+}
+
+/// The references a patch sets: (field, kind referred to, id).
+pub fn refs(kind: Kind, patch: &Patch) -> impl Iterator<Item = (&str, Kind, &str)> {
+    patch.iter().filter_map(move |(name, value)| match (kind.field(name).map(|f| f.ty), value) {
+        (Some(FieldType::Ref(to)), Value::Str(id)) => Some((name.as_str(), to, id.as_str())),
+        _ => None,
+    })
 }
 
 /// Applies a checked patch: each field whose value changes gets `stamp`, or a stamp just

@@ -186,6 +186,16 @@ pub struct LogEntry {
     pub edit: Option<Fields>,
 }
 
+impl LogEntry {
+    /// The entry as the APIs show it.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "at_ms": self.at_ms, "remote": self.remote, "kind": self.kind, "id": self.id, "event": self.event,
+            "reason": self.reason, "edit": self.edit.as_ref().map(|f| crate::model::to_json(&self.id, 0, f)),
+        })
+    }
+}
+
 /// A message that could not be decoded, kept as it came.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Quarantined {

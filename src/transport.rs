@@ -147,10 +147,14 @@ impl Nats {
 
     /// The last sequence of a stream.
     pub async fn last_sequence(&self, name: &str) -> Result<u64, TransportError> {
+        Ok(self.stream_state(name).await?.last_sequence)
+    }
+
+    async fn stream_state(&self, name: &str) -> Result<stream::State, TransportError> {
         let mut s =
             self.js.get_stream(name).await.map_err(|e| TransportError::request(format!("opening {name}"), e))?;
         let info = s.info().await.map_err(|e| TransportError::request(format!("reading {name}"), e))?;
-        Ok(info.state.last_sequence)
+        Ok(info.state.clone())
     }
 
     /// Publishes one event with deduplication and optimistic concurrency, and waits for the ack.
@@ -285,9 +289,7 @@ impl Nats {
 
     /// Uploads waiting in `CRM_UP` for the merger.
     pub async fn uploads_waiting(&self) -> Result<u64, TransportError> {
-        let mut s = self.js.get_stream(UP_STREAM).await.map_err(|e| TransportError::request("opening CRM_UP", e))?;
-        let info = s.info().await.map_err(|e| TransportError::request("reading CRM_UP", e))?;
-        Ok(info.state.messages)
+        Ok(self.stream_state(UP_STREAM).await?.messages)
     }
 
     /// Creates a remote's durable consumer on `CRM_SYNC`, filtered to its two subjects. The

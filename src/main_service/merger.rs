@@ -203,7 +203,7 @@ impl Main {
                 env.origin
             )));
         }
-        if !Kind::DATA.contains(&kind) || matches!(kind, Kind::User | Kind::Team) {
+        if !kind.is_editable_at_remotes() {
             return Err(Outcome::Refused(format!("{} are managed at the main, not at remotes", kind.plural())));
         }
         crate::names::check("id", id).map_err(ServiceError::from)?;

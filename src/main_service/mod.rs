@@ -22,7 +22,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::error::ServiceError;
 use crate::hlc::Clock;
-use crate::model::{self, Field, FieldType, Fields, Kind, Value};
+use crate::model::{self, Field, Fields, Kind, Value};
 use crate::names;
 use crate::store::{APPLIED, DATABASE_ID, Store, StoreError, Stored};
 use crate::transport::{self, Incoming, Nats, TransportError};
@@ -245,12 +245,9 @@ impl Main {
 
     /// Checks that every reference in a patch points at an existing record.
     fn check_refs(&self, kind: Kind, patch: &model::Patch) -> Result<(), ServiceError> {
-        for (name, value) in patch {
-            let (Some(spec), Value::Str(target)) = (kind.field(name), value) else { continue };
-            if let FieldType::Ref(ref_kind) = spec.ty
-                && self.inner.store.get(ref_kind, target)?.is_none()
-            {
-                return Err(ServiceError::MissingRef { field: name.clone(), kind: ref_kind, id: target.clone() });
+        for (field, to, id) in model::refs(kind, patch) {
+            if self.inner.store.get(to, id)?.is_none() {
+                return Err(ServiceError::MissingRef { field: field.to_owned(), kind: to, id: id.to_owned() });
             }
         }
         Ok(())
@@ -425,7 +422,7 @@ impl Main {
             "outbox": self.inner.store.outbox_len()?,
             "uploads_waiting": self.inner.nats.uploads_waiting().await.ok(),
             "refused": refused,
-            "sync_log": log.iter().map(|(_, e)| crate::remote_service::log_json(e)).collect::<Vec<_>>(),
+            "sync_log": log.iter().map(|(_, e)| e.to_json()).collect::<Vec<_>>(),
             "quarantined": self.inner.store.quarantine(0)?.0,
         }))
     }

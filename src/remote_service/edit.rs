@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use super::{Inner, Remote};
 use crate::error::ServiceError;
-use crate::model::{self, FieldType, Fields, Kind, Value};
+use crate::model::{self, Fields, Kind};
 use crate::names;
 use crate::store::{HELD_LOCALLY, StoreError, Stored, Tables, Upload};
 use crate::wire::{self, Envelope, Op, PRODUCT, SCHEMA_MAJOR};
@@ -21,16 +21,14 @@ const UPLOAD_BATCH: usize = 512;
 /// How long the uploader waits before trying NATS again after a failure.
 const UPLOAD_RETRY: Duration = Duration::from_secs(1);
 
-/// Whether a remote may change records of `kind`: CRM data, but not users and teams, which
-/// decide who sees what and are managed at the main.
 fn check_editable(kind: Kind) -> Result<(), ServiceError> {
-    match kind {
-        Kind::User | Kind::Team => Err(ServiceError::Invalid(format!(
+    if kind.is_editable_at_remotes() {
+        Ok(())
+    } else {
+        Err(ServiceError::Invalid(format!(
             "{} are managed at the main (they decide who sees what); make the change there",
             kind.plural()
-        ))),
-        k if Kind::DATA.contains(&k) => Ok(()),
-        _ => Err(ServiceError::Invalid(format!("{} are managed at the main", kind.plural()))),
+        )))
     }
 }
 
@@ -177,12 +175,9 @@ pub(super) async fn run_writer(
 
 /// Checks that every reference in a patch points at a record this remote holds.
 fn check_refs(t: &Tables<'_>, kind: Kind, patch: &model::Patch) -> Result<Result<(), ServiceError>, StoreError> {
-    for (name, value) in patch {
-        let (Some(spec), Value::Str(target)) = (kind.field(name), value) else { continue };
-        if let FieldType::Ref(ref_kind) = spec.ty
-            && t.known(ref_kind, target)?.0.is_none()
-        {
-            return Ok(Err(ServiceError::MissingRef { field: name.clone(), kind: ref_kind, id: target.clone() }));
+    for (field, to, id) in model::refs(kind, patch) {
+        if t.known(to, id)?.0.is_none() {
+            return Ok(Err(ServiceError::MissingRef { field: field.to_owned(), kind: to, id: id.to_owned() }));
         }
     }
     Ok(Ok(()))

@@ -256,20 +256,12 @@ impl Remote {
             })).collect::<Vec<_>>(),
             "uploads": { "waiting": store.uploads_len()?, "error": state.upload_error },
             "refused": refused,
-            "sync_log": log.iter().map(|(_, e)| log_json(e)).collect::<Vec<_>>(),
+            "sync_log": log.iter().map(|(_, e)| e.to_json()).collect::<Vec<_>>(),
             "error": state.error,
             "rebuilding": state.rebuilding,
             "last_rebuild": state.last_rebuild,
         }))
     }
-}
-
-/// A sync log entry as the APIs show it.
-pub fn log_json(e: &crate::store::LogEntry) -> serde_json::Value {
-    serde_json::json!({
-        "at_ms": e.at_ms, "remote": e.remote, "kind": e.kind, "id": e.id, "event": e.event,
-        "reason": e.reason, "edit": e.edit.as_ref().map(|f| crate::model::to_json(&e.id, 0, f)),
-    })
 }
 
 struct Rebuild {

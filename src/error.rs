@@ -22,6 +22,10 @@ pub enum ServiceError {
     MissingRef { field: String, kind: Kind, id: String },
     #[error("{0}")]
     Conflict(String),
+    /// Lost a race with another writer many times in a row: nothing was changed, and trying
+    /// again will succeed. Never a refusal of the change itself.
+    #[error("{0}")]
+    Busy(String),
     #[error("{0}")]
     Unavailable(#[from] TransportError),
     #[error("{0}")]
@@ -38,7 +42,7 @@ impl ServiceError {
             ServiceError::NotFound { .. } => 404,
             ServiceError::Exists { .. } | ServiceError::Conflict(_) => 409,
             ServiceError::MissingRef { .. } => 422,
-            ServiceError::Unavailable(_) => 503,
+            ServiceError::Busy(_) | ServiceError::Unavailable(_) => 503,
             ServiceError::Store(_) | ServiceError::Internal(_) => 500,
         }
     }

@@ -130,7 +130,9 @@ async fn list_records(store: Store, kind: Kind, params: BTreeMap<String, String>
                 })?
             }
             "after" => after = Some(v),
-            _ if kind.field(&k).is_some() => filters.push((k, v)),
+            _ if kind.field(&k).is_some() || (model::is_custom(&k) && kind.field("custom").is_some()) => {
+                filters.push((k, v))
+            }
             _ => {
                 return Err(ApiError::new(
                     StatusCode::BAD_REQUEST,

@@ -171,7 +171,9 @@ pub enum FieldType {
     Names,
     Bool,
     Int,
-    /// A map of custom field name to string value.
+    /// Custom fields: on input and output a map of name to string value; stored, merged and
+    /// sent as one field per name (`custom.NAME`), each with its own stamp, so two people
+    /// changing different custom fields of one record both keep their change.
     Custom,
 }
 
@@ -469,6 +471,11 @@ pub enum InputError {
     BadName { field: String, source: names::NameError },
     #[error("`{0}` cannot be changed: it is set by the server")]
     ReadOnly(&'static str),
+    #[error(
+        "a {kind} holds at most {MAX_CUSTOM_FIELDS} custom fields; this change would leave {count}. \
+         Clear some (`\"custom\": {{\"NAME\": null}}`) first"
+    )]
+    TooManyCustom { kind: Kind, count: usize },
 }
 
 fn json_type(v: &serde_json::Value) -> String {
@@ -523,21 +530,6 @@ impl FieldType {
             }
             (FieldType::Bool, J::Bool(b)) => Value::Bool(*b),
             (FieldType::Int, J::Number(n)) => Value::Int(n.as_i64()?),
-            (FieldType::Custom, J::Object(m)) if m.len() <= MAX_CUSTOM_FIELDS => {
-                let mut out = BTreeMap::new();
-                for (k, v) in m {
-                    if let Err(e) = names::check("custom field name", k) {
-                        return Some(Err(e));
-                    }
-                    match v {
-                        J::String(s) if s.len() <= MAX_CUSTOM_VALUE => {
-                            out.insert(k.clone(), s.clone());
-                        }
-                        _ => return None,
-                    }
-                }
-                Value::Map(out)
-            }
             _ => return None,
         }))
     }
@@ -584,6 +576,12 @@ pub fn parse_input(kind: Kind, body: &serde_json::Value, creating: bool) -> Resu
         if name == "version" {
             return Err(InputError::ReadOnly("version"));
         }
+        if let Some(key) = name.strip_prefix(CUSTOM_PREFIX)
+            && kind.field("custom").is_some()
+        {
+            input.patch.push(custom_entry(kind, key, v)?);
+            continue;
+        }
         let Some(spec) = kind.field(name) else {
             return Err(InputError::UnknownField {
                 kind,
@@ -596,6 +594,18 @@ pub fn parse_input(kind: Kind, body: &serde_json::Value, creating: bool) -> Resu
                 return Err(InputError::Missing { kind, field: spec.name });
             }
             input.patch.push((name.clone(), Value::Null));
+            continue;
+        }
+        if spec.ty == FieldType::Custom {
+            let wrong =
+                || InputError::WrongType { kind, field: name.clone(), expected: spec.ty.describe(), got: json_type(v) };
+            let serde_json::Value::Object(m) = v else { return Err(wrong()) };
+            if m.len() > MAX_CUSTOM_FIELDS {
+                return Err(wrong());
+            }
+            for (key, value) in m {
+                input.patch.push(custom_entry(kind, key, value)?);
+            }
             continue;
         }
         match spec.ty.check(v) {
@@ -621,6 +631,58 @@ pub fn parse_input(kind: Kind, body: &serde_json::Value, creating: bool) -> Resu
     Ok(input)
 }
 
+/// Field names of custom fields start with this: `custom.source`.
+pub const CUSTOM_PREFIX: &str = "custom.";
+
+/// One custom field of an input, as a patch entry: `custom.NAME` set to a string, or cleared.
+fn custom_entry(kind: Kind, key: &str, v: &serde_json::Value) -> Result<(String, Value), InputError> {
+    let field = format!("{CUSTOM_PREFIX}{key}");
+    names::check("custom field name", key).map_err(|source| InputError::BadName { field: field.clone(), source })?;
+    match v {
+        serde_json::Value::Null => Ok((field, Value::Null)),
+        serde_json::Value::String(s) if s.len() <= MAX_CUSTOM_VALUE => Ok((field, Value::Str(s.clone()))),
+        other => Err(InputError::WrongType {
+            kind,
+            field,
+            expected: format!("a string of at most {MAX_CUSTOM_VALUE} bytes, or null to clear it"),
+            got: json_type(other),
+        }),
+    }
+}
+
+/// Whether a field name is a custom field's.
+pub fn is_custom(name: &str) -> bool {
+    name.starts_with(CUSTOM_PREFIX)
+}
+
+/// Checks what a patch may leave valid on its own but not together with the record it
+/// changes: at most [`MAX_CUSTOM_FIELDS`] custom fields hold a value.
+pub fn check_record(kind: Kind, fields: &Fields) -> Result<(), InputError> {
+    let custom = fields.iter().filter(|(n, f)| is_custom(n) && f.value != Value::Null).count();
+    if custom > MAX_CUSTOM_FIELDS {
+        return Err(InputError::TooManyCustom { kind, count: custom });
+    }
+    Ok(())
+}
+
+/// Reads fields written by an earlier version, which kept all custom fields of a record in one
+/// `custom` map with one stamp: each becomes its own `custom.NAME` field with that stamp.
+pub fn normalize(fields: &mut Fields) {
+    if !fields.contains_key("custom") {
+        return;
+    }
+    if let Some(Field { value, stamp }) = fields.remove("custom")
+        && let Value::Map(map) = value
+    {
+        for (key, text) in map {
+            let name = format!("{CUSTOM_PREFIX}{key}");
+            if fields.get(&name).is_none_or(|f| f.stamp < stamp) {
+                fields.insert(name, Field { value: Value::Str(text), stamp });
+            }
+        }
+    }
+}
+
 /// The references a patch sets: (field, kind referred to, id).
 pub fn refs(kind: Kind, patch: &Patch) -> impl Iterator<Item = (&str, Kind, &str)> {
     patch.iter().filter_map(move |(name, value)| match (kind.field(name).map(|f| f.ty), value) {
@@ -636,6 +698,14 @@ pub fn refs(kind: Kind, patch: &Patch) -> impl Iterator<Item = (&str, Kind, &str
 pub fn apply_patch(fields: &mut Fields, patch: &Patch, stamp: u64) -> bool {
     let mut changed = false;
     for (name, value) in patch {
+        if name == "custom" {
+            // `"custom": null` clears every custom field, each with its own stamp.
+            let set: Vec<String> =
+                fields.iter().filter(|(n, f)| is_custom(n) && f.value != Value::Null).map(|(n, _)| n.clone()).collect();
+            let clear: Patch = set.into_iter().map(|n| (n, Value::Null)).collect();
+            changed |= apply_patch(fields, &clear, stamp);
+            continue;
+        }
         let old = fields.get(name);
         let same = old.is_some_and(|f| f.value == *value) || (value == &Value::Null && old.is_none());
         if !same {
@@ -682,10 +752,22 @@ pub fn to_json(id: &str, version: u64, fields: &Fields) -> serde_json::Value {
     let mut obj = serde_json::Map::with_capacity(fields.len() + 2);
     obj.insert("id".into(), id.into());
     obj.insert("version".into(), version.into());
+    let mut custom = serde_json::Map::new();
     for (name, field) in fields {
-        if field.value != Value::Null {
-            obj.insert(name.clone(), field.value.to_json());
+        if field.value == Value::Null {
+            continue;
         }
+        match name.strip_prefix(CUSTOM_PREFIX) {
+            Some(key) => {
+                custom.insert(key.to_owned(), field.value.to_json());
+            }
+            None => {
+                obj.insert(name.clone(), field.value.to_json());
+            }
+        }
+    }
+    if !custom.is_empty() {
+        obj.insert("custom".into(), serde_json::Value::Object(custom));
     }
     serde_json::Value::Object(obj)
 }
@@ -791,5 +873,67 @@ mod tests {
         let mut fields = rec(&[("city", "Boston", 100)]);
         assert!(apply_patch(&mut fields, &vec![("city".into(), Value::Str("Albany".into()))], 50));
         assert_eq!(fields["city"].stamp, 101);
+    }
+
+    #[test]
+    fn each_custom_field_is_a_field_of_its_own() {
+        let mut fields = Fields::new();
+        let input = parse_input(Kind::Contact, &json!({"custom": {"a": "1", "b": "1"}}), true).unwrap();
+        assert!(apply_patch(&mut fields, &input.patch, 10));
+        // Changing one custom field leaves the others, and stamps only the one changed.
+        let input = parse_input(Kind::Contact, &json!({"custom": {"a": "2"}}), false).unwrap();
+        assert!(apply_patch(&mut fields, &input.patch, 20));
+        assert_eq!(to_json("c", 1, &fields)["custom"], json!({"a": "2", "b": "1"}));
+        assert_eq!((fields["custom.a"].stamp, fields["custom.b"].stamp), (20, 10));
+        // null clears one; "custom": null clears them all.
+        let input = parse_input(Kind::Contact, &json!({"custom": {"b": null}}), false).unwrap();
+        assert!(apply_patch(&mut fields, &input.patch, 30));
+        assert_eq!(to_json("c", 1, &fields)["custom"], json!({"a": "2"}));
+        let input = parse_input(Kind::Contact, &json!({"custom": null}), false).unwrap();
+        assert!(apply_patch(&mut fields, &input.patch, 40));
+        assert_eq!(to_json("c", 1, &fields).get("custom"), None);
+        assert_eq!(fields["custom.a"], Field { value: Value::Null, stamp: 40 });
+    }
+
+    #[test]
+    fn edits_of_different_custom_fields_at_two_places_both_survive_a_merge() {
+        let base = rec(&[("custom.a", "1", 10), ("custom.b", "1", 10)]);
+        let mut here = base.clone();
+        here.insert("custom.a".into(), Field { value: Value::Str("main".into()), stamp: 20 });
+        let mut there = base;
+        there.insert("custom.b".into(), Field { value: Value::Str("remote".into()), stamp: 21 });
+        let merged = merge(Kind::Contact, &here, &there).unwrap();
+        assert_eq!(to_json("c", 1, &merged)["custom"], json!({"a": "main", "b": "remote"}));
+    }
+
+    #[test]
+    fn custom_fields_are_checked_one_by_one_and_counted() {
+        let err = parse_input(Kind::Contact, &json!({"custom": {"a.b": "x"}}), false).unwrap_err();
+        assert!(err.to_string().starts_with("field `custom.a.b`"), "{err}");
+        let err = parse_input(Kind::Contact, &json!({"custom": {"a": 5}}), false).unwrap_err();
+        assert!(err.to_string().contains("a string of at most 1024 bytes, or null"), "{err}");
+        let many: serde_json::Map<String, serde_json::Value> =
+            (0..MAX_CUSTOM_FIELDS).map(|i| (format!("k{i}"), json!("v"))).collect();
+        let mut fields = Fields::new();
+        let input = parse_input(Kind::Contact, &json!({ "custom": many }), true).unwrap();
+        apply_patch(&mut fields, &input.patch, 1);
+        assert!(check_record(Kind::Contact, &fields).is_ok());
+        let input = parse_input(Kind::Contact, &json!({"custom": {"one_more": "v"}}), false).unwrap();
+        apply_patch(&mut fields, &input.patch, 2);
+        let err = check_record(Kind::Contact, &fields).unwrap_err();
+        assert!(err.to_string().contains("at most 100 custom fields; this change would leave 101"), "{err}");
+        // Notes have no custom fields.
+        assert!(parse_input(Kind::Note, &json!({"custom.a": "x"}), false).is_err());
+    }
+
+    #[test]
+    fn a_custom_map_written_by_an_earlier_version_reads_as_fields() {
+        let mut fields: Fields = [
+            ("custom".to_string(), Field { value: Value::Map([("a".into(), "1".into())].into()), stamp: 5 }),
+            ("city".to_string(), Field { value: Value::Str("Troy".into()), stamp: 5 }),
+        ]
+        .into();
+        normalize(&mut fields);
+        assert_eq!(fields, rec(&[("custom.a", "1", 5), ("city", "Troy", 5)]));
     }
 }

@@ -54,7 +54,7 @@
 //!   `((not a) and b) or c`. Parentheses group as usual.
 //! - Keywords (`and`, `or`, `not`, `contains`, `starts with`, `ends with`, `in`, `is empty`,
 //!   `is not empty`) and contact field names are case-insensitive. Custom field names are not:
-//!   they are the keys of the contact's `custom` map, compared exactly.
+//!   they are the names of the contact's custom fields, compared exactly.
 //! - `CONTACT-FIELD` is any field of [`Kind::Contact`] except `custom` itself; `custom.NAME`
 //!   reads one custom field (NAME of `A-Z a-z 0-9 _ -`). Any other name is refused with the list
 //!   of the known fields.
@@ -76,7 +76,7 @@
 //!   string `''`, for every comparison. So `city = ''` is the same as `city is empty`,
 //!   `city != 'x'` holds for a contact without a city, and `city < 'b'` holds for it too (the
 //!   empty string sorts first): write `city is not empty and city < 'b'` to leave such contacts
-//!   out. A custom field is missing when the contact has no `custom` map or the map lacks the key.
+//!   out. A custom field is missing when the contact has no custom field of that name.
 //! - **`=`, `!=`, `in`** compare text: `zip = 01234` does not match `1234`. `a != v` is exactly
 //!   `not a = v`; `a in (v1, v2)` is `a = v1 or a = v2`.
 //! - **`contains`, `starts with`, `ends with`** test substrings, ASCII case-insensitively. Every
@@ -282,7 +282,7 @@ struct Condition {
 enum FieldRef {
     /// A field of the contact, by its name in the field table.
     Contact(&'static str),
-    /// A key of the contact's `custom` map.
+    /// A custom field of the contact, by its field name (`custom.NAME`).
     Custom(Box<str>),
 }
 
@@ -290,7 +290,7 @@ impl fmt::Display for FieldRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             FieldRef::Contact(name) => f.write_str(name),
-            FieldRef::Custom(name) => write!(f, "custom.{name}"),
+            FieldRef::Custom(name) => f.write_str(name),
         }
     }
 }
@@ -408,11 +408,8 @@ impl Condition {
     fn matches(&self, fields: &Fields) -> bool {
         let value = match &self.field {
             FieldRef::Contact(name) => fields.get(*name).map(|field| &field.value),
-            FieldRef::Custom(key) => {
-                let text = match fields.get("custom").map(|field| &field.value) {
-                    Some(Value::Map(custom)) => custom.get(&**key).map_or("", String::as_str),
-                    _ => "",
-                };
+            FieldRef::Custom(name) => {
+                let text = fields.get(&**name).and_then(|field| field.value.as_str()).unwrap_or("");
                 return self.operator.holds(Subject::Text(text));
             }
         };
@@ -857,7 +854,7 @@ fn field<'a>(input: &mut Input<'a>) -> ParseResult<'a, (FieldRef, &'a str)> {
                 // Point at the key, just after the dot.
                 return Err(SyntaxError::cut_at(&start[prefix.len() + 1..], Expected::CustomKey));
             }
-            FieldRef::Custom(key.into())
+            FieldRef::Custom(format!("{}{key}", crate::model::CUSTOM_PREFIX).into())
         }
         _ if written.eq_ignore_ascii_case("custom") => {
             multispace0.parse_next(input)?;
@@ -950,7 +947,6 @@ fn quoted<'a>(input: &mut Input<'a>) -> ParseResult<'a, String> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::time::Instant;
 
     use proptest::prelude::*;
@@ -964,10 +960,6 @@ mod tests {
 
     fn list(elements: &[&str]) -> Value {
         Value::List(elements.iter().map(|element| element.to_string()).collect())
-    }
-
-    fn custom(pairs: &[(&str, &str)]) -> Value {
-        Value::Map(pairs.iter().map(|(key, value)| (key.to_string(), value.to_string())).collect())
     }
 
     fn contact(pairs: Vec<(&str, Value)>) -> Fields {
@@ -987,7 +979,8 @@ mod tests {
             ("access", text("limited")),
             ("access_users", list(&["jdoe", "asmith"])),
             ("access_teams", list(&["sales"])),
-            ("custom", custom(&[("source", "Web"), ("score", "42")])),
+            ("custom.source", text("Web")),
+            ("custom.score", text("42")),
         ])
     }
 
@@ -1401,8 +1394,7 @@ mod tests {
     #[test]
     fn evaluation_cost() {
         let query = parse("state = NY and (city starts with 'Al' or custom.source in (web, fair))");
-        let buffalo =
-            contact(vec![("city", text("Buffalo")), ("state", text("NY")), ("custom", custom(&[("source", "fair")]))]);
+        let buffalo = contact(vec![("city", text("Buffalo")), ("state", text("NY")), ("custom.source", text("fair"))]);
         let contacts = [jane(), bob(), buffalo, Fields::new()];
         let rounds = 100_000;
         let started = Instant::now();
@@ -1462,8 +1454,8 @@ mod tests {
             FieldRef::Contact("state"),
             FieldRef::Contact("zip"),
             FieldRef::Contact("access_users"),
-            FieldRef::Custom("source".into()),
-            FieldRef::Custom("score".into()),
+            FieldRef::Custom("custom.source".into()),
+            FieldRef::Custom("custom.score".into()),
         ])
     }
 
@@ -1512,9 +1504,8 @@ mod tests {
         (prop::collection::vec((names, values()), 0..5), prop::option::of(custom)).prop_map(|(pairs, custom)| {
             let mut fields: Fields =
                 pairs.into_iter().map(|(name, value)| (name.to_owned(), Field { value, stamp: 1 })).collect();
-            if let Some(custom) = custom {
-                let map: BTreeMap<String, String> = custom.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-                fields.insert("custom".into(), Field { value: Value::Map(map), stamp: 1 });
+            for (key, text) in custom.into_iter().flatten() {
+                fields.insert(format!("custom.{key}"), Field { value: Value::Str(text), stamp: 1 });
             }
             fields
         })

@@ -41,23 +41,30 @@ fn value_schema(ty: FieldType) -> J {
 /// A record's fields as they travel: each field `[value, stamp]`, the value `null` when the
 /// field was cleared, the stamp a hybrid logical clock (milliseconds << 16 | counter).
 pub fn record_schema(kind: Kind) -> J {
-    let properties: serde_json::Map<String, J> = kind
-        .fields()
-        .iter()
-        .map(|f| {
-            let field = json!({
-                "type": "array",
-                "prefixItems": [
-                    { "anyOf": [{ "type": "null" }, value_schema(f.ty)] },
-                    { "type": "integer", "minimum": 0, "description": "HLC stamp of the change that set the field" },
-                ],
-                "minItems": 2,
-                "maxItems": 2,
-            });
-            (f.name.to_owned(), field)
+    let field = |value: J| {
+        json!({
+            "type": "array",
+            "prefixItems": [
+                { "anyOf": [{ "type": "null" }, value] },
+                { "type": "integer", "minimum": 0, "description": "HLC stamp of the change that set the field" },
+            ],
+            "minItems": 2,
+            "maxItems": 2,
         })
-        .collect();
+    };
+    let properties: serde_json::Map<String, J> =
+        kind.fields().iter().map(|f| (f.name.to_owned(), field(value_schema(f.ty)))).collect();
     let required: Vec<&str> = kind.fields().iter().filter(|f| f.required).map(|f| f.name).collect();
+    let mut pattern = serde_json::Map::new();
+    if kind.field("custom").is_some() {
+        let mut custom = field(json!({ "type": "string", "maxLength": MAX_CUSTOM_VALUE }));
+        custom["description"] = format!(
+            "one custom field, with its own stamp; at most {MAX_CUSTOM_FIELDS} hold a value. (`custom`, one map of them \
+             all with one stamp, is how earlier versions wrote them; readers take each of its keys as `custom.NAME`.)"
+        )
+        .into();
+        pattern.insert(format!("^custom\\.[A-Za-z0-9_-]{{1,{MAX_NAME_LEN}}}$"), custom);
+    }
     json!({
         "$schema": DRAFT,
         "$id": format!("urn:crmsync:schema:{SCHEMA_MAJOR}:{kind}"),
@@ -67,6 +74,7 @@ pub fn record_schema(kind: Kind) -> J {
         ),
         "type": "object",
         "properties": properties,
+        "patternProperties": pattern,
         "required": required,
         "additionalProperties": false,
     })

@@ -11,6 +11,7 @@
 //! | `quarantine` | stream sequence | [`Quarantined`]: a message that did not decode |
 //! | `uploads` | sequence | [`Upload`]: a remote's edit not yet acknowledged by `CRM_UP` |
 //! | `sync_log` | sequence | [`LogEntry`]: an edit the main refused, as each side recorded it |
+//! | `parked` | (remote's upload queue, number) | [`Parked`]: an upload that reached the main before an earlier one of its queue |
 //! | `meta` | name | u64 (stream positions, counters) |
 //! | `meta_str` | name | string (database id, role) |
 //!
@@ -49,6 +50,7 @@ const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
 const UPLOADS: TableDefinition<u64, &[u8]> = TableDefinition::new("uploads");
 const SYNC_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("sync_log");
+const PARKED: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("parked");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const META_STR: TableDefinition<&str, &str> = TableDefinition::new("meta_str");
 
@@ -64,6 +66,8 @@ const FORMAT_KEY: &str = "format";
 /// Meta keys.
 pub const APPLIED: &str = "applied";
 pub const DATABASE_ID: &str = "database_id";
+/// The number the next queued upload gets.
+pub const UPLOADS_NEXT: &str = "uploads_next";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -132,7 +136,8 @@ impl Stored {
     fn decode(bytes: &[u8]) -> Result<Stored, StoreError> {
         let corrupt = |detail: String| StoreError::Corrupt { what: "record", detail };
         let (version, holders) = Stored::head(bytes).ok_or_else(|| corrupt(format!("{} bytes", bytes.len())))?;
-        let fields = rmp_serde::from_slice(&bytes[9..]).map_err(|e| corrupt(e.to_string()))?;
+        let mut fields = rmp_serde::from_slice(&bytes[9..]).map_err(|e| corrupt(e.to_string()))?;
+        crate::model::normalize(&mut fields);
         Ok(Stored { version, holders, fields })
     }
 
@@ -167,6 +172,15 @@ impl OutboxEntry {
 pub struct Upload {
     /// The edit's event id: its `Nats-Msg-Id`.
     pub event: String,
+    pub subject: String,
+    #[serde(with = "serde_bytes_compat")]
+    pub payload: Vec<u8>,
+}
+
+/// An upload the main took off `CRM_UP` before an earlier upload of the same remote queue had
+/// arrived: kept until that one is merged, then merged in its turn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Parked {
     pub subject: String,
     #[serde(with = "serde_bytes_compat")]
     pub payload: Vec<u8>,
@@ -516,6 +530,35 @@ impl Store {
         let txn = self.read_txn()?;
         children_of(&txn.open_table(CHILDREN)?, parent)
     }
+
+    /// The parked uploads of one upload queue from number `from` on, in order, at most `limit`.
+    pub fn parked(&self, queue: &str, from: u64, limit: usize) -> Result<Vec<(u64, Parked)>, StoreError> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(PARKED)?;
+        let mut out = Vec::new();
+        for item in table.range((queue, from)..=(queue, u64::MAX))?.take(limit) {
+            let (k, v) = item?;
+            let parked = rmp_serde::from_slice(v.value())
+                .map_err(|e| StoreError::Corrupt { what: "parked upload", detail: e.to_string() })?;
+            out.push((k.value().1, parked));
+        }
+        Ok(out)
+    }
+
+    /// The upload queues that have parked uploads.
+    pub fn parked_queues(&self) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        let txn = self.read_txn()?;
+        let mut out = std::collections::BTreeSet::new();
+        for item in txn.open_table(PARKED)?.iter()? {
+            out.insert(item?.0.value().0.to_owned());
+        }
+        Ok(out)
+    }
+
+    /// How many uploads are parked, waiting for an earlier upload of their queue.
+    pub fn parked_len(&self) -> Result<u64, StoreError> {
+        Ok(self.read_txn()?.open_table(PARKED)?.len()?)
+    }
 }
 
 /// Appends an entry to a queue table under the next number of the `counter` kept in `meta`.
@@ -563,6 +606,7 @@ pub struct Tables<'txn> {
     quarantine: Table<'txn, u64, &'static [u8]>,
     uploads: Table<'txn, u64, &'static [u8]>,
     sync_log: Table<'txn, u64, &'static [u8]>,
+    parked: Table<'txn, (&'static str, u64), &'static [u8]>,
     meta: Table<'txn, &'static str, u64>,
     meta_str: Table<'txn, &'static str, &'static str>,
 }
@@ -581,6 +625,7 @@ impl<'txn> Tables<'txn> {
             quarantine: txn.open_table(QUARANTINE)?,
             uploads: txn.open_table(UPLOADS)?,
             sync_log: txn.open_table(SYNC_LOG)?,
+            parked: txn.open_table(PARKED)?,
             meta: txn.open_table(META)?,
             meta_str: txn.open_table(META_STR)?,
         })
@@ -696,7 +741,7 @@ impl<'txn> Tables<'txn> {
 
     /// Queues a remote's edit for `CRM_UP`.
     pub fn push_upload(&mut self, upload: &Upload) -> Result<(), StoreError> {
-        append(&mut self.uploads, &mut self.meta, "uploads_next", upload)
+        append(&mut self.uploads, &mut self.meta, UPLOADS_NEXT, upload)
     }
 
     /// Drops uploads up to and including `last`, once `CRM_UP` acknowledged them.
@@ -707,6 +752,17 @@ impl<'txn> Tables<'txn> {
 
     pub fn log(&mut self, entry: &LogEntry) -> Result<(), StoreError> {
         append(&mut self.sync_log, &mut self.meta, "sync_log_next", entry)
+    }
+
+    pub fn park(&mut self, queue: &str, n: u64, parked: &Parked) -> Result<(), StoreError> {
+        self.parked.insert((queue, n), rmp_serde::to_vec(parked).expect("a parked upload encodes").as_slice())?;
+        Ok(())
+    }
+
+    /// Drops the parked uploads of a queue numbered below `next` (merged, or duplicates).
+    pub fn unpark_below(&mut self, queue: &str, next: u64) -> Result<(), StoreError> {
+        self.parked.retain_in((queue, 0)..(queue, next), |_, _| false)?;
+        Ok(())
     }
 
     pub fn quarantine(&mut self, seq: u64, q: &Quarantined) -> Result<(), StoreError> {

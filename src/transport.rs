@@ -232,12 +232,21 @@ impl Nats {
     }
 
     /// Publishes a remote's edits to `CRM_UP` in order, each with its event id as
-    /// `Nats-Msg-Id` (a retried upload is dropped as a duplicate), and waits for every ack.
-    pub async fn publish_uploads(&self, uploads: &[(u64, crate::store::Upload)]) -> Result<(), TransportError> {
+    /// `Nats-Msg-Id` (a retried upload is dropped as a duplicate) and its place in the remote's
+    /// queue (`order` of its queue number) as [`crate::wire::UPLOAD_ORDER`], and waits for every
+    /// ack.
+    pub async fn publish_uploads(
+        &self,
+        uploads: &[(u64, crate::store::Upload)],
+        order: impl Fn(u64) -> String,
+    ) -> Result<(), TransportError> {
         let mut messages = Vec::with_capacity(uploads.len());
-        for (_, u) in uploads {
+        for (n, u) in uploads {
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", u.event.as_str());
+            headers.insert(crate::wire::UPLOAD_ORDER, order(*n).as_str());
             let publish =
-                jetstream::message::PublishMessage::build().payload(u.payload.clone().into()).message_id(&u.event);
+                jetstream::message::PublishMessage::build().payload(u.payload.clone().into()).headers(headers);
             messages.push((u.subject.clone(), publish));
         }
         self.publish_pipelined(messages).await.map_err(|e| TransportError::request("uploading edits to CRM_UP", e))
@@ -267,10 +276,14 @@ impl Nats {
     }
 
     /// The main's merger: one durable consumer taking every upload off the `CRM_UP` work queue,
-    /// in order, acknowledging each once it is merged or refused.
+    /// in order, acknowledging each once it is merged, refused or parked.
+    ///
+    /// It is reset to the first upload still in the queue every time the merger starts: uploads
+    /// delivered to an earlier run (a main that was stopped or killed) and never acknowledged
+    /// come first again, at once, instead of after their ack wait, behind later ones.
     pub async fn merger_consumer(&self) -> Result<consumer::Consumer<consumer::pull::Config>, TransportError> {
         let stream = self.stream(UP_STREAM).await?;
-        stream
+        let consumer = stream
             .get_or_create_consumer(
                 MERGER,
                 consumer::pull::Config {
@@ -284,7 +297,12 @@ impl Nats {
                 },
             )
             .await
-            .map_err(|e| TransportError::request("creating the merger's consumer on CRM_UP", e))
+            .map_err(|e| TransportError::request("creating the merger's consumer on CRM_UP", e))?;
+        stream
+            .reset_consumer(MERGER, None)
+            .await
+            .map_err(|e| TransportError::request("resetting the merger's consumer on CRM_UP", e))?;
+        Ok(consumer)
     }
 
     /// Uploads waiting in `CRM_UP` for the merger.

@@ -19,6 +19,19 @@ pub const UP_STREAM: &str = "CRM_UP";
 /// The origin of changes made through the main's API.
 pub const ORIGIN_MAIN: &str = "main";
 
+/// Header of every upload on `CRM_UP`: `<queue>:<n>`, the id of the remote's upload queue and
+/// the upload's place in it (0, 1, 2, … with no gap). The main merges each queue's uploads in
+/// exactly this order, whatever order they reach the stream in: a publish lost in a
+/// reconnect and sent again lands after later ones.
+pub const UPLOAD_ORDER: &str = "Crmsync-Upload";
+
+/// Reads an [`UPLOAD_ORDER`] header value: the queue id and the upload's number.
+pub fn parse_upload_order(value: &str) -> Option<(&str, u64)> {
+    let (queue, n) = value.rsplit_once(':')?;
+    crate::names::check("upload queue", queue).ok()?;
+    Some((queue, n.parse().ok()?))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Op {
@@ -75,7 +88,11 @@ impl Envelope {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Envelope, rmp_serde::decode::Error> {
-        rmp_serde::from_slice(bytes)
+        let mut env: Envelope = rmp_serde::from_slice(bytes)?;
+        if let Some(record) = &mut env.record {
+            crate::model::normalize(record);
+        }
+        Ok(env)
     }
 
     pub fn header(&self) -> Header {

@@ -158,7 +158,9 @@ pub fn pairs_to_json(kind: Kind, pairs: &[String], base: Option<&str>) -> Result
         if let Some(custom) = name.strip_prefix("custom.") {
             let map = body.entry("custom").or_insert_with(|| json!({}));
             if let J::Object(m) = map {
-                m.insert(custom.to_owned(), J::String(value.to_owned()));
+                // `custom.NAME=` clears that custom field alone.
+                let value = if value.is_empty() { J::Null } else { J::String(value.to_owned()) };
+                m.insert(custom.to_owned(), value);
             }
             continue;
         }

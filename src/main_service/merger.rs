@@ -19,7 +19,7 @@ use super::{Decision, Main};
 use crate::error::ServiceError;
 use crate::model::{self, Fields, Kind, Value};
 use crate::routing::{RoutingConfig, SetSpec, TargetDef};
-use crate::store::{LogEntry, Stored};
+use crate::store::{LogEntry, Parked, Stored};
 use crate::transport;
 use crate::wire::{self, Decoded, Envelope, Op, Target};
 
@@ -41,6 +41,44 @@ pub(super) async fn run(main: Main, mut shutdown: watch::Receiver<bool>) {
 
 /// Uploads taken off the queue at most at once.
 const MERGE_BATCH: usize = 256;
+/// Parked uploads merged at once when the upload they waited for has come.
+const UNPARK_BATCH: usize = 256;
+
+/// An upload to merge: taken off `CRM_UP` or out of the parked table.
+struct Upload {
+    subject: String,
+    payload: bytes::Bytes,
+    /// Its remote queue and number in it (none from a remote older than the header).
+    order: Option<(String, u64)>,
+}
+
+impl Upload {
+    fn from_message(msg: &async_nats::jetstream::Message) -> Upload {
+        let order = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(wire::UPLOAD_ORDER))
+            .and_then(|v| wire::parse_upload_order(v.as_str()))
+            .map(|(queue, n)| (queue.to_owned(), n));
+        Upload { subject: msg.subject.to_string(), payload: msg.payload.clone(), order }
+    }
+}
+
+/// The meta key of the next upload number the main expects from a remote's upload queue.
+fn next_key(queue: &str) -> String {
+    format!("upload_next:{queue}")
+}
+
+/// Where each upload of a batch goes, by its place in its queue.
+#[derive(Default)]
+struct Sorted {
+    /// In order: merge now.
+    merge: Vec<(usize, Upload)>,
+    /// An earlier upload of its queue has not arrived: keep until it has.
+    park: Vec<(usize, Upload)>,
+    /// Merged before (a publish repeated after the deduplication window): drop.
+    repeated: Vec<usize>,
+}
 
 async fn merge_loop(main: &Main, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
     let consumer = main.inner.nats.merger_consumer().await?;
@@ -53,6 +91,11 @@ async fn merge_loop(main: &Main, shutdown: &mut watch::Receiver<bool>) -> anyhow
         .await?;
     let mut connections = main.inner.nats.connections.clone();
     connections.mark_unchanged();
+    // The next number expected from each upload queue, as committed: read afresh at every
+    // start, because a failed batch may have advanced it here but not on disk.
+    let mut next: BTreeMap<String, u64> = BTreeMap::new();
+    // The queues with parked uploads: after each batch, those that can go on are merged.
+    let mut parked: BTreeSet<String> = main.inner.store.parked_queues()?;
     loop {
         let batch = tokio::select! {
             _ = shutdown.changed() => return Ok(()),
@@ -64,23 +107,144 @@ async fn merge_loop(main: &Main, shutdown: &mut watch::Receiver<bool>) -> anyhow
             Some(Err(e)) => anyhow::bail!("reading CRM_UP: {e}"),
             Some(Ok(batch)) => batch,
         };
+        let sorted = sort_batch(&main.inner.store, &mut next, batch.iter().map(Upload::from_message))?;
+        if !sorted.park.is_empty() {
+            main.inner.store.write(true, |t| {
+                for (_, u) in &sorted.park {
+                    let (queue, n) = u.order.as_ref().expect("only ordered uploads are parked");
+                    tracing::info!(
+                        queue,
+                        n,
+                        "an upload came before an earlier one of its queue; keeping it until that one is merged"
+                    );
+                    t.park(queue, *n, &Parked { subject: u.subject.clone(), payload: u.payload.to_vec() })?;
+                }
+                Ok(())
+            })?;
+            parked.extend(sorted.park.iter().filter_map(|(_, u)| u.order.as_ref().map(|(q, _)| q.clone())));
+        }
         let mut start = 0;
-        while start < batch.len() {
-            let end = start + wave_len(&batch[start..]);
-            merge_wave(main, &batch[start..end], &batch[end..]).await?;
+        while start < sorted.merge.len() {
+            let end = start + wave_len(&sorted.merge[start..]);
+            let wave = &sorted.merge[start..end];
+            merge_wave(main, wave.iter().map(|(_, u)| u)).await?;
+            commit_order(main, wave.iter().map(|(_, u)| u))?;
+            ack(wave.iter().map(|(i, _)| &batch[*i])).await;
             start = end;
+        }
+        ack(sorted.park.iter().map(|(i, _)| &batch[*i]).chain(sorted.repeated.iter().map(|i| &batch[*i]))).await;
+        // The uploads that waited for one merged now.
+        for queue in parked.clone() {
+            let from = match next.get(&queue) {
+                Some(n) => *n,
+                None => main.inner.store.meta(&next_key(&queue))?,
+            };
+            unpark(main, &queue, from, &mut next).await?;
+            if main.inner.store.parked(&queue, 0, 1)?.is_empty() {
+                parked.remove(&queue);
+            }
         }
     }
 }
 
-/// How many uploads from the head of `batch` can be merged at once: uploads of different
+/// Sorts uploads by their place in their queue against the next number expected of it,
+/// advancing `next` over those merged now.
+fn sort_batch(
+    store: &crate::store::Store,
+    next: &mut BTreeMap<String, u64>,
+    uploads: impl Iterator<Item = Upload>,
+) -> Result<Sorted, ServiceError> {
+    let mut sorted = Sorted::default();
+    for (i, upload) in uploads.enumerate() {
+        let Some((queue, n)) = &upload.order else {
+            sorted.merge.push((i, upload));
+            continue;
+        };
+        let expected = match next.get(queue) {
+            Some(e) => *e,
+            None => *next.entry(queue.clone()).or_insert(store.meta(&next_key(queue))?),
+        };
+        match n.cmp(&expected) {
+            std::cmp::Ordering::Less => sorted.repeated.push(i),
+            std::cmp::Ordering::Equal => {
+                next.insert(queue.clone(), n + 1);
+                sorted.merge.push((i, upload));
+            }
+            std::cmp::Ordering::Greater => sorted.park.push((i, upload)),
+        }
+    }
+    Ok(sorted)
+}
+
+/// Commits, durably, that these uploads are merged: the next number of each of their queues.
+/// Only then are they acknowledged, so an upload acknowledged is never merged twice, and one
+/// merged but not yet committed here is merged again after a crash, which changes nothing.
+fn commit_order<'a>(main: &Main, merged: impl Iterator<Item = &'a Upload>) -> Result<(), ServiceError> {
+    let mut advanced: BTreeMap<&str, u64> = BTreeMap::new();
+    for (queue, n) in merged.filter_map(|u| u.order.as_ref()) {
+        let e = advanced.entry(queue.as_str()).or_default();
+        *e = (*e).max(n + 1);
+    }
+    if advanced.is_empty() {
+        return Ok(());
+    }
+    main.inner.store.write(true, |t| {
+        for (queue, next) in &advanced {
+            t.set_meta(&next_key(queue), *next)?;
+            t.unpark_below(queue, *next)?;
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+async fn ack<'a>(messages: impl Iterator<Item = &'a async_nats::jetstream::Message>) {
+    for msg in messages {
+        if let Err(e) = msg.ack().await {
+            // Merged or parked; if the ack is lost the upload comes again and is recognised by
+            // its number.
+            tracing::warn!("acknowledging an upload failed: {e}");
+        }
+    }
+}
+
+/// Merges, one at a time and in order, the parked uploads of `queue` that follow its merged
+/// ones without a gap.
+async fn unpark(main: &Main, queue: &str, from: u64, next: &mut BTreeMap<String, u64>) -> anyhow::Result<()> {
+    let mut n = from;
+    loop {
+        let parked = main.inner.store.parked(queue, n, UNPARK_BATCH)?;
+        let ready: Vec<Upload> = parked
+            .into_iter()
+            .enumerate()
+            .take_while(|(i, (number, _))| *number == n + *i as u64)
+            .map(|(_, (number, p))| Upload {
+                subject: p.subject,
+                payload: p.payload.into(),
+                order: Some((queue.to_owned(), number)),
+            })
+            .collect();
+        if ready.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(queue, from = n, uploads = ready.len(), "merging parked uploads");
+        for upload in &ready {
+            merge_wave(main, std::iter::once(upload)).await?;
+            commit_order(main, std::iter::once(upload))?;
+            n += 1;
+            next.insert(queue.to_owned(), n);
+        }
+    }
+}
+
+/// How many uploads from the head of `uploads` can be merged at once: uploads of different
 /// records, and never a contact together with a note, history, activity or membership (which
 /// may belong to it), so the order in which a remote made them still holds where it matters.
-fn wave_len(batch: &[async_nats::jetstream::Message]) -> usize {
+fn wave_len(uploads: &[(usize, Upload)]) -> usize {
     let mut records = BTreeSet::new();
     let (mut contacts, mut children) = (false, false);
-    for (n, msg) in batch.iter().enumerate() {
-        let Some((kind, id)) = wire::subject_record(&msg.subject) else { return n.max(1) };
+    for (n, (_, upload)) in uploads.iter().enumerate() {
+        let Some((kind, id)) = wire::subject_record(&upload.subject) else { return n.max(1) };
         let child = kind.parent_field().is_some();
         contacts |= kind == Kind::Contact;
         children |= child;
@@ -88,21 +252,23 @@ fn wave_len(batch: &[async_nats::jetstream::Message]) -> usize {
             return n.max(1);
         }
     }
-    batch.len()
+    uploads.len()
 }
 
-/// Merges a wave of uploads concurrently, adds the contacts created in it to their remotes'
-/// lists, then acknowledges each. If one could not be decided, it and everything after it
-/// (`rest`) go back to the queue, in order.
-async fn merge_wave(
-    main: &Main,
-    wave: &[async_nats::jetstream::Message],
-    rest: &[async_nats::jetstream::Message],
-) -> anyhow::Result<()> {
-    let results = futures::future::join_all(wave.iter().map(|m| main.merge_upload(&m.subject, &m.payload))).await;
+/// Merges a wave of uploads concurrently, then adds the contacts created in it to their
+/// remotes' lists. `Err` if one could not be decided now: the caller starts again from the
+/// first upload not committed as merged.
+async fn merge_wave<'a>(main: &Main, wave: impl Iterator<Item = &'a Upload>) -> anyhow::Result<()> {
+    let wave: Vec<&Upload> = wave.collect();
+    let results = futures::future::join_all(wave.iter().map(|u| main.merge_upload(&u.subject, &u.payload))).await;
     let mut created: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (remote, contact) in results.iter().filter_map(|r| r.as_ref().ok().cloned().flatten()) {
-        created.entry(remote).or_default().push(contact);
+    for (upload, result) in wave.iter().zip(&results) {
+        match result {
+            Ok(Some((remote, contact))) => created.entry(remote.clone()).or_default().push(contact.clone()),
+            Ok(None) => {}
+            // NATS or the store failed: the uploads stay in the queue and come again, in order.
+            Err(e) => anyhow::bail!("merging an upload from {}: {e}", upload.subject),
+        }
     }
     for (remote, contacts) in created {
         // Contacts made at a remote join its subscription list, so they never vanish from the
@@ -110,26 +276,6 @@ async fn merge_wave(
         if let Err(e) = main.add_subscriptions(&remote, contacts).await {
             tracing::warn!(remote, "contacts made at the remote could not join its list: {e}");
         }
-    }
-    let mut failed = None;
-    for (msg, result) in wave.iter().zip(results) {
-        match (result, &failed) {
-            (Ok(_), None) => {
-                if let Err(e) = msg.ack().await {
-                    // Merged; if the ack is lost the upload comes again and changes nothing.
-                    tracing::warn!("acknowledging an upload failed: {e}");
-                }
-            }
-            (Err(e), None) => failed = Some(format!("merging an upload from {}: {e}", msg.subject)),
-            _ => {}
-        }
-    }
-    if let Some(why) = failed {
-        // NATS or the store failed: leave the uploads in the queue and try again, in order.
-        for msg in wave.iter().chain(rest) {
-            let _ = msg.ack_with(async_nats::jetstream::AckKind::Nak(Some(Duration::from_secs(1)))).await;
-        }
-        anyhow::bail!(why);
     }
     Ok(())
 }
@@ -145,7 +291,10 @@ enum Outcome {
 impl From<ServiceError> for Outcome {
     fn from(e: ServiceError) -> Outcome {
         match e {
-            ServiceError::Unavailable(_) | ServiceError::Store(_) | ServiceError::Internal(_) => Outcome::Retry(e),
+            ServiceError::Busy(_)
+            | ServiceError::Unavailable(_)
+            | ServiceError::Store(_)
+            | ServiceError::Internal(_) => Outcome::Retry(e),
             other => Outcome::Refused(other.to_string()),
         }
     }
@@ -263,8 +412,12 @@ impl Main {
                     }
                 })
                 .await?;
+                // Made at the remote: it has never held a version of the main's. (Not "did not
+                // exist before this merge": an upload merged again after a crash must still
+                // find its contact a place on the list.)
+                let made_there = env.version == 0;
                 let listed = model::names(&remote_record.fields, "subscriptions").contains(&id.to_owned());
-                Ok(kind == Kind::Contact && !existed && !listed)
+                Ok(kind == Kind::Contact && made_there && !listed)
             }
             Op::Leave | Op::Reject => Err(Outcome::Refused(format!("a remote cannot upload a {:?}", env.op))),
         }
@@ -276,6 +429,8 @@ impl Main {
         let body: serde_json::Map<String, serde_json::Value> =
             fields.iter().map(|(name, f)| (name.clone(), f.value.to_json())).collect();
         let input = model::parse_input(kind, &serde_json::Value::Object(body), true)
+            .map_err(|e| Outcome::Refused(format!("the edit is not a valid {kind}: {e}")))?;
+        model::check_record(kind, fields)
             .map_err(|e| Outcome::Refused(format!("the edit is not a valid {kind}: {e}")))?;
         self.check_refs(kind, &input.patch)?;
         Ok(())

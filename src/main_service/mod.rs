@@ -33,8 +33,12 @@ const APPLY_WAIT: Duration = Duration::from_secs(15);
 /// The same for a change of configuration (a set, a user, a remote), which may move many
 /// records: creating a set on a main of a million contacts routes all of them.
 const CONFIG_APPLY_WAIT: Duration = Duration::from_secs(600);
-/// How often a write is retried when another write to the same record came first.
-const MAX_ATTEMPTS: usize = 20;
+/// How often a write is retried when another writer to the same record came first. Within
+/// one main, writes to one record take turns ([`Inner::record_locks`]), so a race is only ever
+/// lost to a writer outside this process; each attempt first catches up with the stream.
+const MAX_ATTEMPTS: usize = 100;
+/// Stripes of the per-record write locks: writes to different records rarely share one.
+const RECORD_LOCKS: usize = 4096;
 pub const PROJECTOR_BATCH: usize = 2000;
 
 #[derive(Debug, Clone)]
@@ -73,6 +77,9 @@ struct Inner {
     database_id: String,
     clock: Clock,
     applied: watch::Receiver<u64>,
+    /// Writes to one record take turns: each decides on the state the previous one left, so
+    /// PATCHes of different fields of one record never lose a race against each other.
+    record_locks: Vec<tokio::sync::Mutex<()>>,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -120,6 +127,7 @@ impl Main {
             database_id: database_id.clone(),
             clock: Clock::new(),
             applied,
+            record_locks: (0..RECORD_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
             shutdown,
             tasks: Mutex::new(Vec::new()),
         });
@@ -201,6 +209,7 @@ impl Main {
         decide: impl Fn(Option<&Stored>) -> Result<Decision, ServiceError>,
     ) -> Result<Option<Stored>, ServiceError> {
         let subject = wire::event_subject(kind, id);
+        let _turn = self.record_lock(kind, id).lock().await;
         for _ in 0..MAX_ATTEMPTS {
             let (current, known) = self.inner.store.get_known(kind, id)?;
             let (op, record) = match decide(current.as_ref())? {
@@ -238,9 +247,17 @@ impl Main {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(ServiceError::Conflict(format!(
-            "the {kind} {id} is being changed by many writers at once; {MAX_ATTEMPTS} attempts lost the race. Try again"
+        Err(ServiceError::Busy(format!(
+            "the {kind} {id} is being changed by another writer to CRM_EVENTS at the same time (is a second main \
+             running on this database?); {MAX_ATTEMPTS} attempts lost the race. Nothing was changed; try again"
         )))
+    }
+
+    fn record_lock(&self, kind: Kind, id: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (kind, id).hash(&mut h);
+        &self.inner.record_locks[(h.finish() % RECORD_LOCKS as u64) as usize]
     }
 
     /// Checks that every reference in a patch points at an existing record.
@@ -266,6 +283,7 @@ impl Main {
                 }
                 let mut fields = Fields::new();
                 model::apply_patch(&mut fields, &input.patch, stamp);
+                model::check_record(kind, &fields)?;
                 Ok(Decision::Upsert(fields))
             })
             .await?;
@@ -286,6 +304,7 @@ impl Main {
                 };
                 let mut fields = current.fields.clone();
                 if model::apply_patch(&mut fields, &input.patch, stamp) {
+                    model::check_record(kind, &fields)?;
                     Ok(Decision::Upsert(fields))
                 } else {
                     Ok(Decision::Unchanged)
@@ -421,6 +440,9 @@ impl Main {
             "backlog": stream_last.map(|l| l.saturating_sub(applied)),
             "outbox": self.inner.store.outbox_len()?,
             "uploads_waiting": self.inner.nats.uploads_waiting().await.ok(),
+            // Uploads that reached the main before an earlier upload of the same remote: they
+            // are merged as soon as that one arrives (the remote sends it again by itself).
+            "uploads_parked": self.inner.store.parked_len()?,
             "refused": refused,
             "sync_log": log.iter().map(|(_, e)| e.to_json()).collect::<Vec<_>>(),
             "quarantined": self.inner.store.quarantine(0)?.0,

@@ -52,6 +52,9 @@ impl Remote {
                 }
                 let mut fields = Fields::new();
                 model::apply_patch(&mut fields, &input.patch, stamp);
+                if let Err(e) = model::check_record(kind, &fields) {
+                    return Ok(Err(e.into()));
+                }
                 let stored = Stored { version: 0, holders: HELD_LOCALLY, fields };
                 t.put(kind, &id2, &stored)?;
                 queue(t, inner, kind, &id2, Op::Upsert, 0, Some(&stored.fields))?;
@@ -74,6 +77,9 @@ impl Remote {
                 return Ok(Err(e));
             }
             if model::apply_patch(&mut stored.fields, &input.patch, stamp) {
+                if let Err(e) = model::check_record(kind, &stored.fields) {
+                    return Ok(Err(e.into()));
+                }
                 t.put(kind, &id, &stored)?;
                 queue(t, inner, kind, &id, Op::Upsert, stored.version, Some(&stored.fields))?;
             }
@@ -242,7 +248,12 @@ async fn upload_all(inner: &Inner) -> Result<(), String> {
         let head = inner.store.uploads_head(UPLOAD_BATCH).map_err(|e| e.to_string())?;
         let Some((last, _)) = head.last() else { return Ok(()) };
         let last = *last;
-        inner.nats.publish_uploads(&head).await.map_err(|e| e.to_string())?;
+        let (queue, base) = &inner.upload_queue;
+        inner
+            .nats
+            .publish_uploads(&head, |n| format!("{queue}:{}", n.saturating_sub(*base)))
+            .await
+            .map_err(|e| e.to_string())?;
         // Not durable on its own: an upload sent again after a crash is dropped by NATS as a
         // duplicate, or merged again by the main without effect.
         let store = inner.store.clone();

@@ -131,6 +131,9 @@ struct Inner {
     batch: usize,
     state: Mutex<SyncState>,
     clock: Clock,
+    /// This store's upload queue, as the main knows it: its id, and the number of the queue
+    /// entry that is its upload 0.
+    upload_queue: (String, u64),
     /// Wakes the uploader when an edit is queued.
     upload_ready: Notify,
     /// Local edits on their way to the local writer.
@@ -159,6 +162,7 @@ impl Remote {
             }
             other => other?,
         };
+        let upload_queue = upload_queue(&store)?;
         let nats_url = config.nats_url.clone().unwrap_or_else(|| bundle.nats_url.clone());
         let nats = Nats::connect(&nats_url, &format!("crmsync-remote-{}", bundle.remote)).await?;
         let (rebuild_tx, rebuild_rx) = mpsc::channel(4);
@@ -172,6 +176,7 @@ impl Remote {
             batch: config.batch.max(1),
             state: Mutex::new(SyncState::default()),
             clock: Clock::new(),
+            upload_queue,
             upload_ready: Notify::new(),
             edits,
             rebuild_tx,
@@ -262,6 +267,27 @@ impl Remote {
             "last_rebuild": state.last_rebuild,
         }))
     }
+}
+
+/// The id of this store's upload queue and the queue entry it counts from, made on first use:
+/// the main merges a queue's uploads strictly in their order from 0, so a file whose queue
+/// already moved on (made by an earlier version) starts a new queue at its first waiting entry.
+fn upload_queue(store: &Store) -> anyhow::Result<(String, u64)> {
+    const QUEUE: &str = "upload_queue";
+    const BASE: &str = "upload_queue_base";
+    if let Some(id) = store.meta_str(QUEUE)? {
+        return Ok((id, store.meta(BASE)?));
+    }
+    let id = crate::names::new_id();
+    let base = match store.uploads_head(1)?.first() {
+        Some((first, _)) => *first,
+        None => store.meta(crate::store::UPLOADS_NEXT)?,
+    };
+    store.write(true, |t| {
+        t.set_meta_str(QUEUE, &id)?;
+        t.set_meta(BASE, base)
+    })?;
+    Ok((id, base))
 }
 
 struct Rebuild {

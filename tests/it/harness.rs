@@ -260,3 +260,45 @@ impl Env {
         crmsync::transport::Nats::connect(&self.nats.url(), "test").await.unwrap()
     }
 }
+
+/// Runs `crmsync ARGS… DIR` as a child process, killed when dropped; CRMSYNC_TEST_LOGS=1 shows
+/// its log.
+pub fn crmsync_process(args: &[&str], dir: &std::path::Path) -> tokio::process::Child {
+    use std::process::Stdio;
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
+        .args(args)
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(if std::env::var_os("CRMSYNC_TEST_LOGS").is_some() { Stdio::inherit() } else { Stdio::null() })
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+pub fn remote_process(dir: &std::path::Path, port: u16, batch: usize) -> tokio::process::Child {
+    let (listen, batch) = (format!("127.0.0.1:{port}"), batch.to_string());
+    crmsync_process(&["remote", "serve", "--listen", &listen, "--batch", &batch, "--data"], dir)
+}
+
+pub fn main_process(nats_url: &str, dir: &std::path::Path, port: u16) -> tokio::process::Child {
+    let listen = format!("127.0.0.1:{port}");
+    crmsync_process(&["main", "serve", "--nats", nats_url, "--listen", &listen, "--data"], dir)
+}
+
+/// Polls a service's status until `done` holds for it (at most 60 s).
+pub async fn wait_for_status(api: &Api, done: impl Fn(&J) -> bool) -> J {
+    let start = Instant::now();
+    let mut last = J::Null;
+    loop {
+        if let Ok(resp) = reqwest::get(format!("{}/v1/status", api.base)).await
+            && let Ok(s) = resp.json::<J>().await
+        {
+            if done(&s) {
+                return s;
+            }
+            last = s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "the service did not settle; its status: {last}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -5,6 +5,7 @@ mod harness;
 
 mod api;
 mod bench;
+mod durability;
 mod edits;
 mod pipeline;
 mod rebuild;

@@ -1,30 +1,14 @@
 //! Crashes and outages: a remote killed mid catch-up, nats-server restarted under load.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crmsync::model::Kind;
 use crmsync::store::Store;
 use serde_json::json;
 
-use crate::harness::{Api, Env, seed_contacts, snapshot, wait_converged};
-
-/// Runs `crmsync ARGS… DIR` as a child process; CRMSYNC_TEST_LOGS=1 shows its log.
-fn crmsync_process(args: &[&str], dir: &std::path::Path) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
-        .args(args)
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(if std::env::var_os("CRMSYNC_TEST_LOGS").is_some() { Stdio::inherit() } else { Stdio::null() })
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
-}
-
-fn remote_process(dir: &std::path::Path, port: u16, batch: usize) -> tokio::process::Child {
-    let (listen, batch) = (format!("127.0.0.1:{port}"), batch.to_string());
-    crmsync_process(&["remote", "serve", "--listen", &listen, "--batch", &batch, "--data"], dir)
-}
+use crate::harness::{
+    Api, Env, main_process, remote_process, seed_contacts, snapshot, wait_converged, wait_for_status,
+};
 
 async fn contacts_at(api: &Api) -> Option<u64> {
     let resp = reqwest::get(format!("{}/v1/status", api.base)).await.ok()?;
@@ -125,11 +109,6 @@ async fn nats_restarted_under_main_and_remote_loses_no_acknowledged_write() {
     remote.stop().await;
 }
 
-fn main_process(nats_url: &str, dir: &std::path::Path, port: u16) -> tokio::process::Child {
-    let listen = format!("127.0.0.1:{port}");
-    crmsync_process(&["main", "serve", "--nats", nats_url, "--listen", &listen, "--data"], dir)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_survives_a_main_killed_between_commit_and_publish() {
     use crmsync::wire::{EVENTS_STREAM, SYNC_STREAM};
@@ -198,18 +177,4 @@ async fn routing_survives_a_main_killed_between_commit_and_publish() {
     let remote = env.start_remote(&remote_dir).await;
     wait_converged(env.main(), remote.remote.store()).await;
     remote.stop().await;
-}
-
-async fn wait_for_status(api: &Api, done: impl Fn(&serde_json::Value) -> bool) {
-    let start = Instant::now();
-    loop {
-        if let Ok(resp) = reqwest::get(format!("{}/v1/status", api.base)).await
-            && let Ok(s) = resp.json::<serde_json::Value>().await
-            && done(&s)
-        {
-            return;
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "the main did not settle");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

@@ -1,0 +1,303 @@
+//! No confirmed edit is ever lost: an edit a remote answered 2xx for reaches the main and every
+//! remote that should hold it, in its last value, whatever restarts, races and reorderings
+//! happen on the way. Processes are killed for real (SIGKILL) where it matters.
+
+use std::time::{Duration, Instant};
+
+use crmsync::model::{Field, Fields, Kind, Value};
+use crmsync::store::Store;
+use crmsync::wire::{self, Envelope, Op};
+use futures::StreamExt;
+use serde_json::{Value as J, json};
+
+use crate::harness::{Api, Env, main_process, snapshot, wait_converged, wait_for_status};
+
+/// How a main process is stopped.
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    Kill,
+    Term,
+}
+
+async fn stop(child: &mut tokio::process::Child, how: Stop) {
+    match how {
+        Stop::Kill => child.start_kill().unwrap(),
+        Stop::Term => {
+            let pid = child.id().expect("the process runs") as i32;
+            // SAFETY: sending a signal to a child process of this test.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+    child.wait().await.unwrap();
+}
+
+/// A remote makes 600 contacts, then a note on each even one and deletes each odd one, all
+/// while the main is down; the main then starts and is stopped `stops.len()` times, each time
+/// once it has merged the given number of uploads. In the end the main and the remote hold
+/// every note and no odd contact, and no edit was refused anywhere.
+async fn merge_order_survives_main_stops(stops: &[(u64, Stop)]) {
+    const N: usize = 600;
+    let mut env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let dir = env.init_remote("laptop", "everyone").await;
+    env.stop_main().await;
+    let remote = env.start_remote(&dir).await;
+    let api = remote.api.clone();
+    let creates =
+        futures::stream::iter(0..N)
+            .map(|i| {
+                let api = api.clone();
+                async move {
+                    api.create(Kind::Contact, json!({ "id": format!("c{i}"), "first_name": format!("F{i}") })).await
+                }
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<_>>();
+    creates.await;
+    let follow_ups = futures::stream::iter(0..N)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                if i % 2 == 0 {
+                    api.create(
+                        Kind::Note,
+                        json!({ "id": format!("n{i}"), "contact_id": format!("c{i}"), "text": "hi" }),
+                    )
+                    .await;
+                } else {
+                    let (status, body) = api.delete(&format!("/v1/contacts/c{i}")).await;
+                    assert_eq!(status, 200, "{body}");
+                }
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>();
+    follow_ups.await;
+    wait_for_status(&api, |s| s["uploads"]["waiting"] == 0).await;
+    let nats = env.main_nats().await;
+    let total = nats.uploads_waiting().await.unwrap();
+    assert_eq!(total, (2 * N) as u64, "every edit is in CRM_UP");
+
+    let data = env.main_config().data_dir;
+    let port = crmsync::natsd::free_port();
+    let main_api = Api::new(format!("http://127.0.0.1:{port}"));
+    for &(merged, how) in stops {
+        let mut main = main_process(&env.nats.url(), &data, port);
+        let start = Instant::now();
+        while total - nats.uploads_waiting().await.unwrap() < merged {
+            assert!(start.elapsed() < Duration::from_secs(60), "the main never merged {merged} uploads");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        stop(&mut main, how).await;
+    }
+    let mut main = main_process(&env.nats.url(), &data, port);
+    let half = (N / 2) as u64;
+    let status = wait_for_status(&main_api, |s| {
+        s["uploads_waiting"] == 0
+            && s["uploads_parked"] == 0
+            && s["counts"]["contact"] == half
+            && s["counts"]["note"] == half
+            && s["outbox"] == 0
+    })
+    .await;
+    assert_eq!(status["refused"], 0, "the main refused edits: {}", status["sync_log"]);
+    let at_remote =
+        wait_for_status(&api, |s| s["counts"]["contact"] == half && s["counts"]["note"] == half && s["backlog"] == 0)
+            .await;
+    assert_eq!(at_remote["refused"], 0, "the remote was told of refusals: {}", at_remote["sync_log"]);
+    stop(&mut main, Stop::Term).await;
+
+    let store = Store::open(&data.join("main.redb")).unwrap();
+    for i in 0..N {
+        let contact = store.get(Kind::Contact, &format!("c{i}")).unwrap();
+        let note = store.get(Kind::Note, &format!("n{i}")).unwrap();
+        if i % 2 == 0 {
+            assert!(contact.is_some() && note.is_some(), "contact c{i} or its note is missing at the main");
+        } else {
+            assert!(contact.is_none(), "c{i} was deleted at the remote but lives at the main");
+        }
+    }
+    assert_eq!(snapshot(&store), snapshot(remote.remote.store()), "the remote and the main differ");
+    remote.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_order_survives_a_main_killed_early_and_late() {
+    merge_order_survives_main_stops(&[(1, Stop::Kill), (700, Stop::Kill)]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_order_survives_a_main_killed_three_times() {
+    merge_order_survives_main_stops(&[(150, Stop::Kill), (600, Stop::Kill), (1000, Stop::Kill)]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_order_survives_a_main_stopped_while_merging() {
+    merge_order_survives_main_stops(&[(50, Stop::Term), (620, Stop::Term)]).await;
+}
+
+/// An upload as a remote sends it, published by hand so the test decides the order in which
+/// they reach `CRM_UP`, as a reconnect in the middle of a burst can.
+async fn publish_upload(env: &Env, n: u64, kind: Kind, id: &str, op: Op, record: Option<Fields>) {
+    let envelope = Envelope {
+        product: wire::PRODUCT.into(),
+        schema: wire::SCHEMA_MAJOR,
+        db: env.main().database_id().to_owned(),
+        event: crmsync::names::new_id(),
+        kind,
+        id: id.to_owned(),
+        op,
+        version: 0,
+        origin: "laptop".into(),
+        record,
+        reason: None,
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", envelope.event.as_str());
+    headers.insert(wire::UPLOAD_ORDER, format!("queue1:{n}").as_str());
+    let nats = env.main_nats().await;
+    nats.js
+        .publish_with_headers(wire::up_subject("laptop", kind, id), headers, envelope.encode().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+fn fields(pairs: &[(&str, &str)]) -> Fields {
+    let stamp = crmsync::hlc::wall_ms() << 16;
+    pairs.iter().map(|(k, v)| (k.to_string(), Field { value: Value::Str(v.to_string()), stamp })).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_reaching_the_main_out_of_order_are_merged_in_the_order_they_were_made() {
+    let env = Env::start().await;
+    env.create_all_set("everyone").await;
+    env.init_remote("laptop", "everyone").await;
+
+    // Upload 1 (a note on a new contact) arrives before upload 0 (the contact).
+    publish_upload(&env, 1, Kind::Note, "n1", Op::Upsert, Some(fields(&[("contact_id", "x"), ("text", "hi")]))).await;
+    let status = wait_for_status(&env.api, |s| s["uploads_parked"] == 1).await;
+    assert_eq!(status["refused"], 0, "{status}");
+    assert_eq!(env.api.get("/v1/notes/n1").await.0, 404, "the note was merged before its contact");
+
+    publish_upload(&env, 0, Kind::Contact, "x", Op::Upsert, Some(fields(&[("first_name", "Xavier")]))).await;
+    wait_for_status(&env.api, |s| s["uploads_parked"] == 0 && s["counts"]["note"] == 1).await;
+    let (status, note) = env.api.get("/v1/notes/n1").await;
+    assert_eq!((status, note["contact_id"].clone()), (200, json!("x")), "{note}");
+
+    // Upload 2 deletes the contact; then upload 0 comes again with a new message id, as a
+    // remote sends it after NATS' deduplication window: it was merged, so it changes nothing
+    // (without its number it would be refused, the contact being deleted at the main).
+    publish_upload(&env, 2, Kind::Contact, "x", Op::Delete, None).await;
+    wait_for_status(&env.api, |s| s["counts"]["contact"] == 0 && s["counts"]["note"] == 0).await;
+    publish_upload(&env, 0, Kind::Contact, "x", Op::Upsert, Some(fields(&[("first_name", "Xavier")]))).await;
+    let status = wait_for_status(&env.api, |s| s["uploads_waiting"] == 0).await;
+    assert_eq!(status["refused"], 0, "a repeated upload was merged again: {}", status["sync_log"]);
+    assert_eq!(status["counts"]["contact"], 0, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_racing_on_one_contact_never_lose_a_change_nor_get_a_409() {
+    const WRITERS: [&str; 12] = [
+        "first_name",
+        "last_name",
+        "company",
+        "title",
+        "phone",
+        "mobile",
+        "email",
+        "address1",
+        "address2",
+        "zip",
+        "country",
+        "website",
+    ];
+    const ROUNDS: usize = 12;
+    let env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let remote = env.remote("laptop", "everyone").await;
+    env.api.create(Kind::Contact, json!({ "id": "hot", "city": "start" })).await;
+    wait_for_status(&remote.api, |s| s["counts"]["contact"] == 1).await;
+
+    let main_writers = WRITERS.map(|field| {
+        let api = env.api.clone();
+        tokio::spawn(async move {
+            for round in 0..ROUNDS {
+                let (status, body) = api.patch("/v1/contacts/hot", &json!({ field: format!("{field}-{round}") })).await;
+                assert_eq!(status, 200, "PATCH of {field} at the main: {body}");
+            }
+        })
+    });
+    let remote_api = remote.api.clone();
+    let remote_writer = tokio::spawn(async move {
+        for round in 0..ROUNDS {
+            let (status, body) =
+                remote_api.patch("/v1/contacts/hot", &json!({ "city": format!("city-{round}") })).await;
+            assert_eq!(status, 200, "PATCH of city at the remote: {body}");
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    });
+    for w in main_writers {
+        w.await.unwrap();
+    }
+    remote_writer.await.unwrap();
+
+    wait_for_status(&remote.api, |s| s["uploads"]["waiting"] == 0).await;
+    let status = wait_for_status(&env.api, |s| s["uploads_waiting"] == 0).await;
+    wait_converged(env.main(), remote.remote.store()).await;
+    assert_eq!(status["refused"], 0, "a lost race became a refusal: {}", status["sync_log"]);
+    assert_eq!(remote.api.status().await["refused"], 0);
+    let (_, hot) = env.api.get("/v1/contacts/hot").await;
+    for field in WRITERS {
+        assert_eq!(hot[field], json!(format!("{field}-{}", ROUNDS - 1)), "{hot}");
+    }
+    assert_eq!(hot["city"], json!(format!("city-{}", ROUNDS - 1)), "{hot}");
+    remote.stop().await;
+}
+
+/// Runs the command line against an API and returns its exit code and stdout.
+async fn cli(api: &Api, args: &[&str]) -> (i32, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
+        .args(["--api", &api.base])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_custom_field_is_edited_and_merged_on_its_own() {
+    let env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let remote = env.remote("laptop", "everyone").await;
+    env.api.create(Kind::Contact, json!({ "id": "c", "custom": { "a": "1", "b": "1", "c": "1" } })).await;
+    wait_for_status(&remote.api, |s| s["counts"]["contact"] == 1).await;
+
+    // Two places change two custom fields of one contact at the same moment: both stay.
+    let (at_main, at_remote) = (json!({ "custom": { "a": "main" } }), json!({ "custom": { "b": "remote" } }));
+    let (main_edit, remote_edit) =
+        tokio::join!(env.api.patch("/v1/contacts/c", &at_main), remote.api.patch("/v1/contacts/c", &at_remote),);
+    assert_eq!(main_edit.0, 200, "{}", main_edit.1);
+    assert_eq!(remote_edit.0, 200, "{}", remote_edit.1);
+    assert_eq!(main_edit.1["custom"], json!({ "a": "main", "b": "1", "c": "1" }), "one key changed, the others kept");
+    wait_for_status(&remote.api, |s| s["uploads"]["waiting"] == 0).await;
+    wait_for_status(&env.api, |s| s["uploads_waiting"] == 0).await;
+    wait_converged(env.main(), remote.remote.store()).await;
+    let want = json!({ "a": "main", "b": "remote", "c": "1" });
+    assert_eq!(env.api.get("/v1/contacts/c").await.1["custom"], want);
+    assert_eq!(remote.api.get("/v1/contacts/c").await.1["custom"], want);
+
+    // The command line: `custom.c=3` changes c alone, `custom.a=` clears a alone.
+    assert_eq!(cli(&env.api, &["contact", "edit", "c", "custom.c=3"]).await.0, 0);
+    assert_eq!(cli(&env.api, &["contact", "edit", "c", "custom.a="]).await.0, 0);
+    let (code, out) = cli(&env.api, &["--json", "contact", "show", "c"]).await;
+    assert_eq!(code, 0, "{out}");
+    let shown: J = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["custom"], json!({ "b": "remote", "c": "3" }), "{shown}");
+    // Lists filter by a custom field.
+    let (status, list) = env.api.get("/v1/contacts?custom.c=3").await;
+    assert_eq!((status, list["items"].as_array().map(Vec::len)), (200, Some(1)), "{list}");
+    remote.stop().await;
+}

@@ -28,6 +28,10 @@ pub enum ServiceError {
     Busy(String),
     #[error("{0}")]
     Unavailable(#[from] TransportError),
+    /// The change is committed to the stream, but could not be read back in time: the client
+    /// must not make it again (or repeat it with the same idempotency key).
+    #[error("{0}")]
+    Committed(String),
     #[error("{0}")]
     Store(#[from] StoreError),
     #[error("{0}")]
@@ -42,7 +46,7 @@ impl ServiceError {
             ServiceError::NotFound { .. } => 404,
             ServiceError::Exists { .. } | ServiceError::Conflict(_) => 409,
             ServiceError::MissingRef { .. } => 422,
-            ServiceError::Busy(_) | ServiceError::Unavailable(_) => 503,
+            ServiceError::Busy(_) | ServiceError::Unavailable(_) | ServiceError::Committed(_) => 503,
             ServiceError::Store(_) | ServiceError::Internal(_) => 500,
         }
     }

@@ -7,7 +7,7 @@ use std::future::Future;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{Method, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -204,31 +204,59 @@ async fn main_get(State(main): State<Main>, Path((c, id)): Path<(String, String)
     get_record(main.store(), kind, &id)
 }
 
+/// Most characters of an `Idempotency-Key`.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+/// The client's `Idempotency-Key`, if it sent one: repeating a write with the same key never
+/// applies it twice (the main answers with what the first one did).
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    let key = value.to_str().ok().filter(|k| {
+        (1..=MAX_IDEMPOTENCY_KEY).contains(&k.len())
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    });
+    match key {
+        Some(key) => Ok(Some(key.to_owned())),
+        None => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the Idempotency-Key header must be 1 to {MAX_IDEMPOTENCY_KEY} characters of A-Z a-z 0-9 - _ . : \
+                 (a UUID or ULID will do)"
+            ),
+        )),
+    }
+}
+
 async fn main_create(
     State(main): State<Main>,
     Path(c): Path<String>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let kind = collection(&c, &Kind::DATA)?;
+    let key = idempotency_key(&headers)?;
     let body = parse_body(body)?;
-    let (id, stored) = main.create(kind, &body).await?;
+    let (id, stored) = main.create_keyed(kind, &body, key.as_deref()).await?;
     ok(StatusCode::CREATED, record_json(&id, &stored))
 }
 
 async fn main_update(
     State(main): State<Main>,
     Path((c, id)): Path<(String, String)>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let kind = collection(&c, &Kind::DATA)?;
+    let key = idempotency_key(&headers)?;
     let body = parse_body(body)?;
-    let stored = main.update(kind, &id, &body).await?;
+    let stored = main.update_keyed(kind, &id, &body, key.as_deref()).await?;
     ok(StatusCode::OK, record_json(&id, &stored))
 }
 
-async fn main_delete(State(main): State<Main>, Path((c, id)): Path<(String, String)>) -> ApiResult {
+async fn main_delete(State(main): State<Main>, Path((c, id)): Path<(String, String)>, headers: HeaderMap) -> ApiResult {
     let kind = collection(&c, &Kind::DATA)?;
-    main.delete(kind, &id).await?;
+    let key = idempotency_key(&headers)?;
+    main.delete_keyed(kind, &id, key.as_deref()).await?;
     ok(StatusCode::OK, json!({ "deleted": { "kind": kind, "id": id } }))
 }
 

@@ -9,12 +9,14 @@
 //! - the services: [`main_service`], [`remote_service`], with their HTTP APIs in [`http`];
 //! - the interfaces: [`cli`] (a client of the APIs, and `crmsync up`: everything on one
 //!   machine) and [`bench`] (the benchmark);
-//! - [`error`]: the error of a service operation; [`demo`]: generated demo data.
+//! - [`error`]: the error of a service operation; [`demo`]: generated demo data; [`files`]:
+//!   data files and directories readable by their owner alone.
 
 pub mod bench;
 pub mod cli;
 pub mod demo;
 pub mod error;
+pub mod files;
 pub mod hlc;
 pub mod http;
 pub mod main_service;

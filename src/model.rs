@@ -644,7 +644,9 @@ fn custom_entry(kind: Kind, key: &str, v: &serde_json::Value) -> Result<(String,
         other => Err(InputError::WrongType {
             kind,
             field,
-            expected: format!("a string of at most {MAX_CUSTOM_VALUE} bytes, or null to clear it"),
+            expected: format!(
+                "a string of at most {MAX_CUSTOM_VALUE} bytes (custom fields hold text), or null to clear it"
+            ),
             got: json_type(other),
         }),
     }
@@ -911,7 +913,7 @@ mod tests {
         let err = parse_input(Kind::Contact, &json!({"custom": {"a.b": "x"}}), false).unwrap_err();
         assert!(err.to_string().starts_with("field `custom.a.b`"), "{err}");
         let err = parse_input(Kind::Contact, &json!({"custom": {"a": 5}}), false).unwrap_err();
-        assert!(err.to_string().contains("a string of at most 1024 bytes, or null"), "{err}");
+        assert!(err.to_string().contains("a string of at most 1024 bytes (custom fields hold text), or null"), "{err}");
         let many: serde_json::Map<String, serde_json::Value> =
             (0..MAX_CUSTOM_FIELDS).map(|i| (format!("k{i}"), json!("v"))).collect();
         let mut fields = Fields::new();

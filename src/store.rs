@@ -11,6 +11,7 @@
 //! | `quarantine` | stream sequence | [`Quarantined`]: a message that did not decode |
 //! | `uploads` | sequence | [`Upload`]: a remote's edit not yet acknowledged by `CRM_UP` |
 //! | `sync_log` | sequence | [`LogEntry`]: an edit the main refused, as each side recorded it |
+//! | `idempotency` | a client's `Idempotency-Key` | [`KeyEntry`]: the change committed with it |
 //! | `parked` | (remote's upload queue, number) | [`Parked`]: an upload that reached the main before an earlier one of its queue |
 //! | `meta` | name | u64 (stream positions, counters) |
 //! | `meta_str` | name | string (database id, role) |
@@ -51,6 +52,7 @@ const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine
 const UPLOADS: TableDefinition<u64, &[u8]> = TableDefinition::new("uploads");
 const SYNC_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("sync_log");
 const PARKED: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("parked");
+const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const META_STR: TableDefinition<&str, &str> = TableDefinition::new("meta_str");
 
@@ -175,6 +177,18 @@ pub struct Upload {
     pub subject: String,
     #[serde(with = "serde_bytes_compat")]
     pub payload: Vec<u8>,
+}
+
+/// The change a client's `Idempotency-Key` committed: a repeated request answers with it
+/// instead of changing anything again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyEntry {
+    /// The `CRM_EVENTS` sequence of the change.
+    pub seq: u64,
+    pub kind: Kind,
+    pub id: String,
+    /// When the main applied it; entries older than a day are forgotten.
+    pub at_ms: u64,
 }
 
 /// An upload the main took off `CRM_UP` before an earlier upload of the same remote queue had
@@ -302,6 +316,8 @@ impl Store {
 
     /// Opens the file whatever its storage format, for a rebuild (which empties it).
     pub fn open_any_format(path: &Path) -> Result<Store, StoreError> {
+        // Created (or narrowed) to its owner alone before redb writes a byte of it.
+        crate::files::private_file(path).map_err(|e| StoreError::Open { path: path.to_owned(), source: e.into() })?;
         let db = match Database::builder().set_cache_size(CACHE_BYTES).create(path) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::InUse(path.to_owned())),
@@ -545,6 +561,15 @@ impl Store {
         Ok(out)
     }
 
+    /// The change committed with a client's idempotency key, if the main has applied one.
+    pub fn key_entry(&self, key: &str) -> Result<Option<KeyEntry>, StoreError> {
+        let txn = self.read_txn()?;
+        let Some(v) = txn.open_table(IDEMPOTENCY)?.get(key)? else { return Ok(None) };
+        rmp_serde::from_slice(v.value())
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt { what: "idempotency key", detail: e.to_string() })
+    }
+
     /// The upload queues that have parked uploads.
     pub fn parked_queues(&self) -> Result<std::collections::BTreeSet<String>, StoreError> {
         let txn = self.read_txn()?;
@@ -607,6 +632,7 @@ pub struct Tables<'txn> {
     uploads: Table<'txn, u64, &'static [u8]>,
     sync_log: Table<'txn, u64, &'static [u8]>,
     parked: Table<'txn, (&'static str, u64), &'static [u8]>,
+    idempotency: Table<'txn, &'static str, &'static [u8]>,
     meta: Table<'txn, &'static str, u64>,
     meta_str: Table<'txn, &'static str, &'static str>,
 }
@@ -626,6 +652,7 @@ impl<'txn> Tables<'txn> {
             uploads: txn.open_table(UPLOADS)?,
             sync_log: txn.open_table(SYNC_LOG)?,
             parked: txn.open_table(PARKED)?,
+            idempotency: txn.open_table(IDEMPOTENCY)?,
             meta: txn.open_table(META)?,
             meta_str: txn.open_table(META_STR)?,
         })
@@ -752,6 +779,18 @@ impl<'txn> Tables<'txn> {
 
     pub fn log(&mut self, entry: &LogEntry) -> Result<(), StoreError> {
         append(&mut self.sync_log, &mut self.meta, "sync_log_next", entry)
+    }
+
+    pub fn remember_key(&mut self, key: &str, entry: &KeyEntry) -> Result<(), StoreError> {
+        self.idempotency.insert(key, rmp_serde::to_vec(entry).expect("a key entry encodes").as_slice())?;
+        Ok(())
+    }
+
+    /// Forgets idempotency keys applied before `before_ms`.
+    pub fn forget_keys(&mut self, before_ms: u64) -> Result<(), StoreError> {
+        self.idempotency
+            .retain(|_, v| rmp_serde::from_slice::<KeyEntry>(v).map(|e| e.at_ms >= before_ms).unwrap_or(false))?;
+        Ok(())
     }
 
     pub fn park(&mut self, queue: &str, n: u64, parked: &Parked) -> Result<(), StoreError> {

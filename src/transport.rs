@@ -20,6 +20,14 @@ pub const PUBLISH_WINDOW: usize = 1024;
 const DATABASE_ID_KEY: &str = "crmsync.database_id";
 /// The durable consumer of the main's merger on `CRM_UP`.
 pub const MERGER: &str = "merger";
+/// How long a write waits for JetStream to confirm it before answering that it may or may not
+/// have been committed.
+pub const PUBLISH_ACK_WAIT: Duration = Duration::from_secs(2);
+/// How long a status page waits for a figure it asks NATS for; past it the figure is shown as
+/// unknown.
+pub const STATUS_WAIT: Duration = Duration::from_millis(1500);
+/// Header of an event published with a client's `Idempotency-Key` (also its `Nats-Msg-Id`).
+pub const IDEMPOTENCY_KEY: &str = "Crmsync-Idempotency-Key";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -32,6 +40,18 @@ pub enum TransportError {
     Request { doing: String, detail: String },
     #[error("the change conflicts with a newer version of the record (wrong last sequence)")]
     WrongLastSequence,
+    #[error(
+        "NATS at {url} is unreachable (the service reconnects by itself); nothing was changed. \
+         Try again once it is back (`status` shows the connection)"
+    )]
+    NotConnected { url: String },
+    #[error(
+        "NATS did not confirm the change within {} s: it may have been committed, or may still be once NATS \
+         is back. Read the record before trying again, or send the same request again with the same \
+         Idempotency-Key header, which never applies a change twice",
+        PUBLISH_ACK_WAIT.as_secs()
+    )]
+    Unconfirmed,
 }
 
 impl TransportError {
@@ -48,6 +68,7 @@ pub struct Nats {
     /// Counts connections made: it changes on every reconnect, so long-running consumers can
     /// start afresh at once instead of waiting for a heartbeat to time out.
     pub connections: tokio::sync::watch::Receiver<u64>,
+    pub url: String,
 }
 
 impl Nats {
@@ -79,11 +100,20 @@ impl Nats {
             .await
             .map_err(|source| TransportError::Connect { url: url.to_owned(), source })?;
         let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(10)).build(client.clone());
-        Ok(Nats { client, js, connections })
+        Ok(Nats { client, js, connections, url: url.to_owned() })
     }
 
     pub fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// A figure for a status page: asked only while connected, and given up after
+    /// [`STATUS_WAIT`], so a status page answers at once whatever NATS does.
+    pub async fn for_status<T, E>(&self, ask: impl std::future::Future<Output = Result<T, E>>) -> Option<T> {
+        if !self.is_connected() {
+            return None;
+        }
+        tokio::time::timeout(STATUS_WAIT, ask).await.ok()?.ok()
     }
 
     /// Creates the three streams if they are missing and returns the database id kept in the
@@ -157,36 +187,46 @@ impl Nats {
         Ok(info.state.clone())
     }
 
-    /// Publishes one event with deduplication and optimistic concurrency, and waits for the ack.
+    /// Publishes one event with deduplication and optimistic concurrency, and waits for the ack
+    /// (at most [`PUBLISH_ACK_WAIT`]). A client's idempotency key, if any, is the message id
+    /// and travels as [`IDEMPOTENCY_KEY`] for the projector to remember. Returns the event's
+    /// sequence and whether JetStream had it already (a repeated message id).
     pub async fn publish_event(
         &self,
         subject: String,
         msg_id: &str,
         expected_last_subject_sequence: u64,
         payload: Vec<u8>,
-    ) -> Result<u64, TransportError> {
+        idempotency_key: Option<&str>,
+    ) -> Result<(u64, bool), TransportError> {
+        if !self.is_connected() {
+            // Not even handed to the client: it would send it whenever NATS comes back.
+            return Err(TransportError::NotConnected { url: self.url.clone() });
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", msg_id);
+        if let Some(key) = idempotency_key {
+            headers.insert(IDEMPOTENCY_KEY, key);
+        }
         let publish = jetstream::message::PublishMessage::build()
             .payload(payload.into())
-            .message_id(msg_id)
+            .headers(headers)
             .expected_last_subject_sequence(expected_last_subject_sequence);
         let ack = self
             .js
             .send_publish(subject, publish)
             .await
-            .map_err(|e| TransportError::request("publishing an event", e))?
-            .await;
-        match ack {
-            Ok(ack) => Ok(ack.sequence),
-            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+            .map_err(|e| TransportError::request("publishing an event", e))?;
+        match tokio::time::timeout(PUBLISH_ACK_WAIT, ack).await {
+            Err(_) => Err(TransportError::Unconfirmed),
+            Ok(Ok(ack)) => Ok((ack.sequence, ack.duplicate)),
+            Ok(Err(e)) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
                 Err(TransportError::WrongLastSequence)
             }
-            Err(e) if e.kind() == jetstream::context::PublishErrorKind::TimedOut => Err(TransportError::Request {
-                doing: "publishing an event".into(),
-                detail: "NATS did not confirm the change in time; it may still be committed once NATS is back, \
-                         so read the record before trying again"
-                    .into(),
-            }),
-            Err(e) => Err(TransportError::request("publishing an event", e)),
+            Ok(Err(e)) if e.kind() == jetstream::context::PublishErrorKind::TimedOut => {
+                Err(TransportError::Unconfirmed)
+            }
+            Ok(Err(e)) => Err(TransportError::request("publishing an event", e)),
         }
     }
 
@@ -384,6 +424,8 @@ pub struct Incoming {
     pub pending: u64,
     pub subject: String,
     pub payload: bytes::Bytes,
+    /// The client's idempotency key the event was published with, if any.
+    pub idempotency_key: Option<String>,
 }
 
 impl Incoming {
@@ -394,6 +436,7 @@ impl Incoming {
             pending: info.pending,
             subject: msg.subject.to_string(),
             payload: msg.payload.clone(),
+            idempotency_key: msg.headers.as_ref().and_then(|h| h.get(IDEMPOTENCY_KEY)).map(|v| v.as_str().to_owned()),
         })
     }
 }

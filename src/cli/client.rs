@@ -70,17 +70,37 @@ impl Client {
     }
 
     pub async fn post(&self, path: &str, body: &J) -> Result<J, ClientError> {
-        self.send(self.http.post(format!("{}{path}", self.base)).json(body)).await
+        self.write(|| self.http.post(format!("{}{path}", self.base)).json(body)).await
     }
 
     pub async fn patch(&self, path: &str, body: &J) -> Result<J, ClientError> {
-        self.send(self.http.patch(format!("{}{path}", self.base)).json(body)).await
+        self.write(|| self.http.patch(format!("{}{path}", self.base)).json(body)).await
     }
 
     pub async fn delete(&self, path: &str) -> Result<J, ClientError> {
-        self.send(self.http.delete(format!("{}{path}", self.base))).await
+        self.write(|| self.http.delete(format!("{}{path}", self.base))).await
+    }
+
+    /// Sends a write with a fresh `Idempotency-Key`, and sends it again with the same key when
+    /// the service answers 503 (NATS unreachable, or a change it could not confirm): the main
+    /// applies a key's change at most once, so a repeat after an unclear answer is safe.
+    async fn write(&self, request: impl Fn() -> reqwest::RequestBuilder) -> Result<J, ClientError> {
+        let key = crate::names::new_id();
+        let mut attempt = 1;
+        loop {
+            match self.send(request().header("Idempotency-Key", &key)).await {
+                Err(ClientError::Api { status: 503, .. }) if attempt < WRITE_ATTEMPTS => {
+                    tokio::time::sleep(Duration::from_secs(attempt)).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
     }
 }
+
+/// How often the command line sends a write that was answered 503.
+const WRITE_ATTEMPTS: u64 = 3;
 
 fn root_cause(e: &dyn std::error::Error) -> String {
     let mut cur = e;

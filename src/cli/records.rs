@@ -82,7 +82,7 @@ pub async fn run(client: &Client, command: Command, as_json: bool) -> Result<(),
                 let bundle = client.post("/v1/remotes", &body).await?;
                 let path = out.unwrap_or_else(|| format!("{name}.bundle.json").into());
                 let text = serde_json::to_string_pretty(&bundle).unwrap_or_default();
-                std::fs::write(&path, text).map_err(|e| ClientError::Api {
+                crate::files::write_private(&path, text.as_bytes()).map_err(|e| ClientError::Api {
                     status: 0,
                     message: format!(
                         "the remote {name} is registered, but its bundle could not be written to {}: {e}",

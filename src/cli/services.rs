@@ -144,7 +144,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     if args.remote_listen.len() != DEMO_REMOTES.len() {
         anyhow::bail!("--remote-listen takes {} addresses, one per demo remote", DEMO_REMOTES.len());
     }
-    std::fs::create_dir_all(&args.data).with_context(|| format!("cannot create {}", args.data.display()))?;
+    crate::files::private_dir(&args.data).with_context(|| format!("cannot create {}", args.data.display()))?;
     let main_listener = bind(args.main_listen).await?;
     let mut remote_listeners = Vec::new();
     for addr in &args.remote_listen {
@@ -182,8 +182,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
                 }
             };
             let file = args.data.join("remotes").join(format!("{name}.bundle.json"));
-            std::fs::create_dir_all(args.data.join("remotes"))?;
-            std::fs::write(&file, serde_json::to_vec_pretty(&bundle)?)?;
+            crate::files::private_dir(&args.data.join("remotes"))?;
+            crate::files::write_private(&file, &serde_json::to_vec_pretty(&bundle)?)?;
             remote_service::init(&file, &dir)?;
         }
         let remote = Remote::start(RemoteConfig::new(dir)).await?;

@@ -292,6 +292,7 @@ impl From<ServiceError> for Outcome {
     fn from(e: ServiceError) -> Outcome {
         match e {
             ServiceError::Busy(_)
+            | ServiceError::Committed(_)
             | ServiceError::Unavailable(_)
             | ServiceError::Store(_)
             | ServiceError::Internal(_) => Outcome::Retry(e),
@@ -375,7 +376,7 @@ impl Main {
                 if !held {
                     return Err(not_held(remote, kind, id));
                 }
-                match self.delete_from(remote, kind, id).await {
+                match self.delete_from(remote, kind, id, None).await {
                     Err(ServiceError::NotFound { .. }) => Ok(false),
                     other => Ok(other.map(|_| false)?),
                 }

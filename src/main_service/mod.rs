@@ -24,7 +24,7 @@ use crate::error::ServiceError;
 use crate::hlc::Clock;
 use crate::model::{self, Field, Fields, Kind, Value};
 use crate::names;
-use crate::store::{APPLIED, DATABASE_ID, Store, StoreError, Stored};
+use crate::store::{APPLIED, DATABASE_ID, KeyEntry, Store, StoreError, Stored};
 use crate::transport::{self, Incoming, Nats, TransportError};
 use crate::wire::{self, EVENTS_STREAM, Envelope, ORIGIN_MAIN, Op, PRODUCT, SCHEMA_MAJOR};
 
@@ -37,6 +37,11 @@ const CONFIG_APPLY_WAIT: Duration = Duration::from_secs(600);
 /// one main, writes to one record take turns ([`Inner::record_locks`]), so a race is only ever
 /// lost to a writer outside this process; each attempt first catches up with the stream.
 const MAX_ATTEMPTS: usize = 100;
+/// How long the main remembers a client's idempotency key, and how often it forgets older ones.
+const KEY_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+const KEY_FORGET_INTERVAL: Duration = Duration::from_secs(600);
+/// How long a write waits for its change to be read back while NATS is unreachable.
+const OFFLINE_WAIT: Duration = Duration::from_secs(2);
 /// Stripes of the per-record write locks: writes to different records rarely share one.
 const RECORD_LOCKS: usize = 4096;
 pub const PROJECTOR_BATCH: usize = 2000;
@@ -88,7 +93,7 @@ impl Main {
     /// Opens the main's data directory, connects to NATS, creates the streams on first start,
     /// and starts the projector and the router.
     pub async fn start(config: MainConfig) -> anyhow::Result<Main> {
-        std::fs::create_dir_all(&config.data_dir)?;
+        crate::files::private_dir(&config.data_dir)?;
         let path = config.data_dir.join("main.redb");
         let store = match Store::open(&path) {
             Err(StoreError::Format { found, .. }) => {
@@ -172,13 +177,32 @@ impl Main {
 
     async fn wait_applied_for(&self, seq: u64, limit: Duration) -> Result<(), ServiceError> {
         let mut rx = self.inner.applied.clone();
-        match tokio::time::timeout(limit, rx.wait_for(|a| *a >= seq)).await {
-            Ok(Ok(_)) => Ok(()),
-            _ => Err(ServiceError::Internal(format!(
-                "the change is committed to CRM_EVENTS at sequence {seq}, but the main's projection has not applied it \
-                 within {} s; it will appear once the projector catches up (see the main's log)",
-                limit.as_secs()
-            ))),
+        let started = tokio::time::Instant::now();
+        let mut offline_since = None;
+        loop {
+            tokio::select! {
+                r = rx.wait_for(|a| *a >= seq) => return r.map(|_| ()).map_err(|_| ServiceError::Internal(
+                    "the main is shutting down".into())),
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            // The projector reads the change back from NATS: without NATS it cannot, so say so
+            // at once rather than after the whole wait.
+            if self.inner.nats.is_connected() {
+                offline_since = None;
+            } else if offline_since.get_or_insert_with(tokio::time::Instant::now).elapsed() >= OFFLINE_WAIT {
+                return Err(ServiceError::Committed(format!(
+                    "the change is committed (CRM_EVENTS sequence {seq}), but NATS became unreachable before the \
+                     main could read it back; it shows once NATS is back. Do not make it again (repeating the \
+                     request with the same Idempotency-Key is safe)"
+                )));
+            }
+            if started.elapsed() >= limit {
+                return Err(ServiceError::Committed(format!(
+                    "the change is committed to CRM_EVENTS at sequence {seq}, but the main's projection has not \
+                     applied it within {} s; it will appear once the projector catches up (see the main's log)",
+                    limit.as_secs()
+                )));
+            }
         }
     }
 
@@ -208,12 +232,46 @@ impl Main {
         id: &str,
         decide: impl Fn(Option<&Stored>) -> Result<Decision, ServiceError>,
     ) -> Result<Option<Stored>, ServiceError> {
+        match self.commit_keyed(origin, kind, id, None, decide).await? {
+            Committed::Now(stored) => Ok(stored),
+            Committed::Before(entry) => Ok(self.inner.store.get(entry.kind, &entry.id)?),
+        }
+    }
+
+    /// [`Main::commit_from`] with a client's idempotency key: if a change was committed with
+    /// that key before (a request repeated after an unclear answer), nothing is changed and
+    /// that change is returned.
+    async fn commit_keyed(
+        &self,
+        origin: &str,
+        kind: Kind,
+        id: &str,
+        key: Option<&str>,
+        decide: impl Fn(Option<&Stored>) -> Result<Decision, ServiceError>,
+    ) -> Result<Committed, ServiceError> {
+        if let Some(entry) = self.key_entry(key)? {
+            return Ok(Committed::Before(entry));
+        }
         let subject = wire::event_subject(kind, id);
         let _turn = self.record_lock(kind, id).lock().await;
         for _ in 0..MAX_ATTEMPTS {
             let (current, known) = self.inner.store.get_known(kind, id)?;
-            let (op, record) = match decide(current.as_ref())? {
-                Decision::Unchanged => return Ok(current),
+            let decision = match decide(current.as_ref()) {
+                Ok(d) => d,
+                Err(e) => {
+                    // The change may have been committed by an earlier request with this key
+                    // that was only applied just now (a create that now finds its record).
+                    if key.is_some() {
+                        self.catch_up().await?;
+                        if let Some(entry) = self.key_entry(key)? {
+                            return Ok(Committed::Before(entry));
+                        }
+                    }
+                    return Err(e);
+                }
+            };
+            let (op, record) = match decision {
+                Decision::Unchanged => return Ok(Committed::Now(current)),
                 Decision::Upsert(fields) => (Op::Upsert, Some(fields)),
                 Decision::Delete => (Op::Delete, None),
             };
@@ -230,15 +288,19 @@ impl Main {
                 record,
                 reason: None,
             };
-            match self.inner.nats.publish_event(subject.clone(), &envelope.event, known, envelope.encode()).await {
-                Ok(seq) => {
+            let msg_id = key.unwrap_or(&envelope.event);
+            match self.inner.nats.publish_event(subject.clone(), msg_id, known, envelope.encode(), key).await {
+                Ok((seq, repeated)) => {
                     let limit = if matches!(kind, Kind::Set | Kind::User | Kind::Remote) {
                         CONFIG_APPLY_WAIT
                     } else {
                         APPLY_WAIT
                     };
                     self.wait_applied_for(seq, limit).await?;
-                    return Ok(self.inner.store.get(kind, id)?);
+                    if repeated && let Some(entry) = self.key_entry(key)? {
+                        return Ok(Committed::Before(entry));
+                    }
+                    return Ok(Committed::Now(self.inner.store.get(kind, id)?));
                 }
                 Err(TransportError::WrongLastSequence) => {
                     // Someone else changed the record: catch up with the stream and decide again.
@@ -251,6 +313,26 @@ impl Main {
             "the {kind} {id} is being changed by another writer to CRM_EVENTS at the same time (is a second main \
              running on this database?); {MAX_ATTEMPTS} attempts lost the race. Nothing was changed; try again"
         )))
+    }
+
+    /// The change committed with an idempotency key, once applied.
+    fn key_entry(&self, key: Option<&str>) -> Result<Option<KeyEntry>, ServiceError> {
+        match key {
+            Some(key) => Ok(self.inner.store.key_entry(key)?),
+            None => Ok(None),
+        }
+    }
+
+    /// The record a change committed with an idempotency key left, checked to be a change of
+    /// the same kind of record (and the same record, when the request named it).
+    fn repeated(&self, key: &str, entry: KeyEntry, kind: Kind, id: Option<&str>) -> Result<String, ServiceError> {
+        if entry.kind != kind || id.is_some_and(|id| id != entry.id) {
+            return Err(ServiceError::Invalid(format!(
+                "the Idempotency-Key {key:?} was used for a change of the {} {}; use a new key for each change",
+                entry.kind, entry.id
+            )));
+        }
+        Ok(entry.id)
     }
 
     fn record_lock(&self, kind: Kind, id: &str) -> &tokio::sync::Mutex<()> {
@@ -271,13 +353,24 @@ impl Main {
     }
 
     pub async fn create(&self, kind: Kind, body: &serde_json::Value) -> Result<(String, Stored), ServiceError> {
+        self.create_keyed(kind, body, None).await
+    }
+
+    /// Creates a record; with an idempotency key, a repeated request creates nothing and
+    /// answers with the record the first one created.
+    pub async fn create_keyed(
+        &self,
+        kind: Kind,
+        body: &serde_json::Value,
+        key: Option<&str>,
+    ) -> Result<(String, Stored), ServiceError> {
         check_data_kind(kind)?;
         let input = model::parse_input(kind, body, true)?;
         self.check_refs(kind, &input.patch)?;
         let id = input.id.clone().unwrap_or_else(names::new_id);
         let stamp = self.inner.clock.now();
-        let stored = self
-            .commit(kind, &id, |current| {
+        let committed = self
+            .commit_keyed(ORIGIN_MAIN, kind, &id, key, |current| {
                 if current.is_some() {
                     return Err(ServiceError::Exists { kind, id: id.clone() });
                 }
@@ -287,18 +380,35 @@ impl Main {
                 Ok(Decision::Upsert(fields))
             })
             .await?;
-        let stored =
-            stored.ok_or_else(|| ServiceError::Internal(format!("the new {kind} {id} is not in the projection")))?;
+        let (id, stored) = match committed {
+            Committed::Now(stored) => (id, stored),
+            Committed::Before(entry) => {
+                let id = self.repeated(key.unwrap_or_default(), entry, kind, input.id.as_deref())?;
+                let stored = self.inner.store.get(kind, &id)?;
+                (id, stored)
+            }
+        };
+        let stored = stored.ok_or_else(|| ServiceError::NotFound { kind, id: id.clone() })?;
         Ok((id, stored))
     }
 
     pub async fn update(&self, kind: Kind, id: &str, body: &serde_json::Value) -> Result<Stored, ServiceError> {
+        self.update_keyed(kind, id, body, None).await
+    }
+
+    pub async fn update_keyed(
+        &self,
+        kind: Kind,
+        id: &str,
+        body: &serde_json::Value,
+        key: Option<&str>,
+    ) -> Result<Stored, ServiceError> {
         check_data_kind(kind)?;
         let input = model::parse_input(kind, body, false)?;
         self.check_refs(kind, &input.patch)?;
         let stamp = self.inner.clock.now();
-        let stored = self
-            .commit(kind, id, |current| {
+        let committed = self
+            .commit_keyed(ORIGIN_MAIN, kind, id, key, |current| {
                 let Some(current) = current else {
                     return Err(ServiceError::NotFound { kind, id: id.to_owned() });
                 };
@@ -311,18 +421,40 @@ impl Main {
                 }
             })
             .await?;
+        let stored = match committed {
+            Committed::Now(stored) => stored,
+            Committed::Before(entry) => {
+                self.repeated(key.unwrap_or_default(), entry, kind, Some(id))?;
+                self.inner.store.get(kind, id)?
+            }
+        };
         stored.ok_or_else(|| ServiceError::NotFound { kind, id: id.to_owned() })
     }
 
     /// Deletes a record; a contact's notes, histories, activities and memberships go first, so
     /// no child is ever left without its contact.
     pub async fn delete(&self, kind: Kind, id: &str) -> Result<(), ServiceError> {
-        self.delete_from(ORIGIN_MAIN, kind, id).await
+        self.delete_from(ORIGIN_MAIN, kind, id, None).await
     }
 
-    /// [`Main::delete`] of a delete made at `origin`.
-    pub(crate) async fn delete_from(&self, origin: &str, kind: Kind, id: &str) -> Result<(), ServiceError> {
+    pub async fn delete_keyed(&self, kind: Kind, id: &str, key: Option<&str>) -> Result<(), ServiceError> {
+        self.delete_from(ORIGIN_MAIN, kind, id, key).await
+    }
+
+    /// [`Main::delete`] of a delete made at `origin`; the idempotency key goes with the delete
+    /// of the record itself, the last of its events.
+    pub(crate) async fn delete_from(
+        &self,
+        origin: &str,
+        kind: Kind,
+        id: &str,
+        key: Option<&str>,
+    ) -> Result<(), ServiceError> {
         check_data_kind(kind)?;
+        if let Some(entry) = self.key_entry(key)? {
+            self.repeated(key.unwrap_or_default(), entry, kind, Some(id))?;
+            return Ok(());
+        }
         if self.inner.store.get(kind, id)?.is_none() {
             return Err(ServiceError::NotFound { kind, id: id.to_owned() });
         }
@@ -334,13 +466,17 @@ impl Main {
                 .await?;
             }
         }
-        self.commit_from(origin, kind, id, |current| {
-            if current.is_none() {
-                return Err(ServiceError::NotFound { kind, id: id.to_owned() });
-            }
-            Ok(Decision::Delete)
-        })
-        .await?;
+        let committed = self
+            .commit_keyed(origin, kind, id, key, |current| {
+                if current.is_none() {
+                    return Err(ServiceError::NotFound { kind, id: id.to_owned() });
+                }
+                Ok(Decision::Delete)
+            })
+            .await?;
+        if let Committed::Before(entry) = committed {
+            self.repeated(key.unwrap_or_default(), entry, kind, Some(id))?;
+        }
         Ok(())
     }
 
@@ -425,7 +561,8 @@ impl Main {
 
     pub async fn status(&self) -> Result<serde_json::Value, ServiceError> {
         let counts = self.inner.store.counts()?;
-        let stream_last = self.inner.nats.last_sequence(EVENTS_STREAM).await.ok();
+        let nats = &self.inner.nats;
+        let stream_last = nats.for_status(nats.last_sequence(EVENTS_STREAM)).await;
         let applied = self.inner.store.meta(APPLIED)?;
         let (refused, log) = self.inner.store.sync_log(10)?;
         Ok(serde_json::json!({
@@ -439,7 +576,7 @@ impl Main {
             "stream_last": stream_last,
             "backlog": stream_last.map(|l| l.saturating_sub(applied)),
             "outbox": self.inner.store.outbox_len()?,
-            "uploads_waiting": self.inner.nats.uploads_waiting().await.ok(),
+            "uploads_waiting": nats.for_status(nats.uploads_waiting()).await,
             // Uploads that reached the main before an earlier upload of the same remote: they
             // are merged as soon as that one arrives (the remote sends it again by itself).
             "uploads_parked": self.inner.store.parked_len()?,
@@ -448,6 +585,13 @@ impl Main {
             "quarantined": self.inner.store.quarantine(0)?.0,
         }))
     }
+}
+
+/// What a commit did: committed a change now, or found one committed before with the same
+/// idempotency key.
+enum Committed {
+    Now(Option<Stored>),
+    Before(KeyEntry),
 }
 
 /// What a write decided, given the current record.
@@ -545,6 +689,7 @@ async fn project(
     let mut messages = consumer.messages().await.map_err(|e| TransportError::request("reading CRM_EVENTS", e))?;
     let mut connections = nats.connections.clone();
     connections.mark_unchanged();
+    let mut last_forget = std::time::Instant::now();
     loop {
         let batch = tokio::select! {
             b = transport::next_batch(&mut messages, PROJECTOR_BATCH) => b,
@@ -558,12 +703,22 @@ async fn project(
         };
         let incoming: Vec<Incoming> = batch.iter().filter_map(Incoming::from_message).collect();
         let (store2, state2, db) = (store.clone(), state.clone(), database_id.to_owned());
+        let forget_keys = last_forget.elapsed() >= KEY_FORGET_INTERVAL;
+        if forget_keys {
+            last_forget = std::time::Instant::now();
+        }
         let last = tokio::task::spawn_blocking(move || {
             let mut state = state2.lock().unwrap();
             // Large batches (a catch-up) commit durably: many non-durable commits in a row make
             // redb's file grow, because pages are only freed by a durable commit.
             let durable = incoming.len() >= crate::store::DURABLE_BATCH;
-            store2.write(durable, |t| projector::apply_batch(t, &mut state, &db, &incoming))
+            store2.write(durable, |t| {
+                let last = projector::apply_batch(t, &mut state, &db, &incoming)?;
+                if forget_keys {
+                    t.forget_keys(crate::hlc::wall_ms().saturating_sub(KEY_LIFETIME.as_millis() as u64))?;
+                }
+                Ok(last)
+            })
         })
         .await??;
         applied_tx.send_replace(last);

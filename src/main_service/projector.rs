@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 
 use crate::model::{Fields, Kind};
 use crate::routing::{self, RoutingConfig, TargetDef};
-use crate::store::{APPLIED, OutboxEntry, Quarantined, Store, StoreError, Stored, Tables};
+use crate::store::{APPLIED, KeyEntry, OutboxEntry, Quarantined, Store, StoreError, Stored, Tables};
 use crate::transport::Incoming;
 use crate::wire::{self, Decoded, Envelope, Op, Target};
 
@@ -52,7 +52,14 @@ pub fn apply_batch(
             continue;
         }
         match wire::decode_checked(&msg.payload, db_id) {
-            Decoded::Ok(env) => apply_event(t, state, msg.seq, env, msg.seq >= route_from)?,
+            Decoded::Ok(env) => {
+                if let Some(key) = &msg.idempotency_key {
+                    let entry =
+                        KeyEntry { seq: msg.seq, kind: env.kind, id: env.id.clone(), at_ms: crate::hlc::wall_ms() };
+                    t.remember_key(key, &entry)?;
+                }
+                apply_event(t, state, msg.seq, env, msg.seq >= route_from)?
+            }
             Decoded::Foreign(f) => {
                 tracing::error!(seq = msg.seq, subject = %msg.subject, "{f}");
                 quarantine(t, msg, f.to_string())?;

@@ -55,15 +55,13 @@ pub fn init(bundle_file: &Path, data_dir: &Path) -> anyhow::Result<Bundle> {
             ),
         }
     }
-    std::fs::create_dir_all(data_dir)?;
+    crate::files::private_dir(data_dir)?;
     let store = Store::open(&data_dir.join(STORE_FILE))?;
     store.write(true, |t| {
         t.set_meta_str(DATABASE_ID, &bundle.database_id)?;
         t.set_meta_str("role", "remote")
     })?;
-    let tmp = data_dir.join("remote.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&bundle)?)?;
-    std::fs::rename(&tmp, &existing)?;
+    crate::files::write_private(&existing, &serde_json::to_vec_pretty(&bundle)?)?;
     Ok(bundle)
 }
 
@@ -241,7 +239,8 @@ impl Remote {
         let store = &self.inner.store;
         let counts = store.counts()?;
         let (quarantined, recent) = store.quarantine(10)?;
-        let backlog = self.inner.nats.remote_backlog(&self.inner.bundle.consumer).await.ok();
+        let nats = &self.inner.nats;
+        let backlog = nats.for_status(nats.remote_backlog(&self.inner.bundle.consumer)).await;
         let state = self.state();
         let (refused, log) = store.sync_log(10)?;
         Ok(serde_json::json!({

@@ -10,26 +10,7 @@ use crmsync::wire::{self, Envelope, Op};
 use futures::StreamExt;
 use serde_json::{Value as J, json};
 
-use crate::harness::{Api, Env, main_process, snapshot, wait_converged, wait_for_status};
-
-/// How a main process is stopped.
-#[derive(Clone, Copy, Debug)]
-enum Stop {
-    Kill,
-    Term,
-}
-
-async fn stop(child: &mut tokio::process::Child, how: Stop) {
-    match how {
-        Stop::Kill => child.start_kill().unwrap(),
-        Stop::Term => {
-            let pid = child.id().expect("the process runs") as i32;
-            // SAFETY: sending a signal to a child process of this test.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-    }
-    child.wait().await.unwrap();
-}
+use crate::harness::{Api, Env, Stop, main_process, snapshot, stop, wait_converged, wait_for_status};
 
 /// A remote makes 600 contacts, then a note on each even one and deletes each odd one, all
 /// while the main is down; the main then starts and is stopped `stops.len()` times, each time
@@ -299,5 +280,101 @@ async fn each_custom_field_is_edited_and_merged_on_its_own() {
     // Lists filter by a custom field.
     let (status, list) = env.api.get("/v1/contacts?custom.c=3").await;
     assert_eq!((status, list["items"].as_array().map(Vec::len)), (200, Some(1)), "{list}");
+    remote.stop().await;
+}
+
+/// A client whose every request gives up after `limit`: a service that makes it wait longer
+/// fails the test.
+fn impatient(limit: Duration) -> reqwest::Client {
+    reqwest::Client::builder().timeout(limit).build().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_nats_down_status_answers_at_once_and_a_write_is_refused_within_seconds() {
+    let mut env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let remote = env.remote("laptop", "everyone").await;
+    env.api.create(Kind::Contact, json!({ "id": "before" })).await;
+    let nats = &mut env.nats;
+    tokio::task::block_in_place(|| nats.stop());
+
+    let client = impatient(Duration::from_secs(5));
+    for api in [&env.api, &remote.api] {
+        let status: J = client.get(format!("{}/v1/status", api.base)).send().await.unwrap().json().await.unwrap();
+        assert_eq!(status["nats"]["connected"], false, "{status}");
+    }
+    let resp = client.post(format!("{}/v1/contacts", env.api.base)).json(&json!({ "id": "during" })).send().await;
+    let resp = resp.expect("the write is answered within seconds");
+    assert_eq!(resp.status().as_u16(), 503);
+    let body: J = resp.json().await.unwrap();
+    let message = body["error"].as_str().unwrap();
+    assert!(message.contains("unreachable") && message.contains("nothing was changed"), "{message}");
+    // The remote keeps taking edits: they wait on its disk for NATS.
+    let (status, body) = remote.api.post("/v1/contacts", &json!({ "id": "offline" })).await;
+    assert_eq!(status, 201, "{body}");
+
+    let nats = &mut env.nats;
+    tokio::task::block_in_place(|| nats.restart()).unwrap();
+    wait_for_status(&env.api, |s| s["nats"]["connected"] == true).await;
+    wait_for_status(&env.api, |s| s["counts"]["contact"] == 2).await;
+    assert_eq!(env.api.get("/v1/contacts/during").await.0, 404, "a refused write was committed after all");
+    remote.stop().await;
+}
+
+/// Sends a write with an `Idempotency-Key` header.
+async fn keyed(method: reqwest::Method, api: &Api, path: &str, key: &str, body: Option<J>) -> (u16, J) {
+    let mut req = reqwest::Client::new().request(method, format!("{}{path}", api.base)).header("Idempotency-Key", key);
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(J::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_repeated_with_its_idempotency_key_is_applied_once() {
+    use reqwest::Method;
+    let env = Env::start().await;
+    // A create without an id, sent twice: one contact, the same id both times.
+    let (s1, first) = keyed(Method::POST, &env.api, "/v1/contacts", "k-create", Some(json!({ "city": "Troy" }))).await;
+    let (s2, again) = keyed(Method::POST, &env.api, "/v1/contacts", "k-create", Some(json!({ "city": "Troy" }))).await;
+    assert_eq!((s1, s2), (201, 201), "{first} {again}");
+    assert_eq!(first["id"], again["id"]);
+    assert_eq!(env.api.status().await["counts"]["contact"], 1);
+    let id = first["id"].as_str().unwrap().to_owned();
+
+    // An update repeated after a later change does not undo the later change.
+    let path = format!("/v1/contacts/{id}");
+    assert_eq!(keyed(Method::PATCH, &env.api, &path, "k-city", Some(json!({ "city": "Albany" }))).await.0, 200);
+    assert_eq!(env.api.patch(&path, &json!({ "city": "Utica" })).await.0, 200);
+    let (status, body) = keyed(Method::PATCH, &env.api, &path, "k-city", Some(json!({ "city": "Albany" }))).await;
+    assert_eq!((status, body["city"].clone()), (200, json!("Utica")), "{body}");
+
+    // A delete repeated is still a success, not a 404.
+    assert_eq!(keyed(Method::DELETE, &env.api, &path, "k-delete", None).await.0, 200);
+    assert_eq!(keyed(Method::DELETE, &env.api, &path, "k-delete", None).await.0, 200);
+    // A key used for another record is refused, and a malformed key too.
+    let (status, body) = keyed(Method::DELETE, &env.api, "/v1/contacts/other", "k-create", None).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("use a new key"), "{body}");
+    let (status, body) = keyed(Method::POST, &env.api, "/v1/contacts", "bad key!", Some(json!({}))).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("Idempotency-Key"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_files_are_readable_by_their_owner_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let remote = env.remote("laptop", "everyone").await;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let main_dir = env.main_config().data_dir;
+    assert_eq!(mode(&main_dir), 0o700, "{}", main_dir.display());
+    assert_eq!(mode(&main_dir.join("main.redb")), 0o600);
+    assert_eq!(mode(&remote.data_dir), 0o700, "{}", remote.data_dir.display());
+    assert_eq!(mode(&remote.data_dir.join("remote.redb")), 0o600);
+    assert_eq!(mode(&remote.data_dir.join("remote.json")), 0o600);
     remote.stop().await;
 }

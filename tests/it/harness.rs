@@ -302,3 +302,24 @@ pub async fn wait_for_status(api: &Api, done: impl Fn(&J) -> bool) -> J {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// How a child process is stopped.
+#[derive(Clone, Copy, Debug)]
+pub enum Stop {
+    /// SIGKILL: no chance to flush anything.
+    Kill,
+    /// SIGTERM: a graceful stop.
+    Term,
+}
+
+pub async fn stop(child: &mut tokio::process::Child, how: Stop) {
+    match how {
+        Stop::Kill => child.start_kill().unwrap(),
+        Stop::Term => {
+            let pid = child.id().expect("the process runs") as i32;
+            // SAFETY: sending a signal to a child process of this test.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+    child.wait().await.unwrap();
+}

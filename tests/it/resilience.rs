@@ -7,7 +7,7 @@ use crmsync::store::Store;
 use serde_json::json;
 
 use crate::harness::{
-    Api, Env, main_process, remote_process, seed_contacts, snapshot, wait_converged, wait_for_status,
+    Api, Env, Stop, main_process, remote_process, seed_contacts, snapshot, stop, wait_converged, wait_for_status,
 };
 
 async fn contacts_at(api: &Api) -> Option<u64> {
@@ -160,8 +160,9 @@ async fn routing_survives_a_main_killed_between_commit_and_publish() {
     let mut main = main_process(&env.nats.url(), &data, port);
     let nats = env.main_nats().await;
     wait_for_status(&api, |s| s["outbox"] == 0 && s["backlog"] == 0).await;
-    main.start_kill().unwrap();
-    main.wait().await.unwrap();
+    // A graceful stop, so its file holds all it applied (after a SIGKILL it holds a prefix,
+    // which the next start replays from the stream).
+    stop(&mut main, Stop::Term).await;
 
     // Every committed contact event was routed exactly once: CRM_SYNC holds one message per
     // event, no more (a republished copy would be a second message), no fewer.

@@ -1,5 +1,9 @@
 //! The HTTP JSON APIs of the main and of a remote. Handlers are glue: they parse, call the
 //! service, and turn its result or error into JSON with the right status.
+//!
+//! [`server`] is the HTTP server under both: timeouts and a connection limit.
+
+mod server;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -18,6 +22,8 @@ use crate::main_service::{Main, RemoteRequest, SetRequest};
 use crate::model::{self, Kind, Value};
 use crate::remote_service::Remote;
 use crate::store::{Store, Stored};
+
+pub use server::{BODY_TIMEOUT, BodyTimeout, HEADER_TIMEOUT, Limits, MAX_CONNECTIONS, SHUTDOWN_GRACE};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -70,6 +76,8 @@ fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<J, ApiError> {
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(e.status(), format!("the request body is larger than {MAX_BODY} bytes; send less at once"))
+        } else if let Some(timeout) = find_source::<BodyTimeout>(&e) {
+            ApiError::new(StatusCode::REQUEST_TIMEOUT, timeout.to_string())
         } else {
             ApiError::new(e.status(), format!("cannot read the request body: {e}"))
         }
@@ -80,6 +88,18 @@ fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<J, ApiError> {
             format!("the body is not valid JSON: {e} (line {}, column {})", e.line(), e.column()),
         )
     })
+}
+
+/// The first error of type `T` in `e`'s chain of sources.
+fn find_source<'a, T: std::error::Error + 'static>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(found) = err.downcast_ref::<T>() {
+            return Some(found);
+        }
+        cur = err.source();
+    }
+    None
 }
 
 fn parse_typed<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
@@ -404,11 +424,21 @@ async fn remote_rebuild(State(remote): State<Remote>) -> ApiResult {
     ok(StatusCode::ACCEPTED, json!({ "rebuilding": { "done": 0, "total": total } }))
 }
 
-/// Serves `router` on `listener` until `shutdown` completes.
+/// Serves `router` on `listener` with the default [`Limits`] until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    server::serve(listener, router, shutdown, Limits::default()).await
+}
+
+/// [`serve`] with other limits (tests use short timeouts).
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: Limits,
+) -> std::io::Result<()> {
+    server::serve(listener, router, shutdown, limits).await
 }

@@ -6,6 +6,7 @@ mod harness;
 mod api;
 mod bench;
 mod edits;
+mod hostile;
 mod pipeline;
 mod rebuild;
 mod resilience;

@@ -4,10 +4,187 @@
 use std::time::{Duration, Instant};
 
 use crmsync::http::Limits;
+use crmsync::main_service::RemoteRequest;
+use crmsync::model::Kind;
+use serde_json::{Value as J, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::harness::{Api, Env};
+
+/// Sends one request and returns its status, its `Allow` header and its body as JSON (a body
+/// that is not JSON fails the test: every answer of the API is JSON).
+async fn request(method: &str, url: &str, content_type: Option<&str>, body: &str) -> (u16, String, J) {
+    let client = reqwest::Client::new();
+    let mut req = client.request(method.parse().unwrap(), url).body(body.to_owned());
+    if let Some(content_type) = content_type {
+        req = req.header("content-type", content_type);
+    }
+    let resp = req.send().await.expect("the API answers");
+    let status = resp.status().as_u16();
+    let allow = resp.headers().get("allow").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    let text = resp.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{method} {url}: {status} {text:?} is not JSON"));
+    (status, allow, body)
+}
+
+fn error_of(body: &J) -> &str {
+    body["error"].as_str().unwrap_or_else(|| panic!("no error message in {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_get_json_errors_that_say_what_was_wrong_at_the_main_and_at_a_remote() {
+    let env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let remote = env.remote("laptop", "everyone").await;
+    for (side, base) in [("main", &env.api.base), ("remote", &remote.api.base)] {
+        let url = |path: &str| format!("{base}{path}");
+        // A path that exists, with a method it does not take.
+        let (status, allow, body) = request("PUT", &url("/v1/contacts/x"), None, "").await;
+        assert_eq!(status, 405, "{side}: {body}");
+        let message = error_of(&body);
+        assert!(message.contains("/v1/contacts/x does not take PUT"), "{side}: {message}");
+        assert!(
+            message.contains("GET") && message.contains("PATCH") && message.contains("DELETE"),
+            "{side}: {message}"
+        );
+        assert!(allow.contains("PATCH"), "{side}: the Allow header stays: {allow:?}");
+        let (status, _, body) = request("GET", &url("/v1/rebuild"), None, "").await;
+        assert_eq!(status, 405, "{side}: {body}");
+        assert!(error_of(&body).contains("it takes POST"), "{side}: {body}");
+
+        // Percent-encoded bytes that are not UTF-8, in an id and in a filter.
+        let (status, _, body) = request("GET", &url("/v1/contacts/%FF"), None, "").await;
+        assert_eq!(status, 400, "{side}: {body}");
+        assert!(error_of(&body).contains("/v1/contacts/%FF is not UTF-8"), "{side}: {body}");
+        let (status, _, body) = request("DELETE", &url("/v1/contacts/a%C3"), None, "").await;
+        assert_eq!(status, 400, "{side}: {body}");
+        assert!(error_of(&body).contains("not UTF-8"), "{side}: {body}");
+        let (status, _, body) = request("GET", &url("/v1/contacts?state=%FF%FE"), None, "").await;
+        assert_eq!(status, 400, "{side}: {body}");
+        assert!(
+            error_of(&body).contains("the value \"%FF%FE\" of `state` in the query string is not UTF-8"),
+            "{side}: {body}"
+        );
+        // Well-formed percent-encoding still filters: `N%59` is `NY`.
+        let (status, _, body) = request("GET", &url("/v1/contacts?state=N%59&limit=5"), None, "").await;
+        assert_eq!(status, 200, "{side}: {body}");
+
+        // A body that is not JSON, whatever its content type says.
+        let (status, _, body) = request("POST", &url("/v1/contacts"), Some("text/plain"), "first_name=Ann").await;
+        assert_eq!(status, 400, "{side}: {body}");
+        assert!(error_of(&body).contains("not valid JSON"), "{side}: {body}");
+        // No endpoint at all.
+        let (status, _, body) = request("GET", &url("/v2/contacts"), None, "").await;
+        assert_eq!(status, 404, "{side}: {body}");
+        assert!(error_of(&body).contains("no endpoint GET /v2/contacts"), "{side}: {body}");
+    }
+    let (status, _, body) = request("GET", &format!("{}/v1/sets/%FF/preview", env.api.base), None, "").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(error_of(&body).contains("not UTF-8"), "{body}");
+    remote.stop().await;
+}
+
+/// Runs the command line against `api`: (exit code, stdout, stderr).
+fn cli(api: &str, args: &[&str]) -> (i32, String, String) {
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_crmsync")).arg("--api").arg(api).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_sets_and_remotes_list_in_pages_through_the_api_and_the_command_line() {
+    let env = Env::start().await;
+    env.api.create(Kind::User, json!({ "id": "ann", "name": "Ann" })).await;
+    for name in ["everyone", "mine", "theirs"] {
+        let body = if name == "everyone" {
+            json!({ "name": name, "all": true })
+        } else {
+            json!({ "name": name, "users": ["ann"] })
+        };
+        let (status, resp) = env.api.post("/v1/sets", &body).await;
+        assert_eq!(status, 201, "{resp}");
+    }
+    for (remote, set) in [("branch", "mine"), ("laptop", "everyone")] {
+        let req = RemoteRequest { name: remote.into(), set: set.into(), ..Default::default() };
+        env.main().create_remote(&req).await.unwrap();
+    }
+
+    let (status, page) = env.api.get("/v1/sets?limit=2").await;
+    assert_eq!(status, 200, "{page}");
+    let names: Vec<&str> = page["items"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
+    assert_eq!(names, ["everyone", "mine"]);
+    assert_eq!(page["next"], "mine");
+    assert_eq!(page["items"][0]["all"], true);
+    assert_eq!(page["items"][1]["users"], json!(["ann"]));
+    let (_, page) = env.api.get("/v1/sets?limit=2&after=mine").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    assert_eq!((page["items"][0]["id"].as_str(), &page["next"]), (Some("theirs"), &J::Null));
+
+    let (status, page) = env.api.get("/v1/remotes").await;
+    assert_eq!(status, 200, "{page}");
+    let remotes = page["items"].as_array().unwrap();
+    assert_eq!(remotes.len(), 2, "{page}");
+    assert_eq!((remotes[0]["id"].as_str(), remotes[0]["set"].as_str()), (Some("branch"), Some("mine")));
+    assert_eq!((remotes[1]["id"].as_str(), remotes[1]["set"].as_str()), (Some("laptop"), Some("everyone")));
+    assert_eq!(remotes[1]["enabled"], true);
+    assert!(remotes[1]["backlog"].is_u64(), "each remote shows its backlog: {page}");
+    let (status, page) = env.api.get("/v1/remotes?set=mine").await;
+    assert_eq!((status, page["items"].as_array().unwrap().len()), (200, 1), "{page}");
+
+    let base = env.api.base.clone();
+    let (code, out, err) = tokio::task::spawn_blocking(move || cli(&base, &["set", "list"])).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("everyone") && out.contains("all records"), "{out}");
+    assert!(out.contains("theirs") && out.contains("ann"), "{out}");
+    let base = env.api.base.clone();
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || cli(&base, &["set", "list", "--limit", "1"])).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("everyone") && !out.contains("theirs") && out.contains("(more: --after everyone)"), "{out}");
+    let base = env.api.base.clone();
+    let (code, out, err) = tokio::task::spawn_blocking(move || cli(&base, &["remote", "list"])).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("branch") && out.contains("set mine, backlog"), "{out}");
+    assert!(out.contains("laptop") && out.contains("set everyone, backlog"), "{out}");
+    let base = env.api.base.clone();
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || cli(&base, &["remote", "list", "--json"])).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    let page: J = serde_json::from_str(&out).unwrap();
+    assert_eq!(page["items"][1]["id"], "laptop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_the_command_line_says_what_came_back_when_an_error_answer_is_not_json() {
+    // Something that is not crmsync (a proxy, say) answers in front of it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let answers = [
+            "HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 14\r\nconnection: close\r\n\r\nupstream down\n",
+        ];
+        for answer in answers {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            stream.write_all(answer.as_bytes()).await.unwrap();
+            let _ = stream.shutdown().await;
+        }
+    });
+    let base2 = base.clone();
+    let (code, _, err) = tokio::task::spawn_blocking(move || cli(&base2, &["status"])).await.unwrap();
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.trim(), "error: the service answered 502 Bad Gateway with no message");
+    let (code, _, err) = tokio::task::spawn_blocking(move || cli(&base, &["status"])).await.unwrap();
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.trim(), "error: the service answered 503 Service Unavailable: upstream down");
+}
 
 /// Serves the main's API with `limits` on a new port; returns its base URL, a stop handle and
 /// the server's task.

@@ -168,11 +168,13 @@ pub fn pairs_to_json(kind: Kind, pairs: &[String], base: Option<&str>) -> Result
             J::Null
         } else {
             match kind.field(name).map(|f| f.ty) {
-                Some(FieldType::Names) => J::Array(value.split(',').map(|s| J::String(s.trim().to_owned())).collect()),
+                Some(FieldType::Names | FieldType::Refs(_)) => {
+                    J::Array(value.split(',').map(|s| J::String(s.trim().to_owned())).collect())
+                }
                 Some(FieldType::Bool) => {
                     value.parse::<bool>().map(J::Bool).unwrap_or_else(|_| J::String(value.to_owned()))
                 }
-                Some(FieldType::Int) => {
+                Some(FieldType::Int | FieldType::Count) => {
                     value.parse::<i64>().map(J::from).unwrap_or_else(|_| J::String(value.to_owned()))
                 }
                 _ => J::String(value.to_owned()),

@@ -10,7 +10,7 @@ use serde_json::{Value as J, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::harness::{Api, Env};
+use crate::harness::{Api, Env, wait_for};
 
 /// Sends one request and returns its status, its `Allow` header and its body as JSON (a body
 /// that is not JSON fails the test: every answer of the API is JSON).
@@ -298,4 +298,117 @@ async fn hostile_connections_beyond_the_limit_wait_and_are_answered_once_others_
     assert!(status.is_ok(), "the API did not answer once the half-open connections timed out");
     let waited = started.elapsed();
     assert!(waited >= header_timeout, "answered after {waited:?}: the limit of 4 connections was not applied");
+}
+
+/// Whether a remote's API shows a record.
+async fn holds(api: &Api, kind: Kind, id: &str) -> bool {
+    api.get(&format!("/v1/{}/{id}", kind.plural())).await.0 == 200
+}
+
+async fn wait_holds(api: &Api, kind: Kind, id: &str, want: bool) {
+    let what = format!("the remote {} {kind} {id}", if want { "to hold" } else { "to drop" });
+    wait_for(&what, Duration::from_secs(15), || async { holds(api, kind, id).await == want }).await;
+}
+
+/// POSTs `body` to a collection and checks the refusal: its status and that its message says
+/// `want`.
+async fn refused(api: &Api, kind: Kind, body: J, status: u16, want: &str) {
+    let (got, resp) = api.post(&format!("/v1/{}", kind.plural()), &body).await;
+    assert_eq!(got, status, "creating a {kind} from {body}: {resp}");
+    let message = error_of(&resp);
+    assert!(message.contains(want), "creating a {kind} from {body}: {message:?} should say {want:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_users_and_teams_named_in_access_lists_and_teams_must_exist_at_the_main_and_at_a_remote() {
+    let env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let remote = env.remote("laptop", "everyone").await;
+    let api = &env.api;
+    api.create(Kind::Team, json!({ "id": "east", "name": "East" })).await;
+    api.create(Kind::User, json!({ "id": "ann", "name": "Ann", "teams": ["east"] })).await;
+
+    let no_user = "field `access_users`: there is no user with id \"ghost\"";
+    let no_team = "field `access_teams`: there is no team with id \"nowhere\"";
+    let limited = |field: &str, id: &str| json!({ "name": "N", "access": "limited", field: [id] });
+    refused(api, Kind::Contact, json!({ "access": "limited", "access_users": ["ann", "ghost"] }), 422, no_user).await;
+    refused(api, Kind::Contact, json!({ "access": "limited", "access_teams": ["nowhere"] }), 422, no_team).await;
+    refused(api, Kind::Company, limited("access_users", "ghost"), 422, no_user).await;
+    refused(api, Kind::Group, limited("access_teams", "nowhere"), 422, no_team).await;
+    refused(
+        api,
+        Kind::User,
+        json!({ "name": "Bob", "teams": ["east", "nowhere"] }),
+        422,
+        "field `teams`: there is no team with id \"nowhere\"",
+    )
+    .await;
+    let (status, resp) = api.patch("/v1/users/ann", &json!({ "teams": ["nowhere"] })).await;
+    assert_eq!(status, 422, "{resp}");
+    assert!(error_of(&resp).contains("there is no team with id \"nowhere\""), "{resp}");
+    let contact = api
+        .create(Kind::Contact, json!({ "access": "limited", "access_users": ["ann"], "access_teams": ["east"] }))
+        .await;
+    let (status, resp) = api.patch(&format!("/v1/contacts/{contact}"), &json!({ "access_users": ["ghost"] })).await;
+    assert_eq!(status, 422, "{resp}");
+    assert!(error_of(&resp).contains(no_user), "{resp}");
+
+    // A remote checks against the users and teams it holds (all of them).
+    wait_holds(&remote.api, Kind::User, "ann", true).await;
+    wait_holds(&remote.api, Kind::Team, "east", true).await;
+    let at_remote = &remote.api;
+    refused(at_remote, Kind::Contact, json!({ "access": "limited", "access_users": ["ghost"] }), 422, no_user).await;
+    refused(at_remote, Kind::Group, limited("access_teams", "nowhere"), 422, no_team).await;
+    at_remote
+        .create(Kind::Contact, json!({ "access": "limited", "access_users": ["ann"], "access_teams": ["east"] }))
+        .await;
+    remote.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_nul_characters_impossible_dates_and_negative_durations_are_refused() {
+    let env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let remote = env.remote("laptop", "everyone").await;
+    let contact = env.api.create(Kind::Contact, json!({ "first_name": "Ann" })).await;
+    wait_holds(&remote.api, Kind::Contact, &contact, true).await;
+    let nul = "must be text without NUL characters (\\u0000)";
+    let date = "must be a date YYYY-MM-DD, or a date and time YYYY-MM-DDTHH:MM[:SS[.fff]] with an optional Z or ±HH:MM";
+    for (side, api) in [("main", &env.api), ("remote", &remote.api)] {
+        let note = |date: &str| json!({ "contact_id": contact, "text": "t", "date": date });
+        refused(api, Kind::Contact, json!({ "city": "Al\u{0}bany" }), 400, &format!("field `city` of a contact {nul}"))
+            .await;
+        refused(api, Kind::Contact, json!({ "custom": { "source": "\u{0}" } }), 400, "field `custom.source`").await;
+        refused(api, Kind::Note, json!({ "contact_id": contact, "text": "a\u{0}" }), 400, nul).await;
+        refused(api, Kind::Note, note("2025-02-29"), 400, &format!("field `date` of a note {date}")).await;
+        refused(api, Kind::Note, note("27.11.2026"), 400, "got the string \"27.11.2026\"").await;
+        refused(api, Kind::Note, note("2026-11-27T25:00"), 400, date).await;
+        refused(api, Kind::Activity, json!({ "contact_id": contact, "due": "tomorrow" }), 400, "field `due`").await;
+        let negative = json!({ "contact_id": contact, "duration_minutes": -5 });
+        refused(
+            api,
+            Kind::History,
+            negative,
+            400,
+            "`duration_minutes` of a history must be a whole number, 0 or more, got the number -5",
+        )
+        .await;
+        for good in ["2024-02-29", "2026-11-27T09:30", "2026-11-27T09:30:15.250Z", "2026-11-27T09:30:00-05:00"] {
+            let (status, resp) = api.post("/v1/notes", &note(good)).await;
+            assert_eq!(status, 201, "{side}: {good}: {resp}");
+        }
+        let (status, resp) = api.post("/v1/histories", &json!({ "contact_id": contact, "duration_minutes": 0 })).await;
+        assert_eq!(status, 201, "{side}: {resp}");
+        let (status, resp) = api.patch(&format!("/v1/contacts/{contact}"), &json!({ "title": "\u{0}" })).await;
+        assert_eq!(status, 400, "{side}: {resp}");
+        assert!(error_of(&resp).contains(nul), "{side}: {resp}");
+    }
+    // The wire schema describes the same forms (it cannot check the calendar).
+    let schema: J = serde_json::from_slice(&std::fs::read("schemas/records/note.schema.json").unwrap()).unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let record = |date: &str| json!({ "contact_id": ["c", 1], "text": ["t", 1], "date": [date, 1] });
+    assert!(validator.is_valid(&record("2026-11-27T09:30:15.250+01:00")));
+    assert!(!validator.is_valid(&record("27.11.2026")));
+    assert!(!validator.is_valid(&record("2026-11-27T09:30+0100")));
+    remote.stop().await;
 }

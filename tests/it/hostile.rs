@@ -412,3 +412,34 @@ async fn hostile_nul_characters_impossible_dates_and_negative_durations_are_refu
     assert!(!validator.is_valid(&record("2026-11-27T09:30+0100")));
     remote.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_a_blank_set_query_is_refused_with_what_to_do_instead() {
+    let env = Env::start().await;
+    env.api.create(Kind::User, json!({ "id": "ann", "name": "Ann" })).await;
+    let leave_out = "leave `query` out (`--no-query` with `set edit`, `\"query\": null` in a PATCH)";
+    for query in ["", "   "] {
+        let (status, resp) = env.api.post("/v1/sets", &json!({ "name": "s", "users": ["ann"], "query": query })).await;
+        assert_eq!(status, 400, "{query:?}: {resp}");
+        assert!(error_of(&resp).starts_with("the query is empty"), "{resp}");
+        assert!(error_of(&resp).contains(leave_out), "{resp}");
+    }
+    let (status, resp) =
+        env.api.post("/v1/sets", &json!({ "name": "s", "users": ["ann"], "query": "state = NY" })).await;
+    assert_eq!(status, 201, "{resp}");
+    let (status, resp) = env.api.patch("/v1/sets/s", &json!({ "query": " " })).await;
+    assert_eq!(status, 400, "{resp}");
+    assert!(error_of(&resp).contains(leave_out), "{resp}");
+    let (_, set) = env.api.get("/v1/sets/s").await;
+    assert_eq!(set["query"], "state = NY", "the refused edit changed nothing");
+    let (status, resp) = env.api.patch("/v1/sets/s", &json!({ "query": null })).await;
+    assert_eq!((status, resp.get("query")), (200, None), "{resp}");
+
+    let base = env.api.base.clone();
+    let (code, _, err) =
+        tokio::task::spawn_blocking(move || cli(&base, &["set", "create", "t", "--users", "ann", "--query", ""]))
+            .await
+            .unwrap();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.starts_with("error: the query is empty") && err.contains("--no-query"), "{err}");
+}

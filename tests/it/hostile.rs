@@ -443,3 +443,51 @@ async fn hostile_a_blank_set_query_is_refused_with_what_to_do_instead() {
     assert_eq!(code, 1, "{err}");
     assert!(err.starts_with("error: the query is empty") && err.contains("--no-query"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_a_remote_refuses_at_once_to_create_again_what_was_deleted_but_not_what_left_its_set() {
+    let env = Env::start().await;
+    env.api.create(Kind::User, json!({ "id": "ann", "name": "Ann" })).await;
+    let (status, resp) =
+        env.api.post("/v1/sets", &json!({ "name": "ny", "users": ["ann"], "query": "state = NY" })).await;
+    assert_eq!(status, 201, "{resp}");
+    let remote = env.remote("laptop", "ny").await;
+    let at_remote = &remote.api;
+
+    // Deleted at the main.
+    env.api.create(Kind::Contact, json!({ "id": "gone", "state": "NY" })).await;
+    wait_holds(at_remote, Kind::Contact, "gone", true).await;
+    let (status, _) = env.api.delete("/v1/contacts/gone").await;
+    assert_eq!(status, 200);
+    wait_holds(at_remote, Kind::Contact, "gone", false).await;
+    let again = "the contact gone was deleted, and the main refuses to bring a deleted record back from a remote";
+    refused(at_remote, Kind::Contact, json!({ "id": "gone", "state": "NY" }), 409, again).await;
+
+    // Deleted here, with its note, once the main has merged the delete.
+    let mine = at_remote.create(Kind::Contact, json!({ "id": "mine", "state": "NY" })).await;
+    let note = at_remote.create(Kind::Note, json!({ "contact_id": mine, "text": "t" })).await;
+    wait_for("the main to merge the new contact", Duration::from_secs(15), || async {
+        env.api.get("/v1/contacts/mine").await.0 == 200
+    })
+    .await;
+    let (status, _) = at_remote.delete("/v1/contacts/mine").await;
+    assert_eq!(status, 200);
+    wait_for("the main to merge the delete", Duration::from_secs(15), || async {
+        env.api.get("/v1/contacts/mine").await.0 == 404
+    })
+    .await;
+    wait_holds(at_remote, Kind::Contact, "mine", false).await;
+    refused(at_remote, Kind::Contact, json!({ "id": "mine" }), 409, "the contact mine was deleted").await;
+    refused(at_remote, Kind::Note, json!({ "id": note, "contact_id": "gone", "text": "t" }), 409, "was deleted").await;
+
+    // Left the set (the main moved it to CT): not a delete, so the remote does not refuse it
+    // itself; the main decides.
+    env.api.create(Kind::Contact, json!({ "id": "moved", "state": "NY" })).await;
+    wait_holds(at_remote, Kind::Contact, "moved", true).await;
+    let (status, _) = env.api.patch("/v1/contacts/moved", &json!({ "state": "CT" })).await;
+    assert_eq!(status, 200);
+    wait_holds(at_remote, Kind::Contact, "moved", false).await;
+    let (status, resp) = at_remote.post("/v1/contacts", &json!({ "id": "moved", "state": "NY" })).await;
+    assert_eq!(status, 201, "{resp}");
+    remote.stop().await;
+}

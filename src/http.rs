@@ -1,13 +1,22 @@
 //! The HTTP JSON APIs of the main and of a remote. Handlers are glue: they parse, call the
-//! service, and turn its result or error into JSON with the right status.
+//! service, and turn its result or error into JSON with the right status. Every error is
+//! `{"error": "..."}`: the extractors' own rejections (a path or query that is not UTF-8, a
+//! body of the wrong type) are turned into it here, and [`json_errors`] turns whatever other
+//! error answer the router makes (405 Method Not Allowed) into it as well.
+//!
+//! [`server`] is the HTTP server under both: timeouts and a connection limit.
+
+mod server;
 
 use std::collections::BTreeMap;
 use std::future::Future;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -18,6 +27,8 @@ use crate::main_service::{Main, RemoteRequest, SetRequest};
 use crate::model::{self, Kind, Value};
 use crate::remote_service::Remote;
 use crate::store::{Store, Stored};
+
+pub use server::{BODY_TIMEOUT, BodyTimeout, HEADER_TIMEOUT, Limits, MAX_CONNECTIONS, SHUTDOWN_GRACE};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -70,6 +81,8 @@ fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<J, ApiError> {
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(e.status(), format!("the request body is larger than {MAX_BODY} bytes; send less at once"))
+        } else if let Some(timeout) = find_source::<BodyTimeout>(&e) {
+            ApiError::new(StatusCode::REQUEST_TIMEOUT, timeout.to_string())
         } else {
             ApiError::new(e.status(), format!("cannot read the request body: {e}"))
         }
@@ -82,9 +95,150 @@ fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<J, ApiError> {
     })
 }
 
+/// The first error of type `T` in `e`'s chain of sources.
+fn find_source<'a, T: std::error::Error + 'static>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(found) = err.downcast_ref::<T>() {
+            return Some(found);
+        }
+        cur = err.source();
+    }
+    None
+}
+
 fn parse_typed<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
     let value = parse_body(body)?;
     serde_json::from_value(value).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid request: {e}")))
+}
+
+/// Path parameters, refused with a JSON error when they do not decode (percent-encoded bytes
+/// that are not UTF-8).
+struct ApiPath<T>(T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<ApiPath<T>, ApiError> {
+        use axum::extract::path::ErrorKind;
+        use axum::extract::rejection::PathRejection;
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(ApiPath(value)),
+            Err(PathRejection::FailedToDeserializePathParams(e))
+                if matches!(e.kind(), ErrorKind::InvalidUtf8InPathParam { .. }) =>
+            {
+                Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "the path {} is not UTF-8 once percent-decoded; ids and names are 1 to 64 of A-Z a-z 0-9 _ -",
+                        parts.uri.path()
+                    ),
+                ))
+            }
+            Err(e) => Err(ApiError::new(
+                e.status(),
+                format!("the path {} cannot be read: {}", parts.uri.path(), e.body_text()),
+            )),
+        }
+    }
+}
+
+/// The query string as `name=value` pairs (the last of a repeated name wins), refused with a
+/// JSON error when a part is not UTF-8 once percent-decoded: decoding it lossily would filter
+/// by something else than what was asked.
+struct ApiQuery(BTreeMap<String, String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ApiQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<ApiQuery, ApiError> {
+        parse_query(parts.uri.query().unwrap_or_default()).map(ApiQuery)
+    }
+}
+
+fn parse_query(query: &str) -> Result<BTreeMap<String, String>, ApiError> {
+    let not_utf8 = |what: String| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{what} in the query string is not UTF-8 once percent-decoded; send names and values as percent-encoded UTF-8"
+            ),
+        )
+    };
+    let mut out = BTreeMap::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = percent_decode(name).ok_or_else(|| not_utf8(format!("the name {name:?}")))?;
+        let value = percent_decode(value).ok_or_else(|| not_utf8(format!("the value {value:?} of `{name}`")))?;
+        out.insert(name, value);
+    }
+    Ok(out)
+}
+
+/// Decodes one part of a query string (`+` is a space, `%XX` a byte); `None` if the result is
+/// not UTF-8.
+fn percent_decode(part: &str) -> Option<String> {
+    let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16));
+    let bytes = part.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Makes every error answer JSON, also those the handlers do not make: the router's 405
+/// (empty, with an `Allow` header) and any rejection that slipped through as plain text.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let response = next.run(req).await;
+    let status = response.status();
+    let is_json =
+        response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let allow = parts.headers.get(header::ALLOW).cloned();
+    let text = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_owned();
+    let message = match (&allow, text.is_empty()) {
+        (Some(allow), _) if status == StatusCode::METHOD_NOT_ALLOWED => format!(
+            "{path} does not take {method}; it takes {} (see the README's API section)",
+            allow.to_str().unwrap_or_default().replace(',', ", ")
+        ),
+        (_, true) => format!("{status} answering {method} {path}"),
+        (_, false) => text,
+    };
+    let mut response = ApiError::new(status, message).into_response();
+    if let Some(allow) = allow {
+        response.headers_mut().insert(header::ALLOW, allow);
+    }
+    response
+}
+
+/// Wraps a router in [`json_errors`]. Around the whole router, not as its layer: a layer
+/// runs inside each route, before the router adds the `Allow` header of a 405.
+fn with_json_errors(routes: Router) -> Router {
+    Router::new().fallback_service(routes).layer(middleware::from_fn(json_errors))
 }
 
 fn collection(name: &str, allowed: &[Kind]) -> Result<Kind, ApiError> {
@@ -115,7 +269,8 @@ fn matches(stored: &Stored, filters: &[(String, String)]) -> bool {
     })
 }
 
-async fn list_records(store: Store, kind: Kind, params: BTreeMap<String, String>) -> ApiResult {
+/// A page of records as `{"items": [...], "next": ID}`, filtered by `FIELD=VALUE` parameters.
+async fn list_records(store: Store, kind: Kind, params: BTreeMap<String, String>) -> Result<J, ApiError> {
     let mut limit = DEFAULT_LIMIT;
     let mut after = None;
     let mut filters = Vec::new();
@@ -151,7 +306,7 @@ async fn list_records(store: Store, kind: Kind, params: BTreeMap<String, String>
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     let next = if page.len() > limit { page.get(limit - 1).map(|(id, _)| id.clone()) } else { None };
     let items: Vec<J> = page.iter().take(limit).map(|(id, s)| record_json(id, s)).collect();
-    ok(StatusCode::OK, json!({ "items": items, "next": next }))
+    Ok(json!({ "items": items, "next": next }))
 }
 
 fn get_record(store: &Store, kind: Kind, id: &str) -> ApiResult {
@@ -169,37 +324,34 @@ async fn fallback(method: Method, uri: Uri) -> ApiError {
 // The main's API
 
 pub fn main_router(main: Main) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/v1/status", get(main_status))
-        .route("/v1/sets", post(create_set))
+        .route("/v1/sets", get(list_sets).post(create_set))
         .route("/v1/sets/{name}", get(show_set).patch(edit_set).delete(delete_set))
         .route("/v1/sets/{name}/copy", post(copy_set))
         .route("/v1/sets/{name}/preview", get(preview_set))
         .route("/v1/remotes/{name}/subscriptions", get(list_subscriptions).post(change_subscriptions))
-        .route("/v1/remotes", post(create_remote))
+        .route("/v1/remotes", get(list_remotes).post(create_remote))
         .route("/v1/remotes/{name}", get(show_remote))
         .route("/v1/rebuild", post(main_rebuild))
         .route("/v1/{collection}", get(main_list).post(main_create))
         .route("/v1/{collection}/{id}", get(main_get).patch(main_update).delete(main_delete))
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(main)
+        .with_state(main);
+    with_json_errors(routes)
 }
 
 async fn main_status(State(main): State<Main>) -> ApiResult {
     ok(StatusCode::OK, main.status().await?)
 }
 
-async fn main_list(
-    State(main): State<Main>,
-    Path(c): Path<String>,
-    Query(q): Query<BTreeMap<String, String>>,
-) -> ApiResult {
+async fn main_list(State(main): State<Main>, ApiPath(c): ApiPath<String>, ApiQuery(q): ApiQuery) -> ApiResult {
     let kind = collection(&c, &Kind::ALL)?;
-    list_records(main.store().clone(), kind, q).await
+    ok(StatusCode::OK, list_records(main.store().clone(), kind, q).await?)
 }
 
-async fn main_get(State(main): State<Main>, Path((c, id)): Path<(String, String)>) -> ApiResult {
+async fn main_get(State(main): State<Main>, ApiPath((c, id)): ApiPath<(String, String)>) -> ApiResult {
     let kind = collection(&c, &Kind::ALL)?;
     get_record(main.store(), kind, &id)
 }
@@ -229,7 +381,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 async fn main_create(
     State(main): State<Main>,
-    Path(c): Path<String>,
+    ApiPath(c): ApiPath<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
@@ -242,7 +394,7 @@ async fn main_create(
 
 async fn main_update(
     State(main): State<Main>,
-    Path((c, id)): Path<(String, String)>,
+    ApiPath((c, id)): ApiPath<(String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
@@ -253,7 +405,11 @@ async fn main_update(
     ok(StatusCode::OK, record_json(&id, &stored))
 }
 
-async fn main_delete(State(main): State<Main>, Path((c, id)): Path<(String, String)>, headers: HeaderMap) -> ApiResult {
+async fn main_delete(
+    State(main): State<Main>,
+    ApiPath((c, id)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult {
     let kind = collection(&c, &Kind::DATA)?;
     let key = idempotency_key(&headers)?;
     main.delete_keyed(kind, &id, key.as_deref()).await?;
@@ -266,13 +422,17 @@ async fn create_set(State(main): State<Main>, body: Result<Bytes, BytesRejection
     ok(StatusCode::CREATED, record_json(&req.name, &stored))
 }
 
-async fn show_set(State(main): State<Main>, Path(name): Path<String>) -> ApiResult {
+async fn list_sets(State(main): State<Main>, ApiQuery(q): ApiQuery) -> ApiResult {
+    ok(StatusCode::OK, list_records(main.store().clone(), Kind::Set, q).await?)
+}
+
+async fn show_set(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
     get_record(main.store(), Kind::Set, &name)
 }
 
 async fn edit_set(
     State(main): State<Main>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let body = parse_body(body)?;
@@ -280,7 +440,7 @@ async fn edit_set(
     ok(StatusCode::OK, record_json(&name, &stored))
 }
 
-async fn delete_set(State(main): State<Main>, Path(name): Path<String>) -> ApiResult {
+async fn delete_set(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
     main.delete_set(&name).await?;
     ok(StatusCode::OK, json!({ "deleted": { "kind": Kind::Set, "id": name } }))
 }
@@ -293,7 +453,7 @@ struct CopyRequest {
 
 async fn copy_set(
     State(main): State<Main>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let req: CopyRequest = parse_typed(body)?;
@@ -301,11 +461,7 @@ async fn copy_set(
     ok(StatusCode::CREATED, record_json(&req.name, &stored))
 }
 
-async fn preview_set(
-    State(main): State<Main>,
-    Path(name): Path<String>,
-    Query(q): Query<BTreeMap<String, String>>,
-) -> ApiResult {
+async fn preview_set(State(main): State<Main>, ApiPath(name): ApiPath<String>, ApiQuery(q): ApiQuery) -> ApiResult {
     let limit = match q.get("limit") {
         Some(v) => v.parse().ok().filter(|n| *n <= MAX_LIMIT).ok_or_else(|| {
             ApiError::new(StatusCode::BAD_REQUEST, format!("limit must be a number from 0 to {MAX_LIMIT}, got {v:?}"))
@@ -318,7 +474,7 @@ async fn preview_set(
     ok(StatusCode::OK, preview)
 }
 
-async fn list_subscriptions(State(main): State<Main>, Path(name): Path<String>) -> ApiResult {
+async fn list_subscriptions(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
     ok(StatusCode::OK, json!({ "remote": name, "contacts": main.subscriptions(&name)? }))
 }
 
@@ -333,7 +489,7 @@ struct SubscriptionChange {
 
 async fn change_subscriptions(
     State(main): State<Main>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let req: SubscriptionChange = parse_typed(body)?;
@@ -353,7 +509,22 @@ async fn create_remote(State(main): State<Main>, body: Result<Bytes, BytesReject
     ok(StatusCode::CREATED, serde_json::to_value(bundle).unwrap_or_default())
 }
 
-async fn show_remote(State(main): State<Main>, Path(name): Path<String>) -> ApiResult {
+/// The remotes, each as `show_remote` shows it: its fields and the messages waiting for it.
+async fn list_remotes(State(main): State<Main>, ApiQuery(q): ApiQuery) -> ApiResult {
+    let mut page = list_records(main.store().clone(), Kind::Remote, q).await?;
+    if let Some(items) = page["items"].as_array_mut() {
+        let backlogs = futures::future::join_all(
+            items.iter().map(|item| main.remote_backlog(item["id"].as_str().unwrap_or_default())),
+        )
+        .await;
+        for (item, backlog) in items.iter_mut().zip(backlogs) {
+            item["backlog"] = backlog.into();
+        }
+    }
+    ok(StatusCode::OK, page)
+}
+
+async fn show_remote(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
     let Some(stored) = main.store().get(Kind::Remote, &name)? else {
         return Err(ServiceError::NotFound { kind: Kind::Remote, id: name }.into());
     };
@@ -373,37 +544,34 @@ async fn main_rebuild() -> ApiError {
 // A remote's API
 
 pub fn remote_router(remote: Remote) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/v1/status", get(remote_status))
         .route("/v1/rebuild", post(remote_rebuild))
         .route("/v1/{collection}", get(remote_list).post(remote_create))
         .route("/v1/{collection}/{id}", get(remote_get).patch(remote_update).delete(remote_delete))
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(remote)
+        .with_state(remote);
+    with_json_errors(routes)
 }
 
 async fn remote_status(State(remote): State<Remote>) -> ApiResult {
     ok(StatusCode::OK, remote.status().await?)
 }
 
-async fn remote_list(
-    State(remote): State<Remote>,
-    Path(c): Path<String>,
-    Query(q): Query<BTreeMap<String, String>>,
-) -> ApiResult {
+async fn remote_list(State(remote): State<Remote>, ApiPath(c): ApiPath<String>, ApiQuery(q): ApiQuery) -> ApiResult {
     let kind = collection(&c, &Kind::DATA)?;
-    list_records(remote.store().clone(), kind, q).await
+    ok(StatusCode::OK, list_records(remote.store().clone(), kind, q).await?)
 }
 
-async fn remote_get(State(remote): State<Remote>, Path((c, id)): Path<(String, String)>) -> ApiResult {
+async fn remote_get(State(remote): State<Remote>, ApiPath((c, id)): ApiPath<(String, String)>) -> ApiResult {
     let kind = collection(&c, &Kind::DATA)?;
     get_record(remote.store(), kind, &id)
 }
 
 async fn remote_create(
     State(remote): State<Remote>,
-    Path(c): Path<String>,
+    ApiPath(c): ApiPath<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let kind = collection(&c, &Kind::DATA)?;
@@ -414,7 +582,7 @@ async fn remote_create(
 
 async fn remote_update(
     State(remote): State<Remote>,
-    Path((c, id)): Path<(String, String)>,
+    ApiPath((c, id)): ApiPath<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let kind = collection(&c, &Kind::DATA)?;
@@ -423,7 +591,7 @@ async fn remote_update(
     ok(StatusCode::OK, record_json(&id, &stored))
 }
 
-async fn remote_delete(State(remote): State<Remote>, Path((c, id)): Path<(String, String)>) -> ApiResult {
+async fn remote_delete(State(remote): State<Remote>, ApiPath((c, id)): ApiPath<(String, String)>) -> ApiResult {
     let kind = collection(&c, &Kind::DATA)?;
     remote.delete(kind, &id).await?;
     ok(StatusCode::OK, json!({ "deleted": { "kind": kind, "id": id } }))
@@ -434,11 +602,44 @@ async fn remote_rebuild(State(remote): State<Remote>) -> ApiResult {
     ok(StatusCode::ACCEPTED, json!({ "rebuilding": { "done": 0, "total": total } }))
 }
 
-/// Serves `router` on `listener` until `shutdown` completes.
+/// Serves `router` on `listener` with the default [`Limits`] until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    server::serve(listener, router, shutdown, Limits::default()).await
+}
+
+/// [`serve`] with other limits (tests use short timeouts).
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: Limits,
+) -> std::io::Result<()> {
+    server::serve(listener, router, shutdown, limits).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_decode_percent_escapes_and_refuse_what_is_not_utf8() {
+        let q = parse_query("state=N%59&city=New+York&name=%C3%A9&flag&&limit=5").unwrap();
+        let pairs: Vec<(&str, &str)> = q.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(pairs, [("city", "New York"), ("flag", ""), ("limit", "5"), ("name", "é"), ("state", "NY")]);
+        // A `%` not followed by two hex digits is kept as it is.
+        assert_eq!(parse_query("q=100%&r=%zz").unwrap()["q"], "100%");
+        let err = parse_query("state=%FF").unwrap_err();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        assert!(
+            err.message.starts_with("the value \"%FF\" of `state` in the query string is not UTF-8"),
+            "{}",
+            err.message
+        );
+        let err = parse_query("%C3=1").unwrap_err();
+        assert!(err.message.starts_with("the name \"%C3\" in the query string"), "{}", err.message);
+    }
 }

@@ -2,7 +2,8 @@
 //! redb projection at every site.
 //!
 //! The modules follow the architecture (see ARCHITECTURE.md):
-//! - the domain, pure and without IO: [`names`], [`model`], [`hlc`], [`routing`], [`query`];
+//! - the domain, pure and without IO: [`names`], [`model`], [`date`], [`hlc`], [`routing`],
+//!   [`query`];
 //! - the wire format: [`wire`], and [`schema`] for its JSON Schema documents;
 //! - storage, the only module that knows redb: [`store`];
 //! - transport, the only module that knows NATS: [`transport`], and [`natsd`] to run a server;
@@ -14,6 +15,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod date;
 pub mod demo;
 pub mod error;
 pub mod files;

@@ -169,8 +169,14 @@ pub enum FieldType {
     Ref(Kind),
     /// A list of ids or names, each a subject token.
     Names,
+    /// A list of ids of records of this kind (users, teams), each of which must exist.
+    Refs(Kind),
     Bool,
     Int,
+    /// An integer, 0 or more (a duration).
+    Count,
+    /// A date or a date-time, ISO 8601 (see [`crate::date`]).
+    Date,
     /// Custom fields: on input and output a map of name to string value; stored, merged and
     /// sent as one field per name (`custom.NAME`), each with its own stamp, so two people
     /// changing different custom fields of one record both keep their change.
@@ -208,8 +214,8 @@ pub const MAX_NAMES: usize = 1000;
 const ACCESS: [FieldSpec; 4] = [
     f("manager", FieldType::Ref(Kind::User)),
     f("access", FieldType::Choice(ACCESS_LEVELS)),
-    f("access_users", FieldType::Names),
-    f("access_teams", FieldType::Names),
+    f("access_users", FieldType::Refs(Kind::User)),
+    f("access_teams", FieldType::Refs(Kind::Team)),
 ];
 
 const CONTACT: &[FieldSpec] = &[
@@ -263,7 +269,7 @@ const MEMBERSHIP: &[FieldSpec] =
 const NOTE: &[FieldSpec] = &[
     req("contact_id", FieldType::Ref(Kind::Contact)),
     req("text", LONG),
-    f("date", SHORT),
+    f("date", FieldType::Date),
     f("author", FieldType::Ref(Kind::User)),
 ];
 
@@ -272,8 +278,8 @@ const HISTORY: &[FieldSpec] = &[
     f("type", SHORT),
     f("regarding", SHORT),
     f("details", LONG),
-    f("date", SHORT),
-    f("duration_minutes", FieldType::Int),
+    f("date", FieldType::Date),
+    f("duration_minutes", FieldType::Count),
     f("user", FieldType::Ref(Kind::User)),
 ];
 
@@ -282,19 +288,23 @@ const ACTIVITY: &[FieldSpec] = &[
     f("type", SHORT),
     f("regarding", SHORT),
     f("details", LONG),
-    f("due", SHORT),
+    f("due", FieldType::Date),
     f("done", FieldType::Bool),
     f("user", FieldType::Ref(Kind::User)),
 ];
 
-const USER: &[FieldSpec] =
-    &[req("name", SHORT), f("email", SHORT), f("role", FieldType::Choice(ROLES)), f("teams", FieldType::Names)];
+const USER: &[FieldSpec] = &[
+    req("name", SHORT),
+    f("email", SHORT),
+    f("role", FieldType::Choice(ROLES)),
+    f("teams", FieldType::Refs(Kind::Team)),
+];
 
 const TEAM: &[FieldSpec] = &[req("name", SHORT), f("description", FieldType::Text(4096))];
 
 const SET: &[FieldSpec] = &[
     f("description", FieldType::Text(4096)),
-    f("users", FieldType::Names),
+    f("users", FieldType::Refs(Kind::User)),
     f("all", FieldType::Bool),
     f("query", FieldType::Text(4096)),
 ];
@@ -497,8 +507,13 @@ impl FieldType {
             FieldType::Choice(c) => format!("one of {}", c.join(", ")),
             FieldType::Ref(kind) => format!("the id of a {kind} (1-64 of A-Z a-z 0-9 _ -)"),
             FieldType::Names => format!("a list of at most {MAX_NAMES} ids (1-64 of A-Z a-z 0-9 _ -)"),
+            FieldType::Refs(kind) => {
+                format!("a list of at most {MAX_NAMES} ids of {}s (1-64 of A-Z a-z 0-9 _ -)", kind.as_str())
+            }
             FieldType::Bool => "true or false".into(),
             FieldType::Int => "an integer".into(),
+            FieldType::Count => "a whole number, 0 or more".into(),
+            FieldType::Date => crate::date::FORMS.into(),
             FieldType::Custom => format!(
                 "an object of at most {MAX_CUSTOM_FIELDS} custom fields, each a string of at most {MAX_CUSTOM_VALUE} bytes"
             ),
@@ -517,7 +532,7 @@ impl FieldType {
                 }
                 Value::Str(s.clone())
             }
-            (FieldType::Names, J::Array(items)) if items.len() <= MAX_NAMES => {
+            (FieldType::Names | FieldType::Refs(_), J::Array(items)) if items.len() <= MAX_NAMES => {
                 let mut out = Vec::with_capacity(items.len());
                 for item in items {
                     let J::String(s) = item else { return None };
@@ -530,6 +545,8 @@ impl FieldType {
             }
             (FieldType::Bool, J::Bool(b)) => Value::Bool(*b),
             (FieldType::Int, J::Number(n)) => Value::Int(n.as_i64()?),
+            (FieldType::Count, J::Number(n)) => Value::Int(n.as_i64().filter(|n| *n >= 0)?),
+            (FieldType::Date, J::String(s)) if crate::date::is_valid(s) => Value::Str(s.clone()),
             _ => return None,
         }))
     }
@@ -555,6 +572,7 @@ pub fn parse_input(kind: Kind, body: &serde_json::Value, creating: bool) -> Resu
             _ => "null",
         }));
     };
+    refuse_nul(kind, map)?;
     let mut input = Input::default();
     for (name, v) in map {
         if name == "id" {
@@ -685,11 +703,41 @@ pub fn normalize(fields: &mut Fields) {
     }
 }
 
-/// The references a patch sets: (field, kind referred to, id).
-pub fn refs(kind: Kind, patch: &Patch) -> impl Iterator<Item = (&str, Kind, &str)> {
-    patch.iter().filter_map(move |(name, value)| match (kind.field(name).map(|f| f.ty), value) {
-        (Some(FieldType::Ref(to)), Value::Str(id)) => Some((name.as_str(), to, id.as_str())),
+/// Refuses NUL characters (`\u0000`) in any string of an input: C strings, terminals and
+/// many tools end text at the first one, so a value would show and compare as another.
+fn refuse_nul(kind: Kind, map: &serde_json::Map<String, serde_json::Value>) -> Result<(), InputError> {
+    use serde_json::Value as J;
+    let nul_at = |v: &J| match v {
+        J::String(s) => s.find('\0'),
         _ => None,
+    };
+    for (name, v) in map {
+        let found = match v {
+            J::Array(items) => items.iter().find_map(nul_at).map(|at| (name.clone(), at)),
+            J::Object(fields) => fields.iter().find_map(|(k, v)| nul_at(v).map(|at| (format!("{name}.{k}"), at))),
+            v => nul_at(v).map(|at| (name.clone(), at)),
+        };
+        if let Some((field, at)) = found {
+            return Err(InputError::WrongType {
+                kind,
+                field,
+                expected: "text without NUL characters (\\u0000)".into(),
+                got: format!("a string with one at byte {at}; remove it"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The references a patch sets: (field, kind referred to, id), one for each id of a list.
+pub fn refs(kind: Kind, patch: &Patch) -> impl Iterator<Item = (&str, Kind, &str)> {
+    patch.iter().flat_map(move |(name, value)| {
+        let (to, ids): (Kind, &[String]) = match (kind.field(name).map(|f| f.ty), value) {
+            (Some(FieldType::Ref(to)), Value::Str(id)) => (to, std::slice::from_ref(id)),
+            (Some(FieldType::Refs(to)), Value::List(ids)) => (to, ids),
+            _ => (kind, &[]),
+        };
+        ids.iter().map(move |id| (name.as_str(), to, id.as_str()))
     })
 }
 
@@ -811,6 +859,58 @@ mod tests {
         assert!(err.to_string().contains("use only"), "{err}");
         let err = parse_input(Kind::Note, &json!({"contact_id": "x>", "text": "t"}), true).unwrap_err();
         assert!(err.to_string().starts_with("field `contact_id`"), "{err}");
+    }
+
+    #[test]
+    fn nul_characters_are_refused_wherever_they_are() {
+        for (body, field) in [
+            (json!({"city": "Al\u{0}bany"}), "city"),
+            (json!({"custom": {"source": "fa\u{0}ir"}}), "custom.source"),
+            (json!({"access_users": ["ann", "bo\u{0}b"]}), "access_users"),
+        ] {
+            let err = parse_input(Kind::Contact, &body, true).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("field `{field}` of a contact must be text without NUL")), "{err}");
+            assert!(err.contains("at byte 2; remove it"), "{err}");
+        }
+        let err = parse_input(Kind::Team, &json!({"name": "\u{0}"}), true).unwrap_err().to_string();
+        assert!(err.contains("(\\u0000)"), "{err}");
+        assert!(parse_input(Kind::Contact, &json!({"city": "Albany \u{1}"}), true).is_ok(), "only NUL is refused");
+    }
+
+    #[test]
+    fn dates_and_durations_are_checked() {
+        let ok = parse_input(Kind::Note, &json!({"contact_id": "c", "text": "t", "date": "2024-02-29T10:00Z"}), true);
+        assert!(ok.is_ok(), "{ok:?}");
+        let err = parse_input(Kind::History, &json!({"date": "2025-02-29"}), false).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "field `date` of a history must be a date YYYY-MM-DD, or a date and time YYYY-MM-DDTHH:MM[:SS[.fff]] \
+             with an optional Z or ±HH:MM, got the string \"2025-02-29\""
+        );
+        let err = parse_input(Kind::Activity, &json!({"due": "next week"}), false).unwrap_err().to_string();
+        assert!(err.starts_with("field `due` of a"), "{err}");
+        assert!(err.contains("must be a date YYYY-MM-DD"), "{err}");
+        let err = parse_input(Kind::History, &json!({"duration_minutes": -5}), false).unwrap_err().to_string();
+        assert_eq!(err, "field `duration_minutes` of a history must be a whole number, 0 or more, got the number -5");
+        assert!(parse_input(Kind::History, &json!({"duration_minutes": 0}), false).is_ok());
+    }
+
+    #[test]
+    fn lists_of_users_and_teams_are_references() {
+        let body = json!({"manager": "boss", "access_users": ["ann", "bob"], "access_teams": ["east"]});
+        let input = parse_input(Kind::Contact, &body, true).unwrap();
+        let found: Vec<_> = refs(Kind::Contact, &input.patch).collect();
+        assert_eq!(
+            found,
+            [
+                ("access_teams", Kind::Team, "east"),
+                ("access_users", Kind::User, "ann"),
+                ("access_users", Kind::User, "bob"),
+                ("manager", Kind::User, "boss"),
+            ]
+        );
+        let input = parse_input(Kind::User, &json!({"name": "Ann", "teams": ["east"]}), true).unwrap();
+        assert_eq!(refs(Kind::User, &input.patch).collect::<Vec<_>>(), [("teams", Kind::Team, "east")]);
     }
 
     #[test]

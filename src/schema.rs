@@ -27,8 +27,20 @@ fn value_schema(ty: FieldType) -> J {
             t
         }
         FieldType::Names => json!({ "type": "array", "items": token(), "maxItems": MAX_NAMES }),
+        FieldType::Refs(kind) => json!({
+            "type": "array",
+            "items": token(),
+            "maxItems": MAX_NAMES,
+            "description": format!("ids of {kind}s"),
+        }),
         FieldType::Bool => json!({ "type": "boolean" }),
         FieldType::Int => json!({ "type": "integer" }),
+        FieldType::Count => json!({ "type": "integer", "minimum": 0 }),
+        FieldType::Date => json!({
+            "type": "string",
+            "pattern": crate::date::PATTERN,
+            "description": format!("{}; on a real calendar day", crate::date::FORMS),
+        }),
         FieldType::Custom => json!({
             "type": "object",
             "maxProperties": MAX_CUSTOM_FIELDS,

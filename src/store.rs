@@ -6,7 +6,7 @@
 //! | --- | --- | --- |
 //! | one per [`Kind`] (`contact`, …) | record id | [`Stored`]: version and fields |
 //! | `children` | (contact id, kind code, child id) | () |
-//! | `gone` | (kind code, id) | version of the delete or leave |
+//! | `gone` | (kind code, id) | version of the delete or leave; [`DELETED`] set for a delete |
 //! | `outbox` | sequence | [`OutboxEntry`]: a routed message not yet acknowledged by NATS |
 //! | `quarantine` | stream sequence | [`Quarantined`]: a message that did not decode |
 //! | `uploads` | sequence | [`Upload`]: a remote's edit not yet acknowledged by `CRM_UP` |
@@ -47,6 +47,10 @@ const RECORDS: [TableDefinition<&str, &[u8]>; 11] = [
 ];
 const CHILDREN: TableDefinition<ChildKey, ()> = TableDefinition::new("children");
 const GONE: TableDefinition<(u8, &str), u64> = TableDefinition::new("gone");
+/// The top bit of a `gone` value: the record was deleted, not only gone from this remote's
+/// targets (a leave). Versions are stream sequences, far below it. A file written before it
+/// existed reads the same, with no delete marked.
+pub const DELETED: u64 = 1 << 63;
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
 const UPLOADS: TableDefinition<u64, &[u8]> = TableDefinition::new("uploads");
@@ -419,7 +423,7 @@ impl Store {
     pub fn get_known(&self, kind: Kind, id: &str) -> Result<(Option<Stored>, u64), StoreError> {
         let txn = self.read_txn()?;
         let held = txn.open_table(records(kind))?.get(id)?.map(|v| Stored::decode(v.value())).transpose()?;
-        let gone = txn.open_table(GONE)?.get((kind.code(), id))?.map(|v| v.value()).unwrap_or(0);
+        let gone = txn.open_table(GONE)?.get((kind.code(), id))?.map(|v| v.value() & !DELETED).unwrap_or(0);
         let known = held.as_ref().map(|s| s.version).unwrap_or(0).max(gone);
         Ok((held, known))
     }
@@ -672,8 +676,14 @@ impl<'txn> Tables<'txn> {
             ),
             None => None,
         };
-        let gone = self.gone.get((kind.code(), id))?.map(|v| v.value()).unwrap_or(0);
+        let gone = self.gone.get((kind.code(), id))?.map(|v| v.value() & !DELETED).unwrap_or(0);
         Ok((held, gone))
+    }
+
+    /// Whether the last thing known of a record not held here is that it was deleted (here, or
+    /// at the main), rather than that it left this remote's targets.
+    pub fn was_deleted(&self, kind: Kind, id: &str) -> Result<bool, StoreError> {
+        Ok(self.gone.get((kind.code(), id))?.is_some_and(|v| v.value() & DELETED != 0))
     }
 
     /// Changes the holders (and version) of a held record, keeping its fields.
@@ -724,6 +734,14 @@ impl<'txn> Tables<'txn> {
         if version > 0 {
             self.gone.insert((kind.code(), id), version)?;
         }
+        Ok(old)
+    }
+
+    /// Removes a record that was deleted (not only left): like [`Tables::remove`], and marked
+    /// so that [`Tables::was_deleted`] says so, also when it never had a version here.
+    pub fn delete(&mut self, kind: Kind, id: &str, version: u64) -> Result<Option<Stored>, StoreError> {
+        let old = self.remove(kind, id, version)?;
+        self.gone.insert((kind.code(), id), version | DELETED)?;
         Ok(old)
     }
 
@@ -843,6 +861,39 @@ mod tests {
         assert_eq!(store.get(Kind::Contact, "c1").unwrap(), Some(stored));
         let known = store.write(false, |t| t.known(Kind::Contact, "c1")).unwrap();
         assert_eq!(known, (Some((42, HELD_BY_SUBSCRIPTION)), 0));
+    }
+
+    #[test]
+    fn a_delete_is_told_from_a_leave_and_both_keep_their_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("t.redb")).unwrap();
+        let (deleted, left, local) = store
+            .write(true, |t| {
+                for id in ["deleted", "left", "local"] {
+                    t.put(Kind::Contact, id, &Stored::new(5, Fields::new()))?;
+                }
+                t.delete(Kind::Contact, "deleted", 7)?;
+                t.remove(Kind::Contact, "left", 8)?;
+                t.delete(Kind::Contact, "local", 0)?; // created here, never merged
+                Ok((
+                    t.known(Kind::Contact, "deleted")?,
+                    t.known(Kind::Contact, "left")?,
+                    t.known(Kind::Contact, "local")?,
+                ))
+            })
+            .unwrap();
+        assert_eq!((deleted, left, local), ((None, 7), (None, 8), (None, 0)));
+        assert_eq!(store.get_known(Kind::Contact, "deleted").unwrap(), (None, 7));
+        let flags = store
+            .write(true, |t| {
+                let flags = [t.was_deleted(Kind::Contact, "deleted")?, t.was_deleted(Kind::Contact, "left")?];
+                let local = t.was_deleted(Kind::Contact, "local")?;
+                // The main creating the id again clears the mark.
+                t.put(Kind::Contact, "deleted", &Stored::new(9, Fields::new()))?;
+                Ok((flags, local, t.was_deleted(Kind::Contact, "deleted")?))
+            })
+            .unwrap();
+        assert_eq!(flags, ([true, false], true, false));
     }
 
     #[test]

@@ -51,18 +51,16 @@ impl Client {
             .send()
             .await
             .map_err(|e| ClientError::Unreachable { url: self.base.clone(), detail: root_cause(&e) })?;
-        let status = resp.status().as_u16();
+        let status = resp.status();
         let text = resp
             .text()
             .await
             .map_err(|e| ClientError::Unreachable { url: self.base.clone(), detail: e.to_string() })?;
-        let body: J = serde_json::from_str(&text).unwrap_or(J::String(text));
-        if (200..300).contains(&status) {
-            Ok(body)
-        } else {
-            let message = body.get("error").and_then(J::as_str).map(str::to_owned).unwrap_or_else(|| body.to_string());
-            Err(ClientError::Api { status, message })
+        if status.is_success() {
+            return Ok(serde_json::from_str(&text).unwrap_or(J::String(text)));
         }
+        let message = error_message(status, &text);
+        Err(ClientError::Api { status: status.as_u16(), message })
     }
 
     pub async fn get(&self, path: &str, query: &[(String, String)]) -> Result<J, ClientError> {
@@ -102,10 +100,45 @@ impl Client {
 /// How often the command line sends a write that was answered 503.
 const WRITE_ATTEMPTS: u64 = 3;
 
+/// What an error answer says: its `error` message, or for an answer that is not the API's
+/// JSON error (a proxy's page, an empty body), the status and whatever text came with it.
+fn error_message(status: reqwest::StatusCode, text: &str) -> String {
+    let json: Option<J> = serde_json::from_str(text).ok();
+    if let Some(message) = json.as_ref().and_then(|b| b.get("error")).and_then(J::as_str) {
+        return message.to_owned();
+    }
+    let text = text.trim();
+    if text.is_empty() {
+        format!("the service answered {status} with no message")
+    } else {
+        format!("the service answered {status}: {text}")
+    }
+}
+
 fn root_cause(e: &dyn std::error::Error) -> String {
     let mut cur = e;
     while let Some(next) = cur.source() {
         cur = next;
     }
     cur.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_answer_that_is_not_the_apis_json_still_says_what_happened() {
+        let bad_gateway = reqwest::StatusCode::BAD_GATEWAY;
+        assert_eq!(error_message(bad_gateway, r#"{"error": "no such set"}"#), "no such set");
+        assert_eq!(error_message(bad_gateway, ""), "the service answered 502 Bad Gateway with no message");
+        assert_eq!(
+            error_message(bad_gateway, " upstream down\n"),
+            "the service answered 502 Bad Gateway: upstream down"
+        );
+        assert_eq!(
+            error_message(bad_gateway, r#"{"detail": 1}"#),
+            r#"the service answered 502 Bad Gateway: {"detail": 1}"#
+        );
+    }
 }

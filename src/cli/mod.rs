@@ -147,8 +147,11 @@ pub enum RemoteCommand {
         #[arg(long)]
         nats_url: Option<String>,
     },
-    /// List the remotes registered at the main.
-    List,
+    /// List the remotes registered at the main, with their backlogs.
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
     /// Show one remote, with its backlog.
     Show { name: String },
     /// Set up a remote's data directory from its bundle.
@@ -209,9 +212,31 @@ pub enum SetCommand {
         limit: usize,
     },
     /// List the sync sets.
-    List,
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
     /// Show one sync set.
     Show { name: String },
+}
+
+/// One page of a list of sets or remotes, in name order.
+#[derive(Debug, Args)]
+pub struct PageArgs {
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+    /// Start after this name (the `--after` a full page ends with).
+    #[arg(long)]
+    pub after: Option<String>,
+}
+
+impl PageArgs {
+    /// The page as query parameters.
+    pub fn query(&self) -> Vec<(String, String)> {
+        let mut query = vec![("limit".to_owned(), self.limit.to_string())];
+        query.extend(self.after.iter().map(|after| ("after".to_owned(), after.clone())));
+        query
+    }
 }
 
 #[derive(Debug, Args)]

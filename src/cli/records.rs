@@ -50,7 +50,7 @@ pub async fn run(client: &Client, command: Command, as_json: bool) -> Result<(),
                     print_list(Kind::Contact, &json!({ "items": p["items"] }), false);
                 }
             }
-            SetCommand::List => print_list(Kind::Set, &client.get("/v1/sets", &[]).await?, as_json),
+            SetCommand::List { page } => print_list(Kind::Set, &client.get("/v1/sets", &page.query()).await?, as_json),
             SetCommand::Show { name } => {
                 print_record(Kind::Set, &client.get(&format!("/v1/sets/{name}"), &[]).await?, as_json)
             }
@@ -96,7 +96,9 @@ pub async fn run(client: &Client, command: Command, as_json: bool) -> Result<(),
                     println!("at the remote site: crmsync remote init --bundle {} --data DIR", path.display());
                 }
             }
-            RemoteCommand::List => print_list(Kind::Remote, &client.get("/v1/remotes", &[]).await?, as_json),
+            RemoteCommand::List { page } => {
+                print_list(Kind::Remote, &client.get("/v1/remotes", &page.query()).await?, as_json)
+            }
             RemoteCommand::Show { name } => {
                 print_record(Kind::Remote, &client.get(&format!("/v1/remotes/{name}"), &[]).await?, as_json)
             }
@@ -168,11 +170,13 @@ pub fn pairs_to_json(kind: Kind, pairs: &[String], base: Option<&str>) -> Result
             J::Null
         } else {
             match kind.field(name).map(|f| f.ty) {
-                Some(FieldType::Names) => J::Array(value.split(',').map(|s| J::String(s.trim().to_owned())).collect()),
+                Some(FieldType::Names | FieldType::Refs(_)) => {
+                    J::Array(value.split(',').map(|s| J::String(s.trim().to_owned())).collect())
+                }
                 Some(FieldType::Bool) => {
                     value.parse::<bool>().map(J::Bool).unwrap_or_else(|_| J::String(value.to_owned()))
                 }
-                Some(FieldType::Int) => {
+                Some(FieldType::Int | FieldType::Count) => {
                     value.parse::<i64>().map(J::from).unwrap_or_else(|_| J::String(value.to_owned()))
                 }
                 _ => J::String(value.to_owned()),
@@ -267,7 +271,7 @@ fn summary(kind: Kind, r: &J) -> String {
                 f("users")
             }
         }
-        Kind::Remote => format!("set {}", f("set")),
+        Kind::Remote => format!("set {}, backlog {}", f("set"), f("backlog")),
         _ => f("name"),
     };
     s.trim().to_owned()

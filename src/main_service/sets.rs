@@ -40,6 +40,14 @@ impl Main {
                 return Err(ServiceError::MissingRef { field: "users".into(), kind: Kind::User, id: user.clone() });
             }
         }
+        // A blank query would be read as none (`SetSpec` drops it): say so instead of storing it.
+        if model::text(fields, "query").is_some_and(|q| q.trim().is_empty()) {
+            return Err(ServiceError::Invalid(
+                "the query is empty: a set without a query holds every contact its users may access; for that, \
+                 leave `query` out (`--no-query` with `set edit`, `\"query\": null` in a PATCH)"
+                    .into(),
+            ));
+        }
         if let Some(query) = &spec.query {
             Query::parse(query).map_err(|e| ServiceError::Invalid(format!("the query does not parse: {e}")))?;
         }

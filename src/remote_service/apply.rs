@@ -18,14 +18,19 @@ pub struct Refreshed {
     pub state: Option<Stored>,
     /// The newest version seen, also of a delete or leave.
     pub version: u64,
+    /// Whether the newest message seen is a delete.
+    pub deleted: bool,
 }
 
 impl Refreshed {
     /// Combines the last message of each target (`None`: the target never held the record).
     pub fn from_targets(messages: &[(u8, Option<Envelope>)]) -> Refreshed {
-        let mut out = Refreshed { state: None, version: 0 };
+        let mut out = Refreshed { state: None, version: 0, deleted: false };
         for (bit, env) in messages {
             let Some(env) = env else { continue };
+            if env.version >= out.version {
+                out.deleted = env.op == Op::Delete;
+            }
             out.version = out.version.max(env.version);
             if env.op != Op::Upsert {
                 continue;
@@ -144,7 +149,7 @@ fn apply_one(t: &mut Tables<'_>, bit: u8, env: Envelope) -> Result<bool, StoreEr
         }
         (Op::Leave, None) if v > gone => t.mark_gone(kind, &env.id, v)?,
         (Op::Delete, _) if v >= known => {
-            t.remove(kind, &env.id, v)?;
+            t.delete(kind, &env.id, v)?;
         }
         _ => return Ok(false),
     }
@@ -168,6 +173,7 @@ fn take_back(t: &mut Tables<'_>, env: Envelope, refreshed: Option<&Refreshed>) -
     let Some(refreshed) = refreshed else { return Ok(()) };
     match &refreshed.state {
         Some(stored) => t.put(env.kind, &env.id, stored),
+        None if refreshed.deleted => t.delete(env.kind, &env.id, refreshed.version).map(|_| ()),
         None => t.remove(env.kind, &env.id, refreshed.version).map(|_| ()),
     }
 }

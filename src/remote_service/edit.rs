@@ -47,6 +47,12 @@ impl Remote {
                 if held.is_some() {
                     return Ok(Err(ServiceError::Exists { kind, id: id2.clone() }));
                 }
+                if t.was_deleted(kind, &id2)? {
+                    return Ok(Err(ServiceError::Conflict(format!(
+                        "the {kind} {id2} was deleted, and the main refuses to bring a deleted record back from a \
+                         remote; create it without an id (one is made up) or with a new one"
+                    ))));
+                }
                 if let Err(e) = check_refs(t, kind, &input.patch)? {
                     return Ok(Err(e));
                 }
@@ -100,10 +106,10 @@ impl Remote {
             if kind == Kind::Contact {
                 for (child_kind, child_id) in t.children(&id)? {
                     let version = t.known(child_kind, &child_id)?.0.map_or(0, |(v, _)| v);
-                    t.remove(child_kind, &child_id, version)?;
+                    t.delete(child_kind, &child_id, version)?;
                 }
             }
-            t.remove(kind, &id, stored.version)?;
+            t.delete(kind, &id, stored.version)?;
             queue(t, inner, kind, &id, Op::Delete, stored.version, None)?;
             Ok(Ok(()))
         })

@@ -7,6 +7,7 @@ mod api;
 mod bench;
 mod durability;
 mod edits;
+mod hostile;
 mod pipeline;
 mod rebuild;
 mod resilience;

@@ -317,7 +317,7 @@ fn print_status(s: &J, as_json: bool) {
     println!("applied   {} (backlog {})", f("applied"), f("backlog"));
     if f("role") == "main" {
         println!("outbox    {}", f("outbox"));
-        println!("uploads   {} waiting in CRM_UP", f("uploads_waiting"));
+        println!("uploads   {} waiting in CRM_UP, {} parked", f("uploads_waiting"), f("uploads_parked"));
     } else if let Some(up) = s.get("uploads") {
         let error = up.get("error").and_then(J::as_str).map(|e| format!(" (failing: {e})")).unwrap_or_default();
         println!("uploads   {} waiting{error}", up.get("waiting").map(scalar).unwrap_or_default());

@@ -47,6 +47,7 @@ impl ServiceError {
             ServiceError::Exists { .. } | ServiceError::Conflict(_) => 409,
             ServiceError::MissingRef { .. } => 422,
             ServiceError::Busy(_) | ServiceError::Unavailable(_) | ServiceError::Committed(_) => 503,
+            ServiceError::Store(e) if e.is_unwritable() => 507,
             ServiceError::Store(_) | ServiceError::Internal(_) => 500,
         }
     }

@@ -10,6 +10,12 @@ fn main() {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
+    // A file that may not grow (a file size limit) must fail the write that grows it, which
+    // the service reports and recovers from, instead of killing the process.
+    // SAFETY: setting a signal's disposition before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let cli = crmsync::cli::Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("CRMSYNC_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("crmsync=info,warn"));

@@ -72,6 +72,8 @@ const FORMAT_KEY: &str = "format";
 /// Meta keys.
 pub const APPLIED: &str = "applied";
 pub const DATABASE_ID: &str = "database_id";
+/// Set (as JSON) when a damaged file was set aside and rebuilt at start: shown by `status`.
+pub const RECOVERED: &str = "recovered";
 /// The number the next queued upload gets.
 pub const UPLOADS_NEXT: &str = "uploads_next";
 
@@ -85,7 +87,20 @@ pub enum StoreError {
     #[error("cannot open the database file {}: {source}", path.display())]
     Open { path: PathBuf, source: redb::DatabaseError },
     #[error("database error: {0}")]
-    Redb(#[from] redb::Error),
+    Redb(redb::Error),
+    #[error(
+        "the database file {} is damaged ({detail}). Restart the service: at start it checks the file, sets a \
+         damaged one aside and rebuilds it from the stream, keeping the edits that wait for upload (see the \
+         README's Safety section)",
+        path.display()
+    )]
+    Damaged { path: PathBuf, detail: String },
+    #[error(
+        "cannot write to the database file {} ({detail}); nothing was changed. If its disk is full, free some \
+         space: crmsync goes on by itself once it can write again",
+        path.display()
+    )]
+    Unwritable { path: PathBuf, detail: String },
     #[error("a stored {what} does not decode ({detail}); rebuild the projection")]
     Corrupt { what: &'static str, detail: String },
     #[error(
@@ -100,12 +115,264 @@ macro_rules! redb_errors {
     ($($t:ty),*) => {$(
         impl From<$t> for StoreError {
             fn from(e: $t) -> StoreError {
-                StoreError::Redb(e.into())
+                StoreError::from(redb::Error::from(e))
             }
         }
     )*};
 }
 redb_errors!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError, redb::SetDurabilityError);
+
+impl From<redb::Error> for StoreError {
+    /// Tells damage and failed writes (a full disk) from other errors; the path is filled in
+    /// by [`StoreError::at`] where the file is known.
+    fn from(e: redb::Error) -> StoreError {
+        match e {
+            redb::Error::Corrupted(detail) => StoreError::Damaged { path: PathBuf::new(), detail },
+            redb::Error::Io(io) => StoreError::Unwritable { path: PathBuf::new(), detail: io.to_string() },
+            redb::Error::PreviousIo => {
+                StoreError::Unwritable { path: PathBuf::new(), detail: "an earlier write to it failed".into() }
+            }
+            other => StoreError::Redb(other),
+        }
+    }
+}
+
+impl StoreError {
+    /// The same error, naming the file.
+    fn at(self, file: &Path) -> StoreError {
+        match self {
+            StoreError::Damaged { path, detail } if path.as_os_str().is_empty() => {
+                StoreError::Damaged { path: file.to_owned(), detail }
+            }
+            StoreError::Unwritable { path, detail } if path.as_os_str().is_empty() => {
+                StoreError::Unwritable { path: file.to_owned(), detail }
+            }
+            other => other,
+        }
+    }
+
+    /// The same error, for a second caller (errors of redb itself cannot be cloned: they are
+    /// kept as their message).
+    pub fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::Damaged { path, detail } => StoreError::Damaged { path: path.clone(), detail: detail.clone() },
+            StoreError::Unwritable { path, detail } => {
+                StoreError::Unwritable { path: path.clone(), detail: detail.clone() }
+            }
+            other => StoreError::Corrupt { what: "write", detail: other.to_string() },
+        }
+    }
+
+    /// A write that failed because the file cannot be written now (a full disk): worth trying
+    /// again later, unlike a damaged file.
+    pub fn is_unwritable(&self) -> bool {
+        matches!(self, StoreError::Unwritable { .. })
+    }
+}
+
+/// Runs `f`, turning a panic inside redb (some damage makes it panic instead of erring) into
+/// an error that says the file is damaged.
+fn guard<R>(path: &Path, f: impl FnOnce() -> Result<R, StoreError>) -> Result<R, StoreError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(result) => result.map_err(|e| e.at(path)),
+        Err(panic) => {
+            let detail = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "reading it failed".into());
+            Err(StoreError::Damaged { path: path.to_owned(), detail })
+        }
+    }
+}
+
+/// Opens a redb file; `check` verifies every page first (a whole read of the file), so
+/// damage is found at start rather than by the read that hits it.
+fn open_db(path: &Path, check: bool) -> Result<Database, StoreError> {
+    let mut db = match Database::builder().set_cache_size(CACHE_BYTES).create(path) {
+        Ok(db) => db,
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::InUse(path.to_owned())),
+        Err(redb::DatabaseError::Storage(e)) => return Err(StoreError::from(redb::Error::from(e)).at(path)),
+        Err(source) => return Err(StoreError::Damaged { path: path.to_owned(), detail: source.to_string() }),
+    };
+    if check {
+        match db.check_integrity() {
+            Ok(true) => {}
+            // A commit whose pages were not all on disk (a crash, a power loss) was rolled
+            // back: what remains is whole, and the stream holds the rest.
+            Ok(false) => tracing::warn!("{} was repaired: its last commit was incomplete", path.display()),
+            Err(e) => return Err(StoreError::Damaged { path: path.to_owned(), detail: e.to_string() }),
+        }
+    }
+    Ok(db)
+}
+
+/// Moves a damaged file aside (`NAME.damaged-<ms>`), keeping it for inspection, and reads what
+/// it can of it; returns where it went and what was read. `rebuilt_from` names the stream the
+/// caller rebuilds the file from, for the log.
+pub fn set_aside(path: &Path, reason: &str, rebuilt_from: &str) -> Result<(PathBuf, Salvage), String> {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(format!(".damaged-{}", crate::hlc::wall_ms()));
+    let aside = path.with_file_name(name);
+    std::fs::rename(path, &aside)
+        .map_err(|e| format!("{} is damaged ({reason}) and cannot be set aside: {e}", path.display()))?;
+    tracing::error!(
+        "{} is damaged ({reason}); it is kept as {} and rebuilt from {rebuilt_from}",
+        path.display(),
+        aside.display()
+    );
+    let salvage = Salvage::read(&aside);
+    Ok((aside, salvage))
+}
+
+/// What a start found and did about a damaged file, as `status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Recovery {
+    pub at_ms: u64,
+    /// Why the file was judged damaged.
+    pub reason: String,
+    /// Where the damaged file was moved.
+    pub damaged_file: PathBuf,
+    /// Edits waiting for upload that were kept (a remote).
+    pub uploads_kept: usize,
+    /// Where the kept edits were also written, readable by people.
+    pub uploads_file: Option<PathBuf>,
+    /// The queue's table did not read, and the edits were found in the file's bytes instead.
+    pub uploads_scanned: bool,
+    /// Tables that could not be read whole: what they held beyond the damage is lost.
+    pub unreadable: Vec<String>,
+}
+
+/// What could be read out of a damaged file: the state that is not a copy of a stream (a
+/// remote's queued edits, the main's merge positions and parked uploads, the sync log), each
+/// table as far as it reads.
+#[derive(Debug, Default)]
+pub struct Salvage {
+    pub meta: BTreeMap<String, u64>,
+    pub meta_str: BTreeMap<String, String>,
+    pub uploads: Vec<(u64, Upload)>,
+    pub parked: Vec<((String, u64), Parked)>,
+    pub sync_log: Vec<LogEntry>,
+    /// The first routed message not yet published, if the outbox read.
+    pub outbox_first: Option<u64>,
+    /// The tables that could not be read to their end.
+    pub unreadable: Vec<&'static str>,
+}
+
+impl Salvage {
+    /// Reads what it can of a damaged file, table by table, entry by entry; never fails.
+    pub fn read(path: &Path) -> Salvage {
+        let mut out = Salvage::default();
+        let db = match guard(path, || {
+            Database::builder()
+                .set_cache_size(CACHE_BYTES)
+                .create(path)
+                .map_err(|e| StoreError::Damaged { path: path.to_owned(), detail: e.to_string() })
+        }) {
+            Ok(db) => db,
+            Err(e) => {
+                tracing::error!("nothing can be read from {}: {e}", path.display());
+                out.unreadable = vec!["meta", "uploads", "parked", "sync_log", "outbox"];
+                return out;
+            }
+        };
+        let read = |name: &'static str,
+                    out: &mut Salvage,
+                    f: &mut dyn FnMut(&ReadTransaction, &mut Salvage) -> Result<(), StoreError>| {
+            let whole = guard(path, || f(&db.begin_read()?, out));
+            if let Err(e) = whole {
+                tracing::error!("{name} of {} reads only in part: {e}", path.display());
+                out.unreadable.push(name);
+            }
+        };
+        read("meta", &mut out, &mut |txn, out| {
+            for item in txn.open_table(META)?.iter()? {
+                let (k, v) = item?;
+                out.meta.insert(k.value().to_owned(), v.value());
+            }
+            for item in txn.open_table(META_STR)?.iter()? {
+                let (k, v) = item?;
+                out.meta_str.insert(k.value().to_owned(), v.value().to_owned());
+            }
+            Ok(())
+        });
+        read("uploads", &mut out, &mut |txn, out| {
+            for item in txn.open_table(UPLOADS)?.iter()? {
+                out.uploads.push(decode_entry(item?, "upload")?);
+            }
+            Ok(())
+        });
+        read("parked", &mut out, &mut |txn, out| {
+            for item in txn.open_table(PARKED)?.iter()? {
+                let (k, v) = item?;
+                let parked = rmp_serde::from_slice(v.value())
+                    .map_err(|e| StoreError::Corrupt { what: "parked upload", detail: e.to_string() })?;
+                let (queue, n) = k.value();
+                out.parked.push(((queue.to_owned(), n), parked));
+            }
+            Ok(())
+        });
+        read("sync_log", &mut out, &mut |txn, out| {
+            for item in txn.open_table(SYNC_LOG)?.iter()? {
+                out.sync_log.push(decode_entry::<LogEntry>(item?, "sync log entry")?.1);
+            }
+            Ok(())
+        });
+        read("outbox", &mut out, &mut |txn, out| {
+            if let Some(item) = txn.open_table(OUTBOX)?.iter()?.next() {
+                let entry: OutboxEntry = decode_entry(item?, "outbox entry")?.1;
+                out.outbox_first = Some(entry.seq);
+            }
+            Ok(())
+        });
+        out
+    }
+
+    /// Looks for queued uploads in the raw bytes of a file redb cannot read: each is stored as
+    /// a MessagePack array of its event id (a ULID), its subject and its payload, so they can be
+    /// found without the file's structure. `accept` says which are this store's. Their queue
+    /// numbers are not found this way: they come back in the order of their event ids (the
+    /// order they were made in), and copies left in freed pages (edits already uploaded) may
+    /// come back too, which the main merges again without effect.
+    pub fn scan_uploads(path: &Path, accept: impl Fn(&Upload) -> bool) -> Vec<Upload> {
+        let Ok(bytes) = std::fs::read(path) else { return Vec::new() };
+        let mut found: BTreeMap<String, Upload> = BTreeMap::new();
+        for at in 0..bytes.len().saturating_sub(2) {
+            // fixarray of 3, then a fixstr of 26 bytes: the event id.
+            if bytes[at] != 0x93 || bytes[at + 1] != 0xba {
+                continue;
+            }
+            let mut de = rmp_serde::Deserializer::new(&bytes[at..]);
+            if let Ok(upload) = Upload::deserialize(&mut de)
+                && accept(&upload)
+            {
+                found.entry(upload.event.clone()).or_insert(upload);
+            }
+        }
+        found.into_values().collect()
+    }
+
+    /// Writes back into a new file what it keeps of the salvage: the meta values and strings
+    /// `keep` accepts, the upload queue, the parked uploads and the sync log.
+    pub fn restore(&self, t: &mut Tables<'_>, keep: impl Fn(&str) -> bool) -> Result<(), StoreError> {
+        for (k, v) in self.meta.iter().filter(|(k, _)| keep(k)) {
+            t.set_meta(k, *v)?;
+        }
+        for (k, v) in self.meta_str.iter().filter(|(k, _)| keep(k)) {
+            t.set_meta_str(k, v)?;
+        }
+        for (n, upload) in &self.uploads {
+            t.uploads.insert(*n, rmp_serde::to_vec(upload).expect("an upload encodes").as_slice())?;
+        }
+        for ((queue, n), parked) in &self.parked {
+            t.park(queue, *n, parked)?;
+        }
+        for entry in &self.sync_log {
+            t.log(entry)?;
+        }
+        Ok(())
+    }
+}
 
 /// A record as stored: its version, which of a remote's targets hold it, and its fields. On
 /// disk: the version as 8 big-endian bytes, the holders as one byte, then the fields as
@@ -284,9 +551,13 @@ pub const CACHE_BYTES: usize = 16 * 1024 * 1024;
 /// stream, because the stream position is committed with the changes it stands for.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Database>,
+    /// The open database; empty while it is being opened again after a failed write (redb
+    /// refuses every write after one failed, until it is reopened).
+    db: Arc<std::sync::RwLock<Option<Arc<Database>>>>,
     path: PathBuf,
     dirty: Arc<std::sync::atomic::AtomicBool>,
+    /// Why the last write failed for want of space, until one succeeds.
+    unwritable: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// Batches at least this large commit durably at once; smaller ones (single changes as they
@@ -301,15 +572,15 @@ impl Store {
     /// holds another storage format.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let store = Store::open_any_format(path)?;
-        let (found, empty) = {
+        let (found, empty) = guard(path, || {
             let txn = store.read_txn()?;
             let found = txn.open_table(META)?.get(FORMAT_KEY)?.map(|v| v.value()).unwrap_or(0);
             let mut empty = true;
             for def in RECORDS {
                 empty &= txn.open_table(def)?.is_empty()?;
             }
-            (found, empty)
-        };
+            Ok((found, empty))
+        })?;
         match found {
             FORMAT => {}
             0 if empty => store.write(true, |t| t.set_meta(FORMAT_KEY, FORMAT))?,
@@ -318,18 +589,59 @@ impl Store {
         Ok(store)
     }
 
-    /// Opens the file whatever its storage format, for a rebuild (which empties it).
+    /// Opens the file whatever its storage format, for a rebuild (which empties it). Every page
+    /// of it is checked first: a damaged file (truncated, overwritten) is refused with
+    /// [`StoreError::Damaged`], never served.
     pub fn open_any_format(path: &Path) -> Result<Store, StoreError> {
         // Created (or narrowed) to its owner alone before redb writes a byte of it.
         crate::files::private_file(path).map_err(|e| StoreError::Open { path: path.to_owned(), source: e.into() })?;
-        let db = match Database::builder().set_cache_size(CACHE_BYTES).create(path) {
-            Ok(db) => db,
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::InUse(path.to_owned())),
-            Err(source) => return Err(StoreError::Open { path: path.to_owned(), source }),
+        let db = guard(path, || open_db(path, true))?;
+        let store = Store {
+            db: Arc::new(std::sync::RwLock::new(Some(Arc::new(db)))),
+            path: path.to_owned(),
+            dirty: Default::default(),
+            unwritable: Default::default(),
         };
-        let store = Store { db: Arc::new(db), path: path.to_owned(), dirty: Default::default() };
         store.write(true, |_| Ok(()))?;
         Ok(store)
+    }
+
+    /// The open database, opening it again if a failed write closed it.
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        if let Some(db) = self.db.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            return Ok(db.clone());
+        }
+        let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(Arc::new(guard(&self.path, || open_db(&self.path, false))?));
+            tracing::info!("{} is open again", self.path.display());
+        }
+        Ok(slot.as_ref().expect("just opened").clone())
+    }
+
+    /// After a failed write redb refuses every other one until the file is opened again: close
+    /// it (once the calls using it now are done), so the next call opens it afresh.
+    fn close_after_failed_write(&self) {
+        let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
+        let Some(mut db) = slot.take() else { return };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match Arc::try_unwrap(db) {
+                Ok(db) => {
+                    drop(db);
+                    return;
+                }
+                Err(shared) if std::time::Instant::now() < deadline => {
+                    db = shared;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(shared) => {
+                    // Still in use: keep it, and try again after the next failed write.
+                    *slot = Some(shared);
+                    return;
+                }
+            }
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -343,19 +655,43 @@ impl Store {
         durable: bool,
         f: impl FnOnce(&mut Tables<'_>) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
-        let mut txn = self.db.begin_write()?;
-        if !durable {
-            txn.set_durability(Durability::None)?;
+        let result = guard(&self.path, || {
+            let db = self.db()?;
+            let mut txn = db.begin_write()?;
+            if !durable {
+                txn.set_durability(Durability::None)?;
+            }
+            let result = {
+                let mut tables = Tables::open(&txn)?;
+                f(&mut tables)?
+            };
+            txn.commit()?;
+            Ok(result)
+        });
+        match &result {
+            Ok(_) => {
+                if !durable {
+                    self.dirty.store(true, std::sync::atomic::Ordering::Release);
+                }
+                if self.unwritable.lock().unwrap_or_else(|e| e.into_inner()).take().is_some() {
+                    tracing::info!("{} can be written again", self.path.display());
+                }
+            }
+            Err(StoreError::Unwritable { detail, .. }) => {
+                tracing::error!("{}", result.as_ref().err().map(|e| e.to_string()).unwrap_or_default());
+                *self.unwritable.lock().unwrap_or_else(|e| e.into_inner()) = Some(detail.clone());
+                self.close_after_failed_write();
+            }
+            _ => {}
         }
-        let result = {
-            let mut tables = Tables::open(&txn)?;
-            f(&mut tables)?
-        };
-        txn.commit()?;
-        if !durable {
-            self.dirty.store(true, std::sync::atomic::Ordering::Release);
-        }
-        Ok(result)
+        result
+    }
+
+    /// The error of the last write, if it failed for want of space and none succeeded since:
+    /// a service refuses new changes with it at once instead of taking them on.
+    pub fn unwritable(&self) -> Option<StoreError> {
+        let detail = self.unwritable.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        Some(StoreError::Unwritable { path: self.path.clone(), detail })
     }
 
     /// Empties the projection (records, children, tombstones, the applied position) for a
@@ -366,7 +702,8 @@ impl Store {
         &self,
         then: impl FnOnce(&mut Tables<'_>) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
-        let txn = self.db.begin_write()?;
+        let db = self.db()?;
+        let txn = db.begin_write()?;
         for def in RECORDS {
             txn.delete_table(def)?;
         }
@@ -385,9 +722,19 @@ impl Store {
     /// Makes every commit so far durable, if any was not.
     pub fn flush(&self) -> Result<(), StoreError> {
         if self.dirty.swap(false, std::sync::atomic::Ordering::AcqRel) {
-            let mut txn = self.db.begin_write()?;
-            txn.set_durability(Durability::Immediate)?;
-            txn.commit()?;
+            let result = guard(&self.path, || {
+                let mut txn = self.db()?.begin_write()?;
+                txn.set_durability(Durability::Immediate)?;
+                Ok(txn.commit()?)
+            });
+            if let Err(e) = result {
+                // Still to be made durable.
+                self.dirty.store(true, std::sync::atomic::Ordering::Release);
+                if e.is_unwritable() {
+                    self.close_after_failed_write();
+                }
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -410,22 +757,26 @@ impl Store {
     }
 
     fn read_txn(&self) -> Result<ReadTransaction, StoreError> {
-        Ok(self.db.begin_read()?)
+        Ok(self.db()?.begin_read()?)
     }
 
     pub fn get(&self, kind: Kind, id: &str) -> Result<Option<Stored>, StoreError> {
-        let txn = self.read_txn()?;
-        let table = txn.open_table(records(kind))?;
-        table.get(id)?.map(|v| Stored::decode(v.value())).transpose()
+        guard(&self.path, || {
+            let txn = self.read_txn()?;
+            let table = txn.open_table(records(kind))?;
+            table.get(id)?.map(|v| Stored::decode(v.value())).transpose()
+        })
     }
 
     /// A record and the version it is known at (held, or deleted at).
     pub fn get_known(&self, kind: Kind, id: &str) -> Result<(Option<Stored>, u64), StoreError> {
-        let txn = self.read_txn()?;
-        let held = txn.open_table(records(kind))?.get(id)?.map(|v| Stored::decode(v.value())).transpose()?;
-        let gone = txn.open_table(GONE)?.get((kind.code(), id))?.map(|v| v.value() & !DELETED).unwrap_or(0);
-        let known = held.as_ref().map(|s| s.version).unwrap_or(0).max(gone);
-        Ok((held, known))
+        guard(&self.path, || {
+            let txn = self.read_txn()?;
+            let held = txn.open_table(records(kind))?.get(id)?.map(|v| Stored::decode(v.value())).transpose()?;
+            let gone = txn.open_table(GONE)?.get((kind.code(), id))?.map(|v| v.value() & !DELETED).unwrap_or(0);
+            let known = held.as_ref().map(|s| s.version).unwrap_or(0).max(gone);
+            Ok((held, known))
+        })
     }
 
     /// Records of `kind` in id order, after `after`, that pass `keep`, at most `limit`.
@@ -458,55 +809,73 @@ impl Store {
 
     /// Every record of `kind`, for scans that must see all of them (routing a new set).
     pub fn for_each(&self, kind: Kind, mut f: impl FnMut(&str, Stored)) -> Result<(), StoreError> {
-        let txn = self.read_txn()?;
-        let table = txn.open_table(records(kind))?;
-        for item in table.iter()? {
-            let (k, v) = item?;
-            f(k.value(), Stored::decode(v.value())?);
-        }
-        Ok(())
+        guard(&self.path, || {
+            let txn = self.read_txn()?;
+            let table = txn.open_table(records(kind))?;
+            for item in table.iter()? {
+                let (k, v) = item?;
+                f(k.value(), Stored::decode(v.value())?);
+            }
+            Ok(())
+        })
     }
 
     pub fn counts(&self) -> Result<BTreeMap<Kind, u64>, StoreError> {
-        let txn = self.read_txn()?;
-        let mut out = BTreeMap::new();
-        for kind in Kind::ALL {
-            out.insert(kind, txn.open_table(records(kind))?.len()?);
-        }
-        Ok(out)
+        guard(&self.path, || {
+            let txn = self.read_txn()?;
+            let mut out = BTreeMap::new();
+            for kind in Kind::ALL {
+                out.insert(kind, txn.open_table(records(kind))?.len()?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// A meta value, `None` if it was never set.
+    pub fn meta_opt(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        guard(&self.path, || {
+            let txn = self.read_txn()?;
+            Ok(txn.open_table(META)?.get(key)?.map(|v| v.value()))
+        })
     }
 
     pub fn meta(&self, key: &str) -> Result<u64, StoreError> {
-        let txn = self.read_txn()?;
-        Ok(txn.open_table(META)?.get(key)?.map(|v| v.value()).unwrap_or(0))
+        guard(&self.path, || {
+            let txn = self.read_txn()?;
+            Ok(txn.open_table(META)?.get(key)?.map(|v| v.value()).unwrap_or(0))
+        })
     }
 
     pub fn meta_str(&self, key: &str) -> Result<Option<String>, StoreError> {
-        let txn = self.read_txn()?;
-        Ok(txn.open_table(META_STR)?.get(key)?.map(|v| v.value().to_owned()))
+        guard(&self.path, || {
+            let txn = self.read_txn()?;
+            Ok(txn.open_table(META_STR)?.get(key)?.map(|v| v.value().to_owned()))
+        })
     }
 
     /// The oldest outbox entries, in order, up to about `messages` messages.
     pub fn outbox_head(&self, messages: usize) -> Result<Vec<(u64, OutboxEntry)>, StoreError> {
-        let txn = self.read_txn()?;
-        let table = txn.open_table(OUTBOX)?;
-        let mut out = Vec::new();
-        let mut count = 0;
-        for item in table.iter()? {
-            if count >= messages {
-                break;
+        guard(&self.path, || {
+            let txn = self.read_txn()?;
+            let table = txn.open_table(OUTBOX)?;
+            let mut out = Vec::new();
+            let mut count = 0;
+            for item in table.iter()? {
+                if count >= messages {
+                    break;
+                }
+                let (k, v) = item?;
+                let entry: OutboxEntry = rmp_serde::from_slice(v.value())
+                    .map_err(|e| StoreError::Corrupt { what: "outbox entry", detail: e.to_string() })?;
+                count += entry.subjects.len();
+                out.push((k.value(), entry));
             }
-            let (k, v) = item?;
-            let entry: OutboxEntry = rmp_serde::from_slice(v.value())
-                .map_err(|e| StoreError::Corrupt { what: "outbox entry", detail: e.to_string() })?;
-            count += entry.subjects.len();
-            out.push((k.value(), entry));
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     pub fn outbox_len(&self) -> Result<u64, StoreError> {
-        Ok(self.read_txn()?.open_table(OUTBOX)?.len()?)
+        guard(&self.path, || Ok(self.read_txn()?.open_table(OUTBOX)?.len()?))
     }
 
     /// Quarantined messages, newest last, at most `limit`, and how many there are.
@@ -516,13 +885,15 @@ impl Store {
 
     /// The oldest uploads waiting for `CRM_UP`, in order, at most `limit`.
     pub fn uploads_head(&self, limit: usize) -> Result<Vec<(u64, Upload)>, StoreError> {
-        let txn = self.read_txn()?;
-        let table = txn.open_table(UPLOADS)?;
-        table.iter()?.take(limit).map(|item| decode_entry(item?, "upload")).collect()
+        guard(&self.path, || {
+            let txn = self.read_txn()?;
+            let table = txn.open_table(UPLOADS)?;
+            table.iter()?.take(limit).map(|item| decode_entry(item?, "upload")).collect()
+        })
     }
 
     pub fn uploads_len(&self) -> Result<u64, StoreError> {
-        Ok(self.read_txn()?.open_table(UPLOADS)?.len()?)
+        guard(&self.path, || Ok(self.read_txn()?.open_table(UPLOADS)?.len()?))
     }
 
     /// The sync log: refused edits, newest last, at most `limit`, and how many there are.
@@ -547,46 +918,54 @@ impl Store {
 
     /// The ids of a contact's children, by kind.
     pub fn children(&self, parent: &str) -> Result<Vec<(Kind, String)>, StoreError> {
-        let txn = self.read_txn()?;
-        children_of(&txn.open_table(CHILDREN)?, parent)
+        guard(&self.path, || {
+            let txn = self.read_txn()?;
+            children_of(&txn.open_table(CHILDREN)?, parent)
+        })
     }
 
     /// The parked uploads of one upload queue from number `from` on, in order, at most `limit`.
     pub fn parked(&self, queue: &str, from: u64, limit: usize) -> Result<Vec<(u64, Parked)>, StoreError> {
-        let txn = self.read_txn()?;
-        let table = txn.open_table(PARKED)?;
-        let mut out = Vec::new();
-        for item in table.range((queue, from)..=(queue, u64::MAX))?.take(limit) {
-            let (k, v) = item?;
-            let parked = rmp_serde::from_slice(v.value())
-                .map_err(|e| StoreError::Corrupt { what: "parked upload", detail: e.to_string() })?;
-            out.push((k.value().1, parked));
-        }
-        Ok(out)
+        guard(&self.path, || {
+            let txn = self.read_txn()?;
+            let table = txn.open_table(PARKED)?;
+            let mut out = Vec::new();
+            for item in table.range((queue, from)..=(queue, u64::MAX))?.take(limit) {
+                let (k, v) = item?;
+                let parked = rmp_serde::from_slice(v.value())
+                    .map_err(|e| StoreError::Corrupt { what: "parked upload", detail: e.to_string() })?;
+                out.push((k.value().1, parked));
+            }
+            Ok(out)
+        })
     }
 
     /// The change committed with a client's idempotency key, if the main has applied one.
     pub fn key_entry(&self, key: &str) -> Result<Option<KeyEntry>, StoreError> {
-        let txn = self.read_txn()?;
-        let Some(v) = txn.open_table(IDEMPOTENCY)?.get(key)? else { return Ok(None) };
-        rmp_serde::from_slice(v.value())
-            .map(Some)
-            .map_err(|e| StoreError::Corrupt { what: "idempotency key", detail: e.to_string() })
+        guard(&self.path, || {
+            let txn = self.read_txn()?;
+            let Some(v) = txn.open_table(IDEMPOTENCY)?.get(key)? else { return Ok(None) };
+            rmp_serde::from_slice(v.value())
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt { what: "idempotency key", detail: e.to_string() })
+        })
     }
 
     /// The upload queues that have parked uploads.
     pub fn parked_queues(&self) -> Result<std::collections::BTreeSet<String>, StoreError> {
-        let txn = self.read_txn()?;
-        let mut out = std::collections::BTreeSet::new();
-        for item in txn.open_table(PARKED)?.iter()? {
-            out.insert(item?.0.value().0.to_owned());
-        }
-        Ok(out)
+        guard(&self.path, || {
+            let txn = self.read_txn()?;
+            let mut out = std::collections::BTreeSet::new();
+            for item in txn.open_table(PARKED)?.iter()? {
+                out.insert(item?.0.value().0.to_owned());
+            }
+            Ok(out)
+        })
     }
 
     /// How many uploads are parked, waiting for an earlier upload of their queue.
     pub fn parked_len(&self) -> Result<u64, StoreError> {
-        Ok(self.read_txn()?.open_table(PARKED)?.len()?)
+        guard(&self.path, || Ok(self.read_txn()?.open_table(PARKED)?.len()?))
     }
 }
 

@@ -171,6 +171,17 @@ impl Nats {
         Ok(database_id)
     }
 
+    /// The database id kept in `CRM_EVENTS`' metadata, if the stream exists.
+    pub async fn database_id(&self) -> Result<Option<String>, TransportError> {
+        match self.js.get_stream(EVENTS_STREAM).await {
+            Ok(mut s) => {
+                let info = s.info().await.map_err(|e| TransportError::request("reading CRM_EVENTS", e))?;
+                Ok(info.config.metadata.get(DATABASE_ID_KEY).cloned())
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
     pub async fn stream(&self, name: &str) -> Result<stream::Stream<()>, TransportError> {
         self.js.get_stream_no_info(name).await.map_err(|e| TransportError::request(format!("opening {name}"), e))
     }

@@ -191,6 +191,11 @@ pub fn up_subject(remote: &str, kind: Kind, id: &str) -> String {
     format!("crm.up.{remote}.{kind}.{id}")
 }
 
+/// What every upload subject of `remote` starts with.
+pub fn up_prefix(remote: &str) -> String {
+    format!("crm.up.{remote}.")
+}
+
 /// The subject on which the main tells `remote` it refused its edit of a record: in the
 /// remote's own subscription namespace (so its consumer receives it), one per record.
 pub fn reject_subject(remote: &str, kind: Kind, id: &str) -> String {

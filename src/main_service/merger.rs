@@ -162,7 +162,15 @@ fn sort_batch(
         };
         let expected = match next.get(queue) {
             Some(e) => *e,
-            None => *next.entry(queue.clone()).or_insert(store.meta(&next_key(queue))?),
+            None => {
+                let stored = match store.meta_opt(&next_key(queue))? {
+                    Some(n) => n,
+                    // The positions were lost with a damaged file: go on from the first seen.
+                    None if store.meta(super::UPLOAD_POSITIONS_LOST)? == 1 => *n,
+                    None => 0,
+                };
+                *next.entry(queue.clone()).or_insert(stored)
+            }
         };
         match n.cmp(&expected) {
             std::cmp::Ordering::Less => sorted.repeated.push(i),

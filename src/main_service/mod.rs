@@ -102,6 +102,10 @@ impl Main {
                 rebuild(&config, |_, _| {}).await?;
                 Store::open(&path)?
             }
+            Err(StoreError::Damaged { detail, .. }) => {
+                recover(&config, &detail).await?;
+                Store::open(&path)?
+            }
             other => other?,
         };
         let nats = Nats::connect(&config.nats_url, "crmsync-main").await?;
@@ -251,6 +255,10 @@ impl Main {
     ) -> Result<Committed, ServiceError> {
         if let Some(entry) = self.key_entry(key)? {
             return Ok(Committed::Before(entry));
+        }
+        if let Some(e) = self.inner.store.unwritable() {
+            // The projector could not apply it: refuse before committing anything.
+            return Err(e.into());
         }
         let subject = wire::event_subject(kind, id);
         let _turn = self.record_lock(kind, id).lock().await;
@@ -583,6 +591,8 @@ impl Main {
             "refused": refused,
             "sync_log": log.iter().map(|(_, e)| e.to_json()).collect::<Vec<_>>(),
             "quarantined": self.inner.store.quarantine(0)?.0,
+            "recovered": self.inner.store.meta_str(crate::store::RECOVERED)?
+                .and_then(|r| serde_json::from_str::<serde_json::Value>(&r).ok()),
         }))
     }
 }
@@ -724,6 +734,62 @@ async fn project(
         applied_tx.send_replace(last);
         notify.notify_one();
     }
+}
+
+/// Set when a damaged file lost the merge positions of the remotes' upload queues: the merger
+/// then takes the first upload it sees of a queue it has no position for as that queue's next.
+pub const UPLOAD_POSITIONS_LOST: &str = "upload_positions_lost";
+
+/// Sets a damaged `main.redb` aside and rebuilds the main's projection from `CRM_EVENTS` into a
+/// new one. What is not a copy of the stream is kept as far as it reads: the merge position of
+/// each remote's upload queue, parked uploads and the sync log. Routing starts again from the
+/// first change that may not have been published.
+async fn recover(config: &MainConfig, reason: &str) -> anyhow::Result<()> {
+    use crate::store::{RECOVERED, Recovery};
+    let path = config.data_dir.join("main.redb");
+    let (aside, salvage) = crate::store::set_aside(&path, reason, EVENTS_STREAM).map_err(anyhow::Error::msg)?;
+    let meta_read = !salvage.unreadable.contains(&"meta");
+    // Everything up to the applied position was routed, except what still waited in the outbox.
+    let route_from = match (meta_read && !salvage.unreadable.contains(&"outbox"), salvage.meta.get(APPLIED)) {
+        (true, Some(applied)) => salvage.outbox_first.unwrap_or(applied + 1).min(applied + 1),
+        _ => 0,
+    };
+    let recovery = Recovery {
+        at_ms: crate::hlc::wall_ms(),
+        reason: reason.to_owned(),
+        damaged_file: aside,
+        uploads_kept: salvage.parked.len(),
+        uploads_file: None,
+        uploads_scanned: false,
+        unreadable: salvage.unreadable.iter().map(|t| t.to_string()).collect(),
+    };
+    let database_id = match salvage.meta_str.get(DATABASE_ID) {
+        Some(id) => id.clone(),
+        None => {
+            Nats::connect(&config.nats_url, "crmsync-main-recovery").await?.database_id().await?.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{} is damaged and the NATS server at {} holds no CRM_EVENTS to rebuild it from; point --nats at \
+                 the server of this database",
+                    path.display(),
+                    config.nats_url
+                )
+            })?
+        }
+    };
+    let store = Store::open(&path)?;
+    store.write(true, |t| {
+        salvage.restore(t, |k| k.starts_with("upload_next:") || k == "sync_log_next")?;
+        t.set_meta_str(DATABASE_ID, &database_id)?;
+        t.set_meta_str("role", "main")?;
+        t.set_meta(projector::ROUTE_FROM, route_from)?;
+        if !meta_read {
+            t.set_meta(UPLOAD_POSITIONS_LOST, 1)?;
+        }
+        t.set_meta_str(RECOVERED, &serde_json::to_string(&recovery).unwrap_or_default())
+    })?;
+    drop(store);
+    rebuild(config, |_, _| {}).await?;
+    Ok(())
 }
 
 /// Rebuilds the main's projection from `CRM_EVENTS`, offline: the main service must not be

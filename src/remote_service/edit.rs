@@ -129,13 +129,27 @@ impl Remote {
                 let _ = tx.send(result);
             }))
         });
-        let not_saved = || {
-            ServiceError::Internal(
+        let not_saved = || match self.inner.write_error.lock().unwrap().as_ref() {
+            Some(e) => ServiceError::Store(e.duplicate()),
+            None => ServiceError::Internal(
                 "the edit could not be saved (the remote's log says why); nothing was changed, try again".into(),
-            )
+            ),
         };
         self.inner.edits.send(job).map_err(|_| not_saved())?;
-        rx.await.map_err(|_| not_saved())?
+        match rx.await {
+            Ok(result) => result,
+            Err(_) => {
+                // The writer drops the group's answers as the transaction fails, just before it
+                // records why: give it a moment to.
+                for _ in 0..20 {
+                    if self.inner.write_error.lock().unwrap().is_some() {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                Err(not_saved())
+            }
+        }
     }
 }
 
@@ -176,10 +190,14 @@ pub(super) async fn run_writer(
         .await;
         match committed {
             Ok(Ok(replies)) => {
+                *inner.write_error.lock().unwrap() = None;
                 replies.into_iter().for_each(|reply| reply());
                 inner.upload_ready.notify_one();
             }
-            Ok(Err(e)) => tracing::error!("saving local edits failed: {e}"),
+            Ok(Err(e)) => {
+                tracing::error!("saving local edits failed: {e}");
+                *inner.write_error.lock().unwrap() = Some(e);
+            }
             Err(e) => tracing::error!("saving local edits failed: {e}"),
         }
     }

@@ -74,7 +74,13 @@ pub fn read_bundle(data_dir: &Path) -> anyhow::Result<Bundle> {
             path.display()
         )
     })?;
-    Ok(serde_json::from_str(&text)?)
+    serde_json::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a readable remote bundle ({e}); set the directory up again with \
+             `crmsync remote init --bundle FILE --data DIR` from the bundle `remote create` wrote",
+            path.display()
+        )
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -132,6 +138,8 @@ struct Inner {
     /// This store's upload queue, as the main knows it: its id, and the number of the queue
     /// entry that is its upload 0.
     upload_queue: (String, u64),
+    /// Why the last group of local edits could not be saved, for the callers waiting on it.
+    write_error: Mutex<Option<crate::store::StoreError>>,
     /// Wakes the uploader when an edit is queued.
     upload_ready: Notify,
     /// Local edits on their way to the local writer.
@@ -158,6 +166,7 @@ impl Remote {
                 store.clear_projection(|_| Ok(()))?;
                 store
             }
+            Err(crate::store::StoreError::Damaged { detail, .. }) => recover(&config.data_dir, &bundle, &detail)?,
             other => other?,
         };
         let upload_queue = upload_queue(&store)?;
@@ -175,6 +184,7 @@ impl Remote {
             state: Mutex::new(SyncState::default()),
             clock: Clock::new(),
             upload_queue,
+            write_error: Mutex::new(None),
             upload_ready: Notify::new(),
             edits,
             rebuild_tx,
@@ -264,8 +274,76 @@ impl Remote {
             "error": state.error,
             "rebuilding": state.rebuilding,
             "last_rebuild": state.last_rebuild,
+            "recovered": store.meta_str(crate::store::RECOVERED)?
+                .and_then(|r| serde_json::from_str::<serde_json::Value>(&r).ok()),
         }))
     }
+}
+
+/// Sets a damaged `remote.redb` aside and starts a new one that the pull loop fills from the
+/// stream, as for a missing file. The edits waiting for upload are kept when the queue reads
+/// (and also written to a JSON file beside it, for people to read); the recovery is recorded
+/// for `status`.
+fn recover(data_dir: &Path, bundle: &Bundle, reason: &str) -> anyhow::Result<Store> {
+    use crate::store::{RECOVERED, Recovery, Salvage, UPLOADS_NEXT};
+    let path = data_dir.join(STORE_FILE);
+    let (aside, mut salvage) = crate::store::set_aside(&path, reason, wire::SYNC_STREAM).map_err(anyhow::Error::msg)?;
+    let mut scanned = false;
+    if salvage.unreadable.contains(&"uploads") {
+        // The queue's table does not read: look for its entries in the file's bytes.
+        let prefix = wire::up_prefix(&bundle.remote);
+        let found = Salvage::scan_uploads(&aside, |u| {
+            u.subject.starts_with(&prefix)
+                && matches!(wire::decode_checked(&u.payload, &bundle.database_id), wire::Decoded::Ok(e) if e.origin == bundle.remote)
+        });
+        tracing::warn!("found {} queued edits in the damaged file's bytes", found.len());
+        // New numbers, so a new queue for the main.
+        salvage.uploads = found.into_iter().enumerate().map(|(n, u)| (n as u64, u)).collect();
+        salvage.meta.retain(|k, _| k != "upload_queue_base" && k != UPLOADS_NEXT);
+        salvage.meta_str.remove("upload_queue");
+        salvage.meta.insert(UPLOADS_NEXT.to_owned(), salvage.uploads.len() as u64);
+        scanned = true;
+    }
+    let at_ms = crate::hlc::wall_ms();
+    let uploads_file = if salvage.uploads.is_empty() {
+        None
+    } else {
+        let file = data_dir.join(format!("uploads-salvaged-{at_ms}.json"));
+        let edits: Vec<serde_json::Value> = salvage
+            .uploads
+            .iter()
+            .map(|(n, u)| {
+                let edit = wire::Envelope::decode(&u.payload).map(|e| serde_json::to_value(e).unwrap_or_default());
+                serde_json::json!({ "queue_entry": n, "subject": u.subject, "event": u.event, "edit": edit.ok() })
+            })
+            .collect();
+        crate::files::write_private(&file, &serde_json::to_vec_pretty(&edits)?)?;
+        Some(file)
+    };
+    let recovery = Recovery {
+        at_ms,
+        reason: reason.to_owned(),
+        damaged_file: aside,
+        uploads_kept: salvage.uploads.len(),
+        uploads_file,
+        uploads_scanned: scanned,
+        unreadable: salvage.unreadable.iter().map(|t| t.to_string()).collect(),
+    };
+    if !salvage.unreadable.is_empty() {
+        tracing::error!(
+            "parts of the damaged file could not be read ({}): edits queued there beyond the damage are lost",
+            salvage.unreadable.join(", ")
+        );
+    }
+    let store = Store::open(&path)?;
+    store.write(true, |t| {
+        // The queue goes on with its own id and numbers, so the main merges what follows in order.
+        salvage.restore(t, |k| ["upload_queue", "upload_queue_base", UPLOADS_NEXT, "sync_log_next"].contains(&k))?;
+        t.set_meta_str(DATABASE_ID, &bundle.database_id)?;
+        t.set_meta_str("role", "remote")?;
+        t.set_meta_str(RECOVERED, &serde_json::to_string(&recovery).unwrap_or_default())
+    })?;
+    Ok(store)
 }
 
 /// The id of this store's upload queue and the queue entry it counts from, made on first use:
@@ -360,7 +438,10 @@ async fn sync(
     rebuild: &mut Option<Rebuild>,
 ) -> Result<(), SyncStop> {
     let store = &inner.store;
-    let fatal = |e: crate::store::StoreError| SyncStop::Fatal(e.to_string());
+    // A file that cannot be written now (a full disk) is tried again; a damaged one stops sync.
+    let fatal = |e: crate::store::StoreError| {
+        if e.is_unwritable() { SyncStop::Retry(e.to_string()) } else { SyncStop::Fatal(e.to_string()) }
+    };
     let applied = store.meta(APPLIED).map_err(fatal)?;
     let pending = inner.nats.reset_remote_consumer(&inner.bundle.consumer, applied + 1).await?;
     if let Some(r) = rebuild.as_mut()

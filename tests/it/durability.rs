@@ -82,6 +82,7 @@ async fn merge_order_survives_main_stops(stops: &[(u64, Stop)]) {
     })
     .await;
     assert_eq!(status["refused"], 0, "the main refused edits: {}", status["sync_log"]);
+    assert!(status["recovered"].is_null(), "a file left by a kill was taken for a damaged one: {status}");
     let at_remote =
         wait_for_status(&api, |s| s["counts"]["contact"] == half && s["counts"]["note"] == half && s["backlog"] == 0)
             .await;
@@ -377,4 +378,183 @@ async fn data_files_are_readable_by_their_owner_alone() {
     assert_eq!(mode(&remote.data_dir.join("remote.redb")), 0o600);
     assert_eq!(mode(&remote.data_dir.join("remote.json")), 0o600);
     remote.stop().await;
+}
+
+/// Damages a file, sparing the bytes around the queued uploads (found by their subjects), so
+/// that whether they survive is up to crmsync: `Truncate` cuts off all that follows the last of
+/// them; `Overwrite` writes garbage over every other byte after the first page.
+#[derive(Clone, Copy, Debug)]
+enum Damage {
+    Truncate,
+    Overwrite,
+}
+
+fn damage(path: &std::path::Path, how: Damage) {
+    const SPARE: usize = 1024;
+    let mut bytes = std::fs::read(path).unwrap();
+    let needle = b"crm.up.";
+    let uploads: Vec<usize> =
+        bytes.windows(needle.len()).enumerate().filter(|(_, w)| w == needle).map(|(i, _)| i).collect();
+    assert!(!uploads.is_empty(), "no queued upload in the file");
+    let spared = |i: usize| uploads.iter().any(|u| i + SPARE >= *u && i <= u + SPARE);
+    match how {
+        Damage::Truncate => {
+            let end = (uploads.last().unwrap() + SPARE).min(bytes.len() - 4096);
+            bytes.truncate(end);
+        }
+        Damage::Overwrite => {
+            for (i, b) in bytes.iter_mut().enumerate().skip(4096) {
+                if !spared(i) {
+                    *b = (i.wrapping_mul(2654435761) >> 13) as u8;
+                }
+            }
+        }
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// A remote whose file is damaged while it is stopped, with edits still waiting for upload:
+/// it starts, says what happened, rebuilds from the stream, and its edits reach the main.
+async fn a_damaged_remote_recovers(how: Damage) {
+    let mut env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let remote = env.remote("laptop", "everyone").await;
+    crate::harness::seed_contacts(env.main(), 50, "c").await;
+    wait_converged(env.main(), remote.remote.store()).await;
+    let nats = &mut env.nats;
+    tokio::task::block_in_place(|| nats.stop());
+    for i in 0..5 {
+        let (status, body) = remote.api.patch(&format!("/v1/contacts/c{i}"), &json!({ "city": "Offline" })).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let dir = remote.data_dir.clone();
+    remote.stop().await;
+    damage(&dir.join("remote.redb"), how);
+    let nats = &mut env.nats;
+    tokio::task::block_in_place(|| nats.restart()).unwrap();
+
+    let remote = env.start_remote(&dir).await;
+    let status = remote.api.status().await;
+    let recovered = &status["recovered"];
+    assert!(recovered.is_object(), "the damage went unnoticed: {status}");
+    let set_aside = recovered["damaged_file"].as_str().unwrap();
+    assert!(std::path::Path::new(set_aside).exists(), "the damaged file was not kept: {recovered}");
+    assert!(recovered["uploads_kept"].as_u64().unwrap() >= 5, "edits waiting for upload were lost: {recovered}");
+    {
+        let file = recovered["uploads_file"].as_str().unwrap();
+        let kept: J = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
+        assert_eq!(kept.as_array().unwrap().len() as u64, recovered["uploads_kept"].as_u64().unwrap(), "{kept}");
+    }
+    wait_for_status(&remote.api, |s| s["uploads"]["waiting"] == 0).await;
+    wait_for_status(&env.api, |s| s["uploads_waiting"] == 0).await;
+    wait_converged(env.main(), remote.remote.store()).await;
+    for i in 0..5 {
+        assert_eq!(env.api.get(&format!("/v1/contacts/c{i}")).await.1["city"], "Offline", "edit {i} lost");
+    }
+    remote.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_remote_file_is_set_aside_and_rebuilt() {
+    a_damaged_remote_recovers(Damage::Truncate).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overwritten_remote_file_is_set_aside_and_rebuilt() {
+    a_damaged_remote_recovers(Damage::Overwrite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_main_file_is_set_aside_and_rebuilt_from_the_events() {
+    let mut env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let remote = env.remote("laptop", "everyone").await;
+    crate::harness::seed_contacts(env.main(), 50, "c").await;
+    let (status, body) = remote.api.patch("/v1/contacts/c1", &json!({ "city": "Edited" })).await;
+    assert_eq!(status, 200, "{body}");
+    wait_for_status(&env.api, |s| s["uploads_waiting"] == 0).await;
+    wait_converged(env.main(), remote.remote.store()).await;
+    let before = snapshot(env.main().store());
+    env.stop_main().await;
+    let file = env.main_config().data_dir.join("main.redb");
+    let len = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(len / 2).unwrap();
+
+    env.restart_main().await;
+    let status = env.api.status().await;
+    assert!(status["recovered"].is_object(), "the damage went unnoticed: {status}");
+    assert_eq!(snapshot(env.main().store()), before, "the rebuilt main differs");
+    // Edits from the remote go on being merged, in order.
+    let (s1, b1) = remote.api.patch("/v1/contacts/c2", &json!({ "city": "After" })).await;
+    let (s2, b2) = remote.api.post("/v1/notes", &json!({ "contact_id": "c2", "text": "after the repair" })).await;
+    assert_eq!((s1, s2), (200, 201), "{b1} {b2}");
+    wait_for_status(&remote.api, |s| s["uploads"]["waiting"] == 0).await;
+    let status = wait_for_status(&env.api, |s| s["uploads_waiting"] == 0 && s["uploads_parked"] == 0).await;
+    assert_eq!(status["refused"], 0, "{status}");
+    wait_converged(env.main(), remote.remote.store()).await;
+    assert_eq!(env.api.get("/v1/contacts/c2").await.1["city"], "After");
+    remote.stop().await;
+}
+
+/// Sets the largest file a running process may write (`None`: no limit), as a full disk would
+/// stop it: a write that would grow a file beyond it fails.
+fn limit_file_size(pid: u32, bytes: Option<u64>) {
+    let limit = libc::rlimit { rlim_cur: bytes.unwrap_or(libc::RLIM_INFINITY), rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: prlimit on a child process of this test, with a valid limit and no old-limit out.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_writes_with_507_keeps_reads_and_resumes_by_itself() {
+    let env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let dir = env.init_remote("laptop", "everyone").await;
+    crate::harness::seed_contacts(env.main(), 20, "c").await;
+    let port = crmsync::natsd::free_port();
+    let api = Api::new(format!("http://127.0.0.1:{port}"));
+    let mut child = crate::harness::remote_process(&dir, port, 200);
+    wait_for_status(&api, |s| s["counts"]["contact"] == 20).await;
+
+    // The disk is full: the remote's file may not grow any more.
+    let size = std::fs::metadata(dir.join("remote.redb")).unwrap().len();
+    limit_file_size(child.id().unwrap(), Some(size));
+    let big: serde_json::Map<String, J> = (0..90).map(|i| (format!("k{i}"), json!("x".repeat(1000)))).collect();
+    let mut saved = Vec::new();
+    let refusal = loop {
+        let id = format!("big{}", saved.len());
+        let (status, body) = api.post("/v1/contacts", &json!({ "id": id, "custom": big })).await;
+        match status {
+            201 => saved.push(id),
+            507 => break body,
+            other => panic!("unexpected {other}: {body}"),
+        }
+        assert!(saved.len() < 2000, "the file never hit its limit");
+    };
+    let message = refusal["error"].as_str().unwrap();
+    assert!(message.contains("free some space") && message.contains("nothing was changed"), "{message}");
+    // Reads go on.
+    let (status, list) = api.get("/v1/contacts?limit=5").await;
+    assert_eq!((status, list["items"].as_array().map(Vec::len)), (200, Some(5)), "{list}");
+    assert_eq!(api.get("/v1/contacts/c1").await.0, 200);
+
+    // Space again: writes resume by themselves, and every edit answered 201 reaches the main.
+    limit_file_size(child.id().unwrap(), None);
+    let start = Instant::now();
+    loop {
+        let (status, body) = api.post("/v1/contacts", &json!({ "id": "after" })).await;
+        if status == 201 {
+            break;
+        }
+        assert_eq!(status, 507, "{body}");
+        assert!(start.elapsed() < Duration::from_secs(30), "writes did not resume: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    saved.push("after".into());
+    wait_for_status(&api, |s| s["uploads"]["waiting"] == 0).await;
+    wait_for_status(&env.api, |s| s["uploads_waiting"] == 0).await;
+    for id in &saved {
+        assert_eq!(env.api.get(&format!("/v1/contacts/{id}")).await.0, 200, "{id} answered 201 but is lost");
+    }
+    stop(&mut child, Stop::Term).await;
 }

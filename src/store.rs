@@ -72,6 +72,11 @@ const FORMAT_KEY: &str = "format";
 /// Meta keys.
 pub const APPLIED: &str = "applied";
 pub const DATABASE_ID: &str = "database_id";
+/// The meta key of the next upload number the main expects from a remote's upload queue.
+pub fn next_upload_key(queue: &str) -> String {
+    format!("upload_next:{queue}")
+}
+
 /// Set (as JSON) when a damaged file was set aside and rebuilt at start: shown by `status`.
 pub const RECOVERED: &str = "recovered";
 /// The number the next queued upload gets.
@@ -1193,6 +1198,16 @@ impl<'txn> Tables<'txn> {
     pub fn park(&mut self, queue: &str, n: u64, parked: &Parked) -> Result<(), StoreError> {
         self.parked.insert((queue, n), rmp_serde::to_vec(parked).expect("a parked upload encodes").as_slice())?;
         Ok(())
+    }
+
+    /// Records that a remote's upload queue is merged up to `next` (never moving back), and
+    /// drops its parked uploads below it.
+    pub fn advance_upload(&mut self, queue: &str, next: u64) -> Result<(), StoreError> {
+        let key = next_upload_key(queue);
+        if self.meta(&key)? < next {
+            self.set_meta(&key, next)?;
+        }
+        self.unpark_below(queue, next)
     }
 
     /// Drops the parked uploads of a queue numbered below `next` (merged, or duplicates).

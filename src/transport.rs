@@ -209,6 +209,7 @@ impl Nats {
         expected_last_subject_sequence: u64,
         payload: Vec<u8>,
         idempotency_key: Option<&str>,
+        upload_order: Option<&str>,
     ) -> Result<(u64, bool), TransportError> {
         if !self.is_connected() {
             // Not even handed to the client: it would send it whenever NATS comes back.
@@ -218,6 +219,9 @@ impl Nats {
         headers.insert("Nats-Msg-Id", msg_id);
         if let Some(key) = idempotency_key {
             headers.insert(IDEMPOTENCY_KEY, key);
+        }
+        if let Some(order) = upload_order {
+            headers.insert(crate::wire::UPLOAD_ORDER, order);
         }
         let publish = jetstream::message::PublishMessage::build()
             .payload(payload.into())
@@ -437,6 +441,8 @@ pub struct Incoming {
     pub payload: bytes::Bytes,
     /// The client's idempotency key the event was published with, if any.
     pub idempotency_key: Option<String>,
+    /// The remote upload the event merged: its queue and number.
+    pub upload_order: Option<(String, u64)>,
 }
 
 impl Incoming {
@@ -448,6 +454,12 @@ impl Incoming {
             subject: msg.subject.to_string(),
             payload: msg.payload.clone(),
             idempotency_key: msg.headers.as_ref().and_then(|h| h.get(IDEMPOTENCY_KEY)).map(|v| v.as_str().to_owned()),
+            upload_order: msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(crate::wire::UPLOAD_ORDER))
+                .and_then(|v| crate::wire::parse_upload_order(v.as_str()))
+                .map(|(queue, n)| (queue.to_owned(), n)),
         })
     }
 }

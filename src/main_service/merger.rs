@@ -64,10 +64,7 @@ impl Upload {
     }
 }
 
-/// The meta key of the next upload number the main expects from a remote's upload queue.
-fn next_key(queue: &str) -> String {
-    format!("upload_next:{queue}")
-}
+use crate::store::next_upload_key as next_key;
 
 /// Where each upload of a batch goes, by its place in its queue.
 #[derive(Default)]
@@ -81,6 +78,9 @@ struct Sorted {
 }
 
 async fn merge_loop(main: &Main, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
+    // The merge positions come with the merged changes: after a restart the projector must
+    // have applied all of them before the merger reads where each queue stands.
+    main.catch_up().await?;
     let consumer = main.inner.nats.merger_consumer().await?;
     let mut messages = consumer
         .stream()
@@ -127,8 +127,10 @@ async fn merge_loop(main: &Main, shutdown: &mut watch::Receiver<bool>) -> anyhow
         while start < sorted.merge.len() {
             let end = start + wave_len(&sorted.merge[start..]);
             let wave = &sorted.merge[start..end];
-            merge_wave(main, wave.iter().map(|(_, u)| u)).await?;
-            commit_order(main, wave.iter().map(|(_, u)| u))?;
+            if !merge_wave(main, wave.iter().map(|(_, u)| u)).await? {
+                // Some changed nothing (or were refused): no event records their place.
+                commit_order(main, wave.iter().map(|(_, u)| u))?;
+            }
             ack(wave.iter().map(|(i, _)| &batch[*i])).await;
             start = end;
         }
@@ -160,18 +162,23 @@ fn sort_batch(
             sorted.merge.push((i, upload));
             continue;
         };
-        let expected = match next.get(queue) {
-            Some(e) => *e,
-            None => {
-                let stored = match store.meta_opt(&next_key(queue))? {
-                    Some(n) => n,
-                    // The positions were lost with a damaged file: go on from the first seen.
-                    None if store.meta(super::UPLOAD_POSITIONS_LOST)? == 1 => *n,
-                    None => 0,
-                };
-                *next.entry(queue.clone()).or_insert(stored)
-            }
+        let stored = |n: u64| -> Result<u64, ServiceError> {
+            Ok(match store.meta_opt(&next_key(queue))? {
+                Some(next) => next,
+                // The positions were lost with a damaged file: go on from the first seen.
+                None if store.meta(super::UPLOAD_POSITIONS_LOST)? == 1 => n,
+                None => 0,
+            })
         };
+        let mut expected = match next.get(queue) {
+            Some(e) => *e,
+            None => *next.entry(queue.clone()).or_insert(stored(*n)?),
+        };
+        if *n > expected {
+            // Before calling it a gap, look again: the projector may have recorded more.
+            expected = expected.max(stored(*n)?);
+            next.insert(queue.clone(), expected);
+        }
         match n.cmp(&expected) {
             std::cmp::Ordering::Less => sorted.repeated.push(i),
             std::cmp::Ordering::Equal => {
@@ -184,9 +191,10 @@ fn sort_batch(
     Ok(sorted)
 }
 
-/// Commits, durably, that these uploads are merged: the next number of each of their queues.
-/// Only then are they acknowledged, so an upload acknowledged is never merged twice, and one
-/// merged but not yet committed here is merged again after a crash, which changes nothing.
+/// Commits, durably, that these uploads are merged: the next number of each of their queues,
+/// for uploads that committed no change (refused, or changing nothing), whose place no event
+/// records. Only then are they acknowledged, so an upload acknowledged is never merged twice,
+/// and one merged but not yet recorded is merged again after a crash, which changes nothing.
 fn commit_order<'a>(main: &Main, merged: impl Iterator<Item = &'a Upload>) -> Result<(), ServiceError> {
     let mut advanced: BTreeMap<&str, u64> = BTreeMap::new();
     for (queue, n) in merged.filter_map(|u| u.order.as_ref()) {
@@ -198,7 +206,7 @@ fn commit_order<'a>(main: &Main, merged: impl Iterator<Item = &'a Upload>) -> Re
     }
     main.inner.store.write(true, |t| {
         for (queue, next) in &advanced {
-            t.set_meta(&next_key(queue), *next)?;
+            t.advance_upload(queue, *next)?;
             t.unpark_below(queue, *next)?;
         }
         Ok(())
@@ -266,14 +274,21 @@ fn wave_len(uploads: &[(usize, Upload)]) -> usize {
 /// Merges a wave of uploads concurrently, then adds the contacts created in it to their
 /// remotes' lists. `Err` if one could not be decided now: the caller starts again from the
 /// first upload not committed as merged.
-async fn merge_wave<'a>(main: &Main, wave: impl Iterator<Item = &'a Upload>) -> anyhow::Result<()> {
+/// Returns whether every upload of the wave committed a change carrying its place in its
+/// queue (then its position is already recorded by the projector).
+async fn merge_wave<'a>(main: &Main, wave: impl Iterator<Item = &'a Upload>) -> anyhow::Result<bool> {
     let wave: Vec<&Upload> = wave.collect();
-    let results = futures::future::join_all(wave.iter().map(|u| main.merge_upload(&u.subject, &u.payload))).await;
+    let results = futures::future::join_all(wave.iter().map(|u| main.merge_upload(u))).await;
     let mut created: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut all_ordered = true;
     for (upload, result) in wave.iter().zip(&results) {
         match result {
-            Ok(Some((remote, contact))) => created.entry(remote.clone()).or_default().push(contact.clone()),
-            Ok(None) => {}
+            Ok(merged) => {
+                all_ordered &= merged.ordered || upload.order.is_none();
+                if let Some((remote, contact)) = merged.created() {
+                    created.entry(remote.to_owned()).or_default().push(contact.to_owned());
+                }
+            }
             // NATS or the store failed: the uploads stay in the queue and come again, in order.
             Err(e) => anyhow::bail!("merging an upload from {}: {e}", upload.subject),
         }
@@ -285,7 +300,28 @@ async fn merge_wave<'a>(main: &Main, wave: impl Iterator<Item = &'a Upload>) -> 
             tracing::warn!(remote, "contacts made at the remote could not join its list: {e}");
         }
     }
-    Ok(())
+    Ok(all_ordered)
+}
+
+/// What merging an upload did.
+#[derive(Debug, Default)]
+struct Merged {
+    /// The remote and contact, when it created a contact its remote's list does not hold yet.
+    created: Option<String>,
+    /// Whether a change was committed carrying the upload's place in its queue: the projector
+    /// then records that place with the change, so nothing else must.
+    ordered: bool,
+}
+
+impl Merged {
+    fn created_for(self, remote: String, id: &str) -> Merged {
+        Merged { created: self.created.map(|_| format!("{remote}\u{0}{id}")), ..self }
+    }
+
+    /// The remote and the contact created there, if any.
+    fn created(&self) -> Option<(&str, &str)> {
+        self.created.as_deref().and_then(|c| c.split_once('\u{0}'))
+    }
 }
 
 /// Why an edit was not merged.
@@ -316,24 +352,21 @@ impl From<crate::store::StoreError> for Outcome {
 }
 
 impl Main {
-    /// Merges one upload. `Err` only when it could not be decided now and must come again;
-    /// `Ok(Some((remote, contact)))` when it created a contact, which joins the remote's list.
-    pub(super) async fn merge_upload(
-        &self,
-        subject: &str,
-        payload: &[u8],
-    ) -> Result<Option<(String, String)>, ServiceError> {
+    /// Merges one upload. `Err` only when it could not be decided now and must come again.
+    async fn merge_upload(&self, upload: &Upload) -> Result<Merged, ServiceError> {
+        let (subject, payload) = (&upload.subject, &upload.payload);
+        let order = upload.order.as_ref().map(|(queue, n)| format!("{queue}:{n}"));
         let remote = wire::up_remote(subject).unwrap_or_default().to_owned();
         let env = match wire::decode_checked(payload, &self.inner.database_id) {
             Decoded::Ok(env) => env,
-            Decoded::Foreign(f) => return self.log_refusal(&remote, None, f.to_string()).map(|_| None),
+            Decoded::Foreign(f) => return self.log_refusal(&remote, None, f.to_string()).map(|_| Merged::default()),
             Decoded::Malformed(e) => {
                 let why = format!("the upload on {subject} does not decode: {e}");
-                return self.log_refusal(&remote, None, why).map(|_| None);
+                return self.log_refusal(&remote, None, why).map(|_| Merged::default());
             }
         };
-        match self.merge_edit(&remote, &env).await {
-            Ok(created) => Ok(created.then(|| (remote, env.id.clone()))),
+        match self.merge_edit(&remote, &env, order.as_deref()).await {
+            Ok(merged) => Ok(merged.created_for(remote, &env.id)),
             Err(Outcome::Retry(e)) => Err(e),
             Err(Outcome::Refused(reason)) => {
                 tracing::warn!(remote, kind = %env.kind, id = %env.id, "refused an edit: {reason}");
@@ -347,13 +380,14 @@ impl Main {
                         reject.encode(),
                     )
                     .await?;
-                Ok(None)
+                Ok(Merged::default())
             }
         }
     }
 
-    /// Merges one edit; `Ok(true)` when it created a contact the remote's list does not hold.
-    async fn merge_edit(&self, remote: &str, env: &Envelope) -> Result<bool, Outcome> {
+    /// Merges one edit; `order` is its place in its remote's upload queue, committed with the
+    /// change it makes.
+    async fn merge_edit(&self, remote: &str, env: &Envelope, order: Option<&str>) -> Result<Merged, Outcome> {
         let (kind, id) = (env.kind, env.id.as_str());
         if env.origin != remote {
             return Err(Outcome::Refused(format!(
@@ -379,14 +413,15 @@ impl Main {
         match env.op {
             Op::Delete => {
                 if current.is_none() {
-                    return Ok(false); // already gone: nothing to do
+                    return Ok(Merged::default()); // already gone: nothing to do
                 }
                 if !held {
                     return Err(not_held(remote, kind, id));
                 }
-                match self.delete_from(remote, kind, id, None).await {
-                    Err(ServiceError::NotFound { .. }) => Ok(false),
-                    other => Ok(other.map(|_| false)?),
+                match self.delete_from(remote, kind, id, None, order).await {
+                    Err(ServiceError::NotFound { .. }) => Ok(Merged::default()),
+                    Err(e) => Err(e.into()),
+                    Ok(committed) => Ok(Merged { ordered: committed, ..Merged::default() }),
                 }
             }
             Op::Upsert => {
@@ -411,22 +446,26 @@ impl Main {
                     Some(_) => {}
                 }
                 let existed = current.is_some();
-                self.commit_from(remote, kind, id, |cur| match cur {
-                    None if existed => Err(ServiceError::Conflict(format!(
-                        "the {kind} {id} was deleted at the main while the edit was merged; the delete wins"
-                    ))),
-                    None => Ok(Decision::Upsert(incoming.clone())),
-                    Some(cur) => {
-                        Ok(model::merge(kind, &cur.fields, &incoming).map_or(Decision::Unchanged, Decision::Upsert))
-                    }
-                })
-                .await?;
+                let committed = self
+                    .commit_keyed(remote, kind, id, None, order, |cur| match cur {
+                        None if existed => Err(ServiceError::Conflict(format!(
+                            "the {kind} {id} was deleted at the main while the edit was merged; the delete wins"
+                        ))),
+                        None => Ok(Decision::Upsert(incoming.clone())),
+                        Some(cur) => {
+                            Ok(model::merge(kind, &cur.fields, &incoming).map_or(Decision::Unchanged, Decision::Upsert))
+                        }
+                    })
+                    .await?;
                 // Made at the remote: it has never held a version of the main's. (Not "did not
                 // exist before this merge": an upload merged again after a crash must still
                 // find its contact a place on the list.)
                 let made_there = env.version == 0;
                 let listed = model::names(&remote_record.fields, "subscriptions").contains(&id.to_owned());
-                Ok(kind == Kind::Contact && made_there && !listed)
+                Ok(Merged {
+                    created: (kind == Kind::Contact && made_there && !listed).then(String::new),
+                    ordered: matches!(committed, super::Committed::Now(_)),
+                })
             }
             Op::Leave | Op::Reject => Err(Outcome::Refused(format!("a remote cannot upload a {:?}", env.op))),
         }

@@ -236,7 +236,7 @@ impl Main {
         id: &str,
         decide: impl Fn(Option<&Stored>) -> Result<Decision, ServiceError>,
     ) -> Result<Option<Stored>, ServiceError> {
-        match self.commit_keyed(origin, kind, id, None, decide).await? {
+        match self.commit_keyed(origin, kind, id, None, None, decide).await? {
             Committed::Now(stored) => Ok(stored),
             Committed::Before(entry) => Ok(self.inner.store.get(entry.kind, &entry.id)?),
         }
@@ -244,13 +244,15 @@ impl Main {
 
     /// [`Main::commit_from`] with a client's idempotency key: if a change was committed with
     /// that key before (a request repeated after an unclear answer), nothing is changed and
-    /// that change is returned.
+    /// that change is returned. `upload` is the place (`queue:n`) of the remote upload the
+    /// change merges, recorded with it.
     async fn commit_keyed(
         &self,
         origin: &str,
         kind: Kind,
         id: &str,
         key: Option<&str>,
+        upload: Option<&str>,
         decide: impl Fn(Option<&Stored>) -> Result<Decision, ServiceError>,
     ) -> Result<Committed, ServiceError> {
         if let Some(entry) = self.key_entry(key)? {
@@ -297,7 +299,7 @@ impl Main {
                 reason: None,
             };
             let msg_id = key.unwrap_or(&envelope.event);
-            match self.inner.nats.publish_event(subject.clone(), msg_id, known, envelope.encode(), key).await {
+            match self.inner.nats.publish_event(subject.clone(), msg_id, known, envelope.encode(), key, upload).await {
                 Ok((seq, repeated)) => {
                     let limit = if matches!(kind, Kind::Set | Kind::User | Kind::Remote) {
                         CONFIG_APPLY_WAIT
@@ -378,7 +380,7 @@ impl Main {
         let id = input.id.clone().unwrap_or_else(names::new_id);
         let stamp = self.inner.clock.now();
         let committed = self
-            .commit_keyed(ORIGIN_MAIN, kind, &id, key, |current| {
+            .commit_keyed(ORIGIN_MAIN, kind, &id, key, None, |current| {
                 if current.is_some() {
                     return Err(ServiceError::Exists { kind, id: id.clone() });
                 }
@@ -416,7 +418,7 @@ impl Main {
         self.check_refs(kind, &input.patch)?;
         let stamp = self.inner.clock.now();
         let committed = self
-            .commit_keyed(ORIGIN_MAIN, kind, id, key, |current| {
+            .commit_keyed(ORIGIN_MAIN, kind, id, key, None, |current| {
                 let Some(current) = current else {
                     return Err(ServiceError::NotFound { kind, id: id.to_owned() });
                 };
@@ -442,26 +444,28 @@ impl Main {
     /// Deletes a record; a contact's notes, histories, activities and memberships go first, so
     /// no child is ever left without its contact.
     pub async fn delete(&self, kind: Kind, id: &str) -> Result<(), ServiceError> {
-        self.delete_from(ORIGIN_MAIN, kind, id, None).await
+        self.delete_from(ORIGIN_MAIN, kind, id, None, None).await.map(|_| ())
     }
 
     pub async fn delete_keyed(&self, kind: Kind, id: &str, key: Option<&str>) -> Result<(), ServiceError> {
-        self.delete_from(ORIGIN_MAIN, kind, id, key).await
+        self.delete_from(ORIGIN_MAIN, kind, id, key, None).await.map(|_| ())
     }
 
-    /// [`Main::delete`] of a delete made at `origin`; the idempotency key goes with the delete
-    /// of the record itself, the last of its events.
+    /// [`Main::delete`] of a delete made at `origin`; the idempotency key and the upload's
+    /// place go with the delete of the record itself, the last of its events. Returns whether
+    /// that delete was committed now.
     pub(crate) async fn delete_from(
         &self,
         origin: &str,
         kind: Kind,
         id: &str,
         key: Option<&str>,
-    ) -> Result<(), ServiceError> {
+        upload: Option<&str>,
+    ) -> Result<bool, ServiceError> {
         check_data_kind(kind)?;
         if let Some(entry) = self.key_entry(key)? {
             self.repeated(key.unwrap_or_default(), entry, kind, Some(id))?;
-            return Ok(());
+            return Ok(false);
         }
         if self.inner.store.get(kind, id)?.is_none() {
             return Err(ServiceError::NotFound { kind, id: id.to_owned() });
@@ -475,17 +479,20 @@ impl Main {
             }
         }
         let committed = self
-            .commit_keyed(origin, kind, id, key, |current| {
+            .commit_keyed(origin, kind, id, key, upload, |current| {
                 if current.is_none() {
                     return Err(ServiceError::NotFound { kind, id: id.to_owned() });
                 }
                 Ok(Decision::Delete)
             })
             .await?;
-        if let Committed::Before(entry) = committed {
-            self.repeated(key.unwrap_or_default(), entry, kind, Some(id))?;
+        match committed {
+            Committed::Before(entry) => {
+                self.repeated(key.unwrap_or_default(), entry, kind, Some(id))?;
+                Ok(false)
+            }
+            Committed::Now(_) => Ok(true),
         }
-        Ok(())
     }
 
     /// Registers a remote: creates its durable consumer on `CRM_SYNC` and returns its bundle.

@@ -53,6 +53,11 @@ pub fn apply_batch(
         }
         match wire::decode_checked(&msg.payload, db_id) {
             Decoded::Ok(env) => {
+                if let Some((queue, n)) = &msg.upload_order {
+                    // The upload is merged with this change: its place is recorded with it, so
+                    // a replay of the stream records it again.
+                    t.advance_upload(queue, n + 1)?;
+                }
                 if let Some(key) = &msg.idempotency_key {
                     let entry =
                         KeyEntry { seq: msg.seq, kind: env.kind, id: env.id.clone(), at_ms: crate::hlc::wall_ms() };

@@ -558,3 +558,40 @@ async fn a_full_disk_refuses_writes_with_507_keeps_reads_and_resumes_by_itself()
     }
     stop(&mut child, Stop::Term).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_order_survives_a_nats_server_restart_under_uploads() {
+    let mut env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let remote = env.remote("laptop", "everyone").await;
+    // A remote user keeps working: a contact, then a note on it, again and again.
+    let api = remote.api.clone();
+    let writer = tokio::spawn(async move {
+        let mut made = 0;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(2500) {
+            api.create(Kind::Contact, json!({ "id": format!("c{made}") })).await;
+            api.create(Kind::Note, json!({ "id": format!("n{made}"), "contact_id": format!("c{made}"), "text": "x" }))
+                .await;
+            made += 1;
+        }
+        made
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let nats = &mut env.nats;
+    tokio::task::block_in_place(|| nats.stop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let nats = &mut env.nats;
+    tokio::task::block_in_place(|| nats.restart()).unwrap();
+    let made = writer.await.unwrap();
+
+    wait_for_status(&remote.api, |s| s["uploads"]["waiting"] == 0).await;
+    let status = wait_for_status(&env.api, |s| {
+        s["uploads_waiting"] == 0 && s["uploads_parked"] == 0 && s["counts"]["note"] == made
+    })
+    .await;
+    assert_eq!(status["refused"], 0, "edits were refused: {}", status["sync_log"]);
+    assert_eq!(status["counts"]["contact"], made, "{status}");
+    wait_converged(env.main(), remote.remote.store()).await;
+    remote.stop().await;
+}

@@ -201,7 +201,16 @@ fn open_db(path: &Path, check: bool) -> Result<Database, StoreError> {
         Err(source) => return Err(StoreError::Damaged { path: path.to_owned(), detail: source.to_string() }),
     };
     if check {
-        match db.check_integrity() {
+        let started = std::time::Instant::now();
+        let checked = db.check_integrity();
+        let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        tracing::info!(
+            "checked every page of {} ({} MB) in {} ms",
+            path.display(),
+            size / 1_000_000,
+            started.elapsed().as_millis()
+        );
+        match checked {
             Ok(true) => {}
             // A commit whose pages were not all on disk (a crash, a power loss) was rolled
             // back: what remains is whole, and the stream holds the rest.

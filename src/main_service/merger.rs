@@ -285,8 +285,8 @@ async fn merge_wave<'a>(main: &Main, wave: impl Iterator<Item = &'a Upload>) -> 
         match result {
             Ok(merged) => {
                 all_ordered &= merged.ordered || upload.order.is_none();
-                if let Some((remote, contact)) = merged.created() {
-                    created.entry(remote.to_owned()).or_default().push(contact.to_owned());
+                if let Some((remote, contact)) = &merged.created {
+                    created.entry(remote.clone()).or_default().push(contact.clone());
                 }
             }
             // NATS or the store failed: the uploads stay in the queue and come again, in order.
@@ -307,21 +307,10 @@ async fn merge_wave<'a>(main: &Main, wave: impl Iterator<Item = &'a Upload>) -> 
 #[derive(Debug, Default)]
 struct Merged {
     /// The remote and contact, when it created a contact its remote's list does not hold yet.
-    created: Option<String>,
+    created: Option<(String, String)>,
     /// Whether a change was committed carrying the upload's place in its queue: the projector
     /// then records that place with the change, so nothing else must.
     ordered: bool,
-}
-
-impl Merged {
-    fn created_for(self, remote: String, id: &str) -> Merged {
-        Merged { created: self.created.map(|_| format!("{remote}\u{0}{id}")), ..self }
-    }
-
-    /// The remote and the contact created there, if any.
-    fn created(&self) -> Option<(&str, &str)> {
-        self.created.as_deref().and_then(|c| c.split_once('\u{0}'))
-    }
 }
 
 /// Why an edit was not merged.
@@ -366,7 +355,7 @@ impl Main {
             }
         };
         match self.merge_edit(&remote, &env, order.as_deref()).await {
-            Ok(merged) => Ok(merged.created_for(remote, &env.id)),
+            Ok(merged) => Ok(merged),
             Err(Outcome::Retry(e)) => Err(e),
             Err(Outcome::Refused(reason)) => {
                 tracing::warn!(remote, kind = %env.kind, id = %env.id, "refused an edit: {reason}");
@@ -463,7 +452,8 @@ impl Main {
                 let made_there = env.version == 0;
                 let listed = model::names(&remote_record.fields, "subscriptions").contains(&id.to_owned());
                 Ok(Merged {
-                    created: (kind == Kind::Contact && made_there && !listed).then(String::new),
+                    created: (kind == Kind::Contact && made_there && !listed)
+                        .then(|| (remote.to_owned(), id.to_owned())),
                     ordered: matches!(committed, super::Committed::Now(_)),
                 })
             }

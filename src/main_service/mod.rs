@@ -200,6 +200,15 @@ impl Main {
                      request with the same Idempotency-Key is safe)"
                 )));
             }
+            if let Some(e) = self.inner.store.unwritable()
+                && started.elapsed() >= OFFLINE_WAIT
+            {
+                return Err(ServiceError::Committed(format!(
+                    "the change is committed (CRM_EVENTS sequence {seq}), but the main cannot write its own copy: \
+                     {e} It shows once there is room. Do not make it again (repeating the request with the same \
+                     Idempotency-Key is safe)"
+                )));
+            }
             if started.elapsed() >= limit {
                 return Err(ServiceError::Committed(format!(
                     "the change is committed to CRM_EVENTS at sequence {seq}, but the main's projection has not \

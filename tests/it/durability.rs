@@ -595,3 +595,58 @@ async fn merge_order_survives_a_nats_server_restart_under_uploads() {
     wait_converged(env.main(), remote.remote.store()).await;
     remote.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_at_the_main_refuses_new_changes_and_loses_none_it_took() {
+    let mut env = Env::start().await;
+    env.stop_main().await;
+    let data = env.main_config().data_dir;
+    let port = crmsync::natsd::free_port();
+    let api = Api::new(format!("http://127.0.0.1:{port}"));
+    let mut main = main_process(&env.nats.url(), &data, port);
+    wait_for_status(&api, |s| s["nats"]["connected"] == true).await;
+    let size = std::fs::metadata(data.join("main.redb")).unwrap().len();
+    limit_file_size(main.id().unwrap(), Some(size));
+
+    // Writes go on until the main cannot apply them: every answer says what became of it.
+    let big: serde_json::Map<String, J> = (0..90).map(|i| (format!("k{i}"), json!("x".repeat(1000)))).collect();
+    let (mut taken, mut refused) = (Vec::new(), Vec::new());
+    for i in 0..400 {
+        let id = format!("big{i}");
+        let (status, body) = api.post("/v1/contacts", &json!({ "id": id, "custom": big })).await;
+        let message = body["error"].as_str().unwrap_or_default().to_owned();
+        match status {
+            201 => taken.push(id),
+            // Committed to the stream, not yet applied: it must show once there is room.
+            503 if message.contains("is committed") => taken.push(id),
+            507 => {
+                assert!(message.contains("free some space"), "{message}");
+                refused.push(id);
+                if refused.len() == 3 {
+                    break;
+                }
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!(refused.len(), 3, "the main never ran out of room ({} writes taken)", taken.len());
+    assert_eq!(api.get("/v1/status").await.0, 200, "status must answer while the disk is full");
+
+    limit_file_size(main.id().unwrap(), None);
+    let start = Instant::now();
+    loop {
+        let (status, body) = api.post("/v1/contacts", &json!({ "id": "after" })).await;
+        if status == 201 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "the main did not resume: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for id in &taken {
+        assert_eq!(api.get(&format!("/v1/contacts/{id}")).await.0, 200, "{id} was taken but is lost");
+    }
+    for id in &refused {
+        assert_eq!(api.get(&format!("/v1/contacts/{id}")).await.0, 404, "{id} was refused but is there");
+    }
+    stop(&mut main, Stop::Term).await;
+}

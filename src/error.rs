@@ -16,7 +16,7 @@ pub enum ServiceError {
     Invalid(String),
     #[error("there is no {kind} with id {id:?}")]
     NotFound { kind: Kind, id: String },
-    #[error("a {kind} with id {id:?} already exists")]
+    #[error("{} with id {id:?} already exists", .kind.a())]
     Exists { kind: Kind, id: String },
     #[error("field `{field}`: there is no {kind} with id {id:?}")]
     MissingRef { field: String, kind: Kind, id: String },

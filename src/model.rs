@@ -81,6 +81,23 @@ impl Kind {
         }
     }
 
+    /// The kind with its indefinite article, for messages: "a contact", "an activity".
+    pub fn a(self) -> &'static str {
+        match self {
+            Kind::Contact => "a contact",
+            Kind::Company => "a company",
+            Kind::Group => "a group",
+            Kind::Membership => "a membership",
+            Kind::Note => "a note",
+            Kind::History => "a history",
+            Kind::Activity => "an activity",
+            Kind::User => "a user",
+            Kind::Team => "a team",
+            Kind::Set => "a set",
+            Kind::Remote => "a remote",
+        }
+    }
+
     /// The collection name used in API paths (`/v1/contacts`).
     pub fn plural(self) -> &'static str {
         match self {
@@ -471,19 +488,20 @@ pub type Patch = Vec<(String, Value)>;
 pub enum InputError {
     #[error("the body must be a JSON object of field names to values, got {0}")]
     NotAnObject(&'static str),
-    #[error("unknown field `{field}` for a {kind}; its fields are: {known}")]
+    #[error("unknown field `{field}` for {}; its fields are: {known}", .kind.a())]
     UnknownField { kind: Kind, field: String, known: String },
-    #[error("field `{field}` of a {kind} must be {expected}, got {got}")]
+    #[error("field `{field}` of {} must be {expected}, got {got}", .kind.a())]
     WrongType { kind: Kind, field: String, expected: String, got: String },
-    #[error("field `{field}` of a {kind} is required")]
+    #[error("field `{field}` of {} is required", .kind.a())]
     Missing { kind: Kind, field: &'static str },
     #[error("field `{field}`: {source}")]
     BadName { field: String, source: names::NameError },
     #[error("`{0}` cannot be changed: it is set by the server")]
     ReadOnly(&'static str),
     #[error(
-        "a {kind} holds at most {MAX_CUSTOM_FIELDS} custom fields; this change would leave {count}. \
-         Clear some (`\"custom\": {{\"NAME\": null}}`) first"
+        "{} holds at most {MAX_CUSTOM_FIELDS} custom fields; this change would leave {count}. \
+         Clear some (`\"custom\": {{\"NAME\": null}}`) first",
+        .kind.a()
     )]
     TooManyCustom { kind: Kind, count: usize },
 }
@@ -505,7 +523,7 @@ impl FieldType {
         match self {
             FieldType::Text(max) => format!("a string of at most {max} bytes"),
             FieldType::Choice(c) => format!("one of {}", c.join(", ")),
-            FieldType::Ref(kind) => format!("the id of a {kind} (1-64 of A-Z a-z 0-9 _ -)"),
+            FieldType::Ref(kind) => format!("the id of {} (1-64 of A-Z a-z 0-9 _ -)", kind.a()),
             FieldType::Names => format!("a list of at most {MAX_NAMES} ids (1-64 of A-Z a-z 0-9 _ -)"),
             FieldType::Refs(kind) => {
                 format!("a list of at most {MAX_NAMES} ids of {}s (1-64 of A-Z a-z 0-9 _ -)", kind.as_str())

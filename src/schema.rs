@@ -23,7 +23,7 @@ fn value_schema(ty: FieldType) -> J {
         FieldType::Choice(options) => json!({ "enum": options }),
         FieldType::Ref(kind) => {
             let mut t = token();
-            t["description"] = format!("the id of a {kind}").into();
+            t["description"] = format!("the id of {}", kind.a()).into();
             t
         }
         FieldType::Names => json!({ "type": "array", "items": token(), "maxItems": MAX_NAMES }),
@@ -82,7 +82,8 @@ pub fn record_schema(kind: Kind) -> J {
         "$id": format!("urn:crmsync:schema:{SCHEMA_MAJOR}:{kind}"),
         "title": format!("crmsync {kind} record"),
         "description": format!(
-            "The fields of a {kind} in the `record` of an envelope. Each field is [value, stamp]; a value of null is a cleared field."
+            "The fields of {} in the `record` of an envelope. Each field is [value, stamp]; a value of null is a cleared field.",
+            kind.a()
         ),
         "type": "object",
         "properties": properties,

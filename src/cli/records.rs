@@ -153,7 +153,8 @@ pub fn pairs_to_json(kind: Kind, pairs: &[String], base: Option<&str>) -> Result
     for pair in pairs {
         let Some((name, value)) = pair.split_once('=') else {
             return Err(usage(format!(
-                "{pair:?} is not FIELD=VALUE; the fields of a {kind} are {}",
+                "{pair:?} is not FIELD=VALUE; the fields of {} are {}",
+                kind.a(),
                 field_names(kind)
             )));
         };

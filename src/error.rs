@@ -39,6 +39,13 @@ pub enum ServiceError {
 }
 
 impl ServiceError {
+    /// An idempotency key sent again with a request for another record than its first.
+    pub fn key_reused(key: &str, kind: Kind, id: &str) -> ServiceError {
+        ServiceError::Invalid(format!(
+            "the Idempotency-Key {key:?} was used for a change of the {kind} {id}; use a new key for each change"
+        ))
+    }
+
     /// The HTTP status that tells a client which class of failure this is.
     pub fn status(&self) -> u16 {
         match self {

@@ -572,28 +572,37 @@ async fn remote_get(State(remote): State<Remote>, ApiPath((c, id)): ApiPath<(Str
 async fn remote_create(
     State(remote): State<Remote>,
     ApiPath(c): ApiPath<String>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let kind = collection(&c, &Kind::DATA)?;
+    let key = idempotency_key(&headers)?;
     let body = parse_body(body)?;
-    let (id, stored) = remote.create(kind, &body).await?;
+    let (id, stored) = remote.create_keyed(kind, &body, key).await?;
     ok(StatusCode::CREATED, record_json(&id, &stored))
 }
 
 async fn remote_update(
     State(remote): State<Remote>,
     ApiPath((c, id)): ApiPath<(String, String)>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let kind = collection(&c, &Kind::DATA)?;
+    let key = idempotency_key(&headers)?;
     let body = parse_body(body)?;
-    let stored = remote.update(kind, &id, &body).await?;
+    let stored = remote.update_keyed(kind, &id, &body, key).await?;
     ok(StatusCode::OK, record_json(&id, &stored))
 }
 
-async fn remote_delete(State(remote): State<Remote>, ApiPath((c, id)): ApiPath<(String, String)>) -> ApiResult {
+async fn remote_delete(
+    State(remote): State<Remote>,
+    ApiPath((c, id)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult {
     let kind = collection(&c, &Kind::DATA)?;
-    remote.delete(kind, &id).await?;
+    let key = idempotency_key(&headers)?;
+    remote.delete_keyed(kind, &id, key).await?;
     ok(StatusCode::OK, json!({ "deleted": { "kind": kind, "id": id } }))
 }
 

@@ -1192,6 +1192,14 @@ impl<'txn> Tables<'txn> {
         append(&mut self.sync_log, &mut self.meta, "sync_log_next", entry)
     }
 
+    /// The change committed with a client's idempotency key, if any.
+    pub fn key_entry(&self, key: &str) -> Result<Option<KeyEntry>, StoreError> {
+        let Some(v) = self.idempotency.get(key)? else { return Ok(None) };
+        rmp_serde::from_slice(v.value())
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt { what: "idempotency key", detail: e.to_string() })
+    }
+
     pub fn remember_key(&mut self, key: &str, entry: &KeyEntry) -> Result<(), StoreError> {
         self.idempotency.insert(key, rmp_serde::to_vec(entry).expect("a key entry encodes").as_slice())?;
         Ok(())

@@ -346,10 +346,7 @@ impl Main {
     /// the same kind of record (and the same record, when the request named it).
     fn repeated(&self, key: &str, entry: KeyEntry, kind: Kind, id: Option<&str>) -> Result<String, ServiceError> {
         if entry.kind != kind || id.is_some_and(|id| id != entry.id) {
-            return Err(ServiceError::Invalid(format!(
-                "the Idempotency-Key {key:?} was used for a change of the {} {}; use a new key for each change",
-                entry.kind, entry.id
-            )));
+            return Err(ServiceError::key_reused(key, entry.kind, &entry.id));
         }
         Ok(entry.id)
     }

@@ -36,46 +36,74 @@ impl Remote {
     /// Creates a record here; it joins the main (and this remote's subscription list, if it is
     /// a contact) once uploaded and merged.
     pub async fn create(&self, kind: Kind, body: &serde_json::Value) -> Result<(String, Stored), ServiceError> {
+        self.create_keyed(kind, body, None).await
+    }
+
+    /// Creates a record; with an idempotency key, a repeated request creates nothing and
+    /// answers with the record the first one created.
+    pub async fn create_keyed(
+        &self,
+        kind: Kind,
+        body: &serde_json::Value,
+        key: Option<String>,
+    ) -> Result<(String, Stored), ServiceError> {
         check_editable(kind)?;
         let input = model::parse_input(kind, body, true)?;
         let id = input.id.clone().unwrap_or_else(names::new_id);
         let stamp = self.inner.clock.now();
         let id2 = id.clone();
-        let stored = self
-            .local_write(move |t, inner| {
-                let (held, _) = t.known(kind, &id2)?;
-                if held.is_some() {
-                    return Ok(Err(ServiceError::Exists { kind, id: id2.clone() }));
-                }
-                if t.was_deleted(kind, &id2)? {
-                    return Ok(Err(ServiceError::Conflict(format!(
-                        "the {kind} {id2} was deleted, and the main refuses to bring a deleted record back from a \
+        self.local_write(move |t, inner| {
+            if let Some(earlier) = earlier(t, key.as_deref(), kind, input.id.as_deref())? {
+                return Ok(earlier.and_then(|(id, stored)| {
+                    stored.map(|s| (id.clone(), s)).ok_or(ServiceError::NotFound { kind, id })
+                }));
+            }
+            let (held, _) = t.known(kind, &id2)?;
+            if held.is_some() {
+                return Ok(Err(ServiceError::Exists { kind, id: id2.clone() }));
+            }
+            if t.was_deleted(kind, &id2)? {
+                return Ok(Err(ServiceError::Conflict(format!(
+                    "the {kind} {id2} was deleted, and the main refuses to bring a deleted record back from a \
                          remote; create it without an id (one is made up) or with a new one"
-                    ))));
-                }
-                if let Err(e) = check_refs(t, kind, &input.patch)? {
-                    return Ok(Err(e));
-                }
-                let mut fields = Fields::new();
-                model::apply_patch(&mut fields, &input.patch, stamp);
-                if let Err(e) = model::check_record(kind, &fields) {
-                    return Ok(Err(e.into()));
-                }
-                let stored = Stored { version: 0, holders: HELD_LOCALLY, fields };
-                t.put(kind, &id2, &stored)?;
-                queue(t, inner, kind, &id2, Op::Upsert, 0, Some(&stored.fields))?;
-                Ok(Ok(stored))
-            })
-            .await?;
-        Ok((id, stored))
+                ))));
+            }
+            if let Err(e) = check_refs(t, kind, &input.patch)? {
+                return Ok(Err(e));
+            }
+            let mut fields = Fields::new();
+            model::apply_patch(&mut fields, &input.patch, stamp);
+            if let Err(e) = model::check_record(kind, &fields) {
+                return Ok(Err(e.into()));
+            }
+            let stored = Stored { version: 0, holders: HELD_LOCALLY, fields };
+            t.put(kind, &id2, &stored)?;
+            queue(t, inner, kind, &id2, Op::Upsert, 0, Some(&stored.fields))?;
+            remember(t, key.as_deref(), kind, &id2)?;
+            Ok(Ok((id2, stored)))
+        })
+        .await
     }
 
     pub async fn update(&self, kind: Kind, id: &str, body: &serde_json::Value) -> Result<Stored, ServiceError> {
+        self.update_keyed(kind, id, body, None).await
+    }
+
+    pub async fn update_keyed(
+        &self,
+        kind: Kind,
+        id: &str,
+        body: &serde_json::Value,
+        key: Option<String>,
+    ) -> Result<Stored, ServiceError> {
         check_editable(kind)?;
         let input = model::parse_input(kind, body, false)?;
         let stamp = self.inner.clock.now();
         let id = id.to_owned();
         self.local_write(move |t, inner| {
+            if let Some(earlier) = earlier(t, key.as_deref(), kind, Some(&id))? {
+                return Ok(earlier.and_then(|(id, stored)| stored.ok_or(ServiceError::NotFound { kind, id })));
+            }
             let Some(mut stored) = t.get(kind, &id)? else {
                 return Ok(Err(ServiceError::NotFound { kind, id: id.clone() }));
             };
@@ -89,6 +117,7 @@ impl Remote {
                 t.put(kind, &id, &stored)?;
                 queue(t, inner, kind, &id, Op::Upsert, stored.version, Some(&stored.fields))?;
             }
+            remember(t, key.as_deref(), kind, &id)?;
             Ok(Ok(stored))
         })
         .await
@@ -97,9 +126,16 @@ impl Remote {
     /// Deletes a record here (a contact with its children); the main deletes it when the
     /// upload is merged.
     pub async fn delete(&self, kind: Kind, id: &str) -> Result<(), ServiceError> {
+        self.delete_keyed(kind, id, None).await
+    }
+
+    pub async fn delete_keyed(&self, kind: Kind, id: &str, key: Option<String>) -> Result<(), ServiceError> {
         check_editable(kind)?;
         let id = id.to_owned();
         self.local_write(move |t, inner| {
+            if let Some(earlier) = earlier(t, key.as_deref(), kind, Some(&id))? {
+                return Ok(earlier.map(|_| ()));
+            }
             let Some(stored) = t.get(kind, &id)? else {
                 return Ok(Err(ServiceError::NotFound { kind, id: id.clone() }));
             };
@@ -111,6 +147,7 @@ impl Remote {
             }
             t.delete(kind, &id, stored.version)?;
             queue(t, inner, kind, &id, Op::Delete, stored.version, None)?;
+            remember(t, key.as_deref(), kind, &id)?;
             Ok(Ok(()))
         })
         .await
@@ -158,6 +195,10 @@ impl Remote {
 pub(super) type Job = Box<dyn FnOnce(&mut Tables<'_>, &Inner) -> Result<Reply, StoreError> + Send>;
 type Reply = Box<dyn FnOnce() + Send>;
 
+/// How long a remote remembers a client's idempotency key, and how often it forgets older ones.
+const KEY_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+const KEY_FORGET_INTERVAL: Duration = Duration::from_secs(600);
+
 /// Most local edits committed in one transaction.
 const GROUP_COMMIT: usize = 256;
 
@@ -169,6 +210,7 @@ pub(super) async fn run_writer(
     mut jobs: tokio::sync::mpsc::UnboundedReceiver<Job>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut last_forget = std::time::Instant::now();
     loop {
         let first = tokio::select! {
             job = jobs.recv() => match job {
@@ -184,8 +226,17 @@ pub(super) async fn run_writer(
             batch.push(job);
         }
         let inner2 = inner.clone();
+        let forget_keys = last_forget.elapsed() >= KEY_FORGET_INTERVAL;
+        if forget_keys {
+            last_forget = std::time::Instant::now();
+        }
         let committed = tokio::task::spawn_blocking(move || {
-            inner2.store.write(true, |t| batch.into_iter().map(|job| job(t, &inner2)).collect::<Result<Vec<_>, _>>())
+            inner2.store.write(true, |t| {
+                if forget_keys {
+                    t.forget_keys(crate::hlc::wall_ms().saturating_sub(KEY_LIFETIME.as_millis() as u64))?;
+                }
+                batch.into_iter().map(|job| job(t, &inner2)).collect::<Result<Vec<_>, _>>()
+            })
         })
         .await;
         match committed {
@@ -200,6 +251,35 @@ pub(super) async fn run_writer(
             }
             Err(e) => tracing::error!("saving local edits failed: {e}"),
         }
+    }
+}
+
+/// The record a change made here with this idempotency key left, if such a change was made:
+/// the repeated request then changes nothing. A key used for another record is refused.
+#[allow(clippy::type_complexity)]
+fn earlier(
+    t: &Tables<'_>,
+    key: Option<&str>,
+    kind: Kind,
+    id: Option<&str>,
+) -> Result<Option<Result<(String, Option<Stored>), ServiceError>>, StoreError> {
+    let Some(key) = key else { return Ok(None) };
+    let Some(entry) = t.key_entry(key)? else { return Ok(None) };
+    if entry.kind != kind || id.is_some_and(|id| id != entry.id) {
+        return Ok(Some(Err(ServiceError::key_reused(key, entry.kind, &entry.id))));
+    }
+    let stored = t.get(kind, &entry.id)?;
+    Ok(Some(Ok((entry.id, stored))))
+}
+
+/// Remembers the change a request with an idempotency key made, in its transaction.
+fn remember(t: &mut Tables<'_>, key: Option<&str>, kind: Kind, id: &str) -> Result<(), StoreError> {
+    match key {
+        Some(key) => t.remember_key(
+            key,
+            &crate::store::KeyEntry { seq: 0, kind, id: id.to_owned(), at_ms: crate::hlc::wall_ms() },
+        ),
+        None => Ok(()),
     }
 }
 

@@ -333,35 +333,48 @@ async fn keyed(method: reqwest::Method, api: &Api, path: &str, key: &str, body: 
     (status, resp.json().await.unwrap_or(J::Null))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_repeated_with_its_idempotency_key_is_applied_once() {
+/// Repeats writes with their `Idempotency-Key` at one API (a main's or a remote's), which
+/// holds `before` contacts at the start.
+async fn writes_repeated_with_their_key_apply_once(api: &Api, before: u64) {
     use reqwest::Method;
-    let env = Env::start().await;
     // A create without an id, sent twice: one contact, the same id both times.
-    let (s1, first) = keyed(Method::POST, &env.api, "/v1/contacts", "k-create", Some(json!({ "city": "Troy" }))).await;
-    let (s2, again) = keyed(Method::POST, &env.api, "/v1/contacts", "k-create", Some(json!({ "city": "Troy" }))).await;
+    let (s1, first) = keyed(Method::POST, api, "/v1/contacts", "k-create", Some(json!({ "city": "Troy" }))).await;
+    let (s2, again) = keyed(Method::POST, api, "/v1/contacts", "k-create", Some(json!({ "city": "Troy" }))).await;
     assert_eq!((s1, s2), (201, 201), "{first} {again}");
     assert_eq!(first["id"], again["id"]);
-    assert_eq!(env.api.status().await["counts"]["contact"], 1);
+    assert_eq!(api.status().await["counts"]["contact"], before + 1);
     let id = first["id"].as_str().unwrap().to_owned();
 
     // An update repeated after a later change does not undo the later change.
     let path = format!("/v1/contacts/{id}");
-    assert_eq!(keyed(Method::PATCH, &env.api, &path, "k-city", Some(json!({ "city": "Albany" }))).await.0, 200);
-    assert_eq!(env.api.patch(&path, &json!({ "city": "Utica" })).await.0, 200);
-    let (status, body) = keyed(Method::PATCH, &env.api, &path, "k-city", Some(json!({ "city": "Albany" }))).await;
+    assert_eq!(keyed(Method::PATCH, api, &path, "k-city", Some(json!({ "city": "Albany" }))).await.0, 200);
+    assert_eq!(api.patch(&path, &json!({ "city": "Utica" })).await.0, 200);
+    let (status, body) = keyed(Method::PATCH, api, &path, "k-city", Some(json!({ "city": "Albany" }))).await;
     assert_eq!((status, body["city"].clone()), (200, json!("Utica")), "{body}");
 
     // A delete repeated is still a success, not a 404.
-    assert_eq!(keyed(Method::DELETE, &env.api, &path, "k-delete", None).await.0, 200);
-    assert_eq!(keyed(Method::DELETE, &env.api, &path, "k-delete", None).await.0, 200);
+    assert_eq!(keyed(Method::DELETE, api, &path, "k-delete", None).await.0, 200);
+    assert_eq!(keyed(Method::DELETE, api, &path, "k-delete", None).await.0, 200);
     // A key used for another record is refused, and a malformed key too.
-    let (status, body) = keyed(Method::DELETE, &env.api, "/v1/contacts/other", "k-create", None).await;
+    let (status, body) = keyed(Method::DELETE, api, "/v1/contacts/other", "k-create", None).await;
     assert_eq!(status, 400, "{body}");
     assert!(body["error"].as_str().unwrap().contains("use a new key"), "{body}");
-    let (status, body) = keyed(Method::POST, &env.api, "/v1/contacts", "bad key!", Some(json!({}))).await;
+    let (status, body) = keyed(Method::POST, api, "/v1/contacts", "bad key!", Some(json!({}))).await;
     assert_eq!(status, 400, "{body}");
     assert!(body["error"].as_str().unwrap().contains("Idempotency-Key"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_repeated_with_its_idempotency_key_is_applied_once() {
+    let env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let remote = env.remote("laptop", "everyone").await;
+    writes_repeated_with_their_key_apply_once(&env.api, 0).await;
+    // The same at a remote, with the keys of the main's requests used again: each service
+    // keeps its own.
+    wait_for_status(&remote.api, |s| s["backlog"] == 0 && s["counts"]["contact"] == 0).await;
+    writes_repeated_with_their_key_apply_once(&remote.api, 0).await;
+    remote.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

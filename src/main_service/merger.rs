@@ -157,26 +157,25 @@ fn sort_batch(
     uploads: impl Iterator<Item = Upload>,
 ) -> Result<Sorted, ServiceError> {
     let mut sorted = Sorted::default();
+    // The positions were lost with a damaged file (those of uploads that changed nothing are
+    // in no event): the first upload seen of each queue is taken as its next.
+    let lost = store.meta(super::UPLOAD_POSITIONS_LOST)? == 1;
     for (i, upload) in uploads.enumerate() {
         let Some((queue, n)) = &upload.order else {
             sorted.merge.push((i, upload));
             continue;
         };
-        let stored = |n: u64| -> Result<u64, ServiceError> {
-            Ok(match store.meta_opt(&next_key(queue))? {
-                Some(next) => next,
-                // The positions were lost with a damaged file: go on from the first seen.
-                None if store.meta(super::UPLOAD_POSITIONS_LOST)? == 1 => n,
-                None => 0,
-            })
-        };
+        let stored = || -> Result<u64, ServiceError> { Ok(store.meta_opt(&next_key(queue))?.unwrap_or(0)) };
         let mut expected = match next.get(queue) {
             Some(e) => *e,
-            None => *next.entry(queue.clone()).or_insert(stored(*n)?),
+            None => {
+                let e = if lost { stored()?.max(*n) } else { stored()? };
+                *next.entry(queue.clone()).or_insert(e)
+            }
         };
         if *n > expected {
             // Before calling it a gap, look again: the projector may have recorded more.
-            expected = expected.max(stored(*n)?);
+            expected = expected.max(stored()?);
             next.insert(queue.clone(), expected);
         }
         match n.cmp(&expected) {

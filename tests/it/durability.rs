@@ -663,3 +663,40 @@ async fn a_full_disk_at_the_main_refuses_new_changes_and_loses_none_it_took() {
     }
     stop(&mut main, Stop::Term).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_rebuild_on_a_truncated_file_recovers_and_a_broken_bundle_is_named() {
+    let env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let remote = env.remote("laptop", "everyone").await;
+    crate::harness::seed_contacts(env.main(), 30, "c").await;
+    wait_converged(env.main(), remote.remote.store()).await;
+    let dir = remote.data_dir.clone();
+    remote.stop().await;
+    let file = dir.join("remote.redb");
+    let len = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(len / 2).unwrap();
+
+    let rebuild = tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
+        .args(["remote", "rebuild", "--data"])
+        .arg(&dir)
+        .args(["--nats", &env.nats.url()])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&rebuild.stderr);
+    assert!(rebuild.status.success(), "remote rebuild failed on a truncated file: {stderr}");
+    assert!(stderr.contains("is damaged"), "the log does not say what happened: {stderr}");
+    assert_eq!(snapshot(&Store::open(&file).unwrap()), snapshot(env.main().store()));
+
+    std::fs::write(dir.join("remote.json"), b"{ not json").unwrap();
+    let serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
+        .args(["remote", "serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&dir)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&serve.stderr);
+    assert!(!serve.status.success());
+    assert!(stderr.contains("remote.json") && stderr.contains("remote init"), "{stderr}");
+}

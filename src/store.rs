@@ -6,7 +6,7 @@
 //! | --- | --- | --- |
 //! | one per [`Kind`] (`contact`, …) | record id | [`Stored`]: version and fields |
 //! | `children` | (contact id, kind code, child id) | () |
-//! | `gone` | (kind code, id) | version of the delete or leave; [`DELETED`] set for a delete |
+//! | `gone` | (kind code, id) | version of the delete or leave; [`DELETED`] set for a delete, [`DELETED_HERE`] for one made at this remote and not yet answered |
 //! | `outbox` | sequence | [`OutboxEntry`]: a routed message not yet acknowledged by NATS |
 //! | `quarantine` | stream sequence | [`Quarantined`]: a message that did not decode |
 //! | `uploads` | sequence | [`Upload`]: a remote's edit not yet acknowledged by `CRM_UP` |
@@ -51,6 +51,12 @@ const GONE: TableDefinition<(u8, &str), u64> = TableDefinition::new("gone");
 /// targets (a leave). Versions are stream sequences, far below it. A file written before it
 /// existed reads the same, with no delete marked.
 pub const DELETED: u64 = 1 << 63;
+/// Also set in a `gone` version, at a remote, for a delete made there that the main has not
+/// sent back yet: a newer version of the record arriving meanwhile (an edit at the main made
+/// before it merged the delete) must not bring the record back for a moment.
+pub const DELETED_HERE: u64 = 1 << 62;
+/// The flag bits of a `gone` value.
+const GONE_FLAGS: u64 = DELETED | DELETED_HERE;
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
 const UPLOADS: TableDefinition<u64, &[u8]> = TableDefinition::new("uploads");
@@ -787,7 +793,7 @@ impl Store {
         guard(&self.path, || {
             let txn = self.read_txn()?;
             let held = txn.open_table(records(kind))?.get(id)?.map(|v| Stored::decode(v.value())).transpose()?;
-            let gone = txn.open_table(GONE)?.get((kind.code(), id))?.map(|v| v.value() & !DELETED).unwrap_or(0);
+            let gone = txn.open_table(GONE)?.get((kind.code(), id))?.map(|v| v.value() & !GONE_FLAGS).unwrap_or(0);
             let known = held.as_ref().map(|s| s.version).unwrap_or(0).max(gone);
             Ok((held, known))
         })
@@ -1069,7 +1075,7 @@ impl<'txn> Tables<'txn> {
             ),
             None => None,
         };
-        let gone = self.gone.get((kind.code(), id))?.map(|v| v.value() & !DELETED).unwrap_or(0);
+        let gone = self.gone.get((kind.code(), id))?.map(|v| v.value() & !GONE_FLAGS).unwrap_or(0);
         Ok((held, gone))
     }
 
@@ -1094,7 +1100,32 @@ impl<'txn> Tables<'txn> {
 
     /// Remembers that a record not held here went at `version`, so an older copy is not applied.
     pub fn mark_gone(&mut self, kind: Kind, id: &str, version: u64) -> Result<(), StoreError> {
-        self.gone.insert((kind.code(), id), version)?;
+        // A delete made here and not yet confirmed stays one.
+        let here = self.gone.get((kind.code(), id))?.map_or(0, |v| v.value() & (DELETED | DELETED_HERE));
+        let here = if here & DELETED_HERE != 0 { here } else { 0 };
+        self.gone.insert((kind.code(), id), version | here)?;
+        Ok(())
+    }
+
+    /// Whether the record was deleted here and the main has not sent the delete back yet.
+    pub fn deleted_here(&self, kind: Kind, id: &str) -> Result<bool, StoreError> {
+        Ok(self.gone.get((kind.code(), id))?.is_some_and(|v| v.value() & DELETED_HERE != 0))
+    }
+
+    /// Clears [`DELETED_HERE`], once the main has answered about the record.
+    pub fn settle_delete_here(&mut self, kind: Kind, id: &str) -> Result<(), StoreError> {
+        let Some(gone) = self.gone.get((kind.code(), id))?.map(|v| v.value()) else { return Ok(()) };
+        if gone & DELETED_HERE != 0 {
+            self.gone.insert((kind.code(), id), gone & !DELETED_HERE)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes a record at a remote, by a local edit: like [`Tables::delete`], and marked as
+    /// [`DELETED_HERE`] until the main's delete (or its refusal of it) comes back.
+    pub fn delete_here(&mut self, kind: Kind, id: &str, version: u64) -> Result<(), StoreError> {
+        self.remove(kind, id, version)?;
+        self.gone.insert((kind.code(), id), version | DELETED | DELETED_HERE)?;
         Ok(())
     }
 

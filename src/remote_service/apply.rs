@@ -118,6 +118,11 @@ fn target_bit(subject: &str) -> u8 {
 /// which targets hold the record (one change may enter one target and leave another).
 fn apply_one(t: &mut Tables<'_>, bit: u8, env: Envelope) -> Result<bool, StoreError> {
     let (kind, v) = (env.kind, env.version);
+    if env.op == Op::Upsert && t.deleted_here(kind, &env.id)? {
+        // Deleted here, on its way to the main: a version from before the main merged the
+        // delete must not bring it back. The main's delete, or its refusal, comes next.
+        return Ok(false);
+    }
     let (held, gone) = t.known(kind, &env.id)?;
     let known = held.map(|(version, _)| version).unwrap_or(0).max(gone);
     match (env.op, held) {
@@ -170,6 +175,8 @@ fn take_back(t: &mut Tables<'_>, env: Envelope, refreshed: Option<&Refreshed>) -
         reason,
         edit: env.record,
     })?;
+    // The main has answered about this record: a delete made here is settled.
+    t.settle_delete_here(env.kind, &env.id)?;
     let Some(refreshed) = refreshed else { return Ok(()) };
     match &refreshed.state {
         Some(stored) => t.put(env.kind, &env.id, stored),
@@ -181,4 +188,54 @@ fn take_back(t: &mut Tables<'_>, env: Envelope, refreshed: Option<&Refreshed>) -
 fn quarantine(t: &mut Tables<'_>, msg: &Incoming, error: String) -> Result<(), StoreError> {
     tracing::warn!(seq = msg.seq, subject = %msg.subject, "quarantined a message: {error}");
     t.quarantine(msg.seq, &Quarantined { subject: msg.subject.clone(), error, payload: msg.payload.to_vec() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Field, Kind, Value};
+    use crate::store::Store;
+    use crate::wire::{PRODUCT, SCHEMA_MAJOR};
+
+    fn msg(seq: u64, op: Op, version: u64) -> Incoming {
+        let record = (op == Op::Upsert)
+            .then(|| [("city".to_string(), Field { value: Value::Str(format!("v{version}")), stamp: version })].into());
+        let env = Envelope {
+            product: PRODUCT.into(),
+            schema: SCHEMA_MAJOR,
+            db: "db".into(),
+            event: format!("e{seq}"),
+            kind: Kind::Contact,
+            id: "x".into(),
+            op,
+            version,
+            origin: "main".into(),
+            record,
+            reason: None,
+        };
+        Incoming {
+            seq,
+            pending: 0,
+            subject: "crm.sync.all.contact.x".into(),
+            payload: env.encode().into(),
+            idempotency_key: None,
+            upload_order: None,
+        }
+    }
+
+    #[test]
+    fn a_record_deleted_here_does_not_come_back_before_the_main_sends_the_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("r.redb")).unwrap();
+        let apply = |m: Incoming| store.write(true, |t| apply_batch(t, "db", &[m], &BTreeMap::new())).unwrap();
+        apply(msg(1, Op::Upsert, 5));
+        store.write(true, |t| t.delete_here(Kind::Contact, "x", 5)).unwrap();
+        // An edit the main made before it merged the delete arrives: the record stays deleted.
+        apply(msg(2, Op::Upsert, 7));
+        assert_eq!(store.get(Kind::Contact, "x").unwrap(), None);
+        // The main's delete settles it; a record made again at the main later shows.
+        apply(msg(3, Op::Delete, 8));
+        apply(msg(4, Op::Upsert, 9));
+        assert_eq!(store.get(Kind::Contact, "x").unwrap().map(|s| s.version), Some(9));
+    }
 }

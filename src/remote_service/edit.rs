@@ -142,10 +142,10 @@ impl Remote {
             if kind == Kind::Contact {
                 for (child_kind, child_id) in t.children(&id)? {
                     let version = t.known(child_kind, &child_id)?.0.map_or(0, |(v, _)| v);
-                    t.delete(child_kind, &child_id, version)?;
+                    t.delete_here(child_kind, &child_id, version)?;
                 }
             }
-            t.delete(kind, &id, stored.version)?;
+            t.delete_here(kind, &id, stored.version)?;
             queue(t, inner, kind, &id, Op::Delete, stored.version, None)?;
             remember(t, key.as_deref(), kind, &id)?;
             Ok(Ok(()))

@@ -283,12 +283,7 @@ impl Salvage {
     /// Reads what it can of a damaged file, table by table, entry by entry; never fails.
     pub fn read(path: &Path) -> Salvage {
         let mut out = Salvage::default();
-        let db = match guard(path, || {
-            Database::builder()
-                .set_cache_size(CACHE_BYTES)
-                .create(path)
-                .map_err(|e| StoreError::Damaged { path: path.to_owned(), detail: e.to_string() })
-        }) {
+        let db = match guard(path, || open_db(path, false)) {
             Ok(db) => db,
             Err(e) => {
                 tracing::error!("nothing can be read from {}: {e}", path.display());
@@ -480,6 +475,12 @@ pub struct KeyEntry {
     pub id: String,
     /// When the main applied it; entries older than a day are forgotten.
     pub at_ms: u64,
+}
+
+impl KeyEntry {
+    fn decode(bytes: &[u8]) -> Result<KeyEntry, StoreError> {
+        rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt { what: "idempotency key", detail: e.to_string() })
+    }
 }
 
 /// An upload the main took off `CRM_UP` before an earlier upload of the same remote queue had
@@ -964,10 +965,7 @@ impl Store {
     pub fn key_entry(&self, key: &str) -> Result<Option<KeyEntry>, StoreError> {
         guard(&self.path, || {
             let txn = self.read_txn()?;
-            let Some(v) = txn.open_table(IDEMPOTENCY)?.get(key)? else { return Ok(None) };
-            rmp_serde::from_slice(v.value())
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt { what: "idempotency key", detail: e.to_string() })
+            txn.open_table(IDEMPOTENCY)?.get(key)?.map(|v| KeyEntry::decode(v.value())).transpose()
         })
     }
 
@@ -1225,10 +1223,7 @@ impl<'txn> Tables<'txn> {
 
     /// The change committed with a client's idempotency key, if any.
     pub fn key_entry(&self, key: &str) -> Result<Option<KeyEntry>, StoreError> {
-        let Some(v) = self.idempotency.get(key)? else { return Ok(None) };
-        rmp_serde::from_slice(v.value())
-            .map(Some)
-            .map_err(|e| StoreError::Corrupt { what: "idempotency key", detail: e.to_string() })
+        self.idempotency.get(key)?.map(|v| KeyEntry::decode(v.value())).transpose()
     }
 
     pub fn remember_key(&mut self, key: &str, entry: &KeyEntry) -> Result<(), StoreError> {
@@ -1238,8 +1233,7 @@ impl<'txn> Tables<'txn> {
 
     /// Forgets idempotency keys applied before `before_ms`.
     pub fn forget_keys(&mut self, before_ms: u64) -> Result<(), StoreError> {
-        self.idempotency
-            .retain(|_, v| rmp_serde::from_slice::<KeyEntry>(v).map(|e| e.at_ms >= before_ms).unwrap_or(false))?;
+        self.idempotency.retain(|_, v| KeyEntry::decode(v).is_ok_and(|e| e.at_ms >= before_ms))?;
         Ok(())
     }
 

@@ -454,14 +454,16 @@ impl Incoming {
             subject: msg.subject.to_string(),
             payload: msg.payload.clone(),
             idempotency_key: msg.headers.as_ref().and_then(|h| h.get(IDEMPOTENCY_KEY)).map(|v| v.as_str().to_owned()),
-            upload_order: msg
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(crate::wire::UPLOAD_ORDER))
-                .and_then(|v| crate::wire::parse_upload_order(v.as_str()))
-                .map(|(queue, n)| (queue.to_owned(), n)),
+            upload_order: upload_order(msg),
         })
     }
+}
+
+/// The remote upload a message carries or merged ([`crate::wire::UPLOAD_ORDER`]): its queue
+/// and number.
+pub fn upload_order(msg: &jetstream::Message) -> Option<(String, u64)> {
+    let value = msg.headers.as_ref()?.get(crate::wire::UPLOAD_ORDER)?;
+    crate::wire::parse_upload_order(value.as_str()).map(|(queue, n)| (queue.to_owned(), n))
 }
 
 /// Waits for one message, then takes whatever else is already there, up to `max`: batches

@@ -54,13 +54,7 @@ struct Upload {
 
 impl Upload {
     fn from_message(msg: &async_nats::jetstream::Message) -> Upload {
-        let order = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(wire::UPLOAD_ORDER))
-            .and_then(|v| wire::parse_upload_order(v.as_str()))
-            .map(|(queue, n)| (queue.to_owned(), n));
-        Upload { subject: msg.subject.to_string(), payload: msg.payload.clone(), order }
+        Upload { subject: msg.subject.to_string(), payload: msg.payload.clone(), order: transport::upload_order(msg) }
     }
 }
 
@@ -206,7 +200,6 @@ fn commit_order<'a>(main: &Main, merged: impl Iterator<Item = &'a Upload>) -> Re
     main.inner.store.write(true, |t| {
         for (queue, next) in &advanced {
             t.advance_upload(queue, *next)?;
-            t.unpark_below(queue, *next)?;
         }
         Ok(())
     })?;
@@ -244,8 +237,9 @@ async fn unpark(main: &Main, queue: &str, from: u64, next: &mut BTreeMap<String,
         }
         tracing::info!(queue, from = n, uploads = ready.len(), "merging parked uploads");
         for upload in &ready {
-            merge_wave(main, std::iter::once(upload)).await?;
-            commit_order(main, std::iter::once(upload))?;
+            if !merge_wave(main, std::iter::once(upload)).await? {
+                commit_order(main, std::iter::once(upload))?;
+            }
             n += 1;
             next.insert(queue.to_owned(), n);
         }
@@ -271,10 +265,9 @@ fn wave_len(uploads: &[(usize, Upload)]) -> usize {
 }
 
 /// Merges a wave of uploads concurrently, then adds the contacts created in it to their
-/// remotes' lists. `Err` if one could not be decided now: the caller starts again from the
-/// first upload not committed as merged.
-/// Returns whether every upload of the wave committed a change carrying its place in its
-/// queue (then its position is already recorded by the projector).
+/// remotes' lists. Returns whether every upload of the wave committed a change carrying its
+/// place in its queue (then the projector recorded that place). `Err` if one could not be
+/// decided now: the caller starts again from the first upload not committed as merged.
 async fn merge_wave<'a>(main: &Main, wave: impl Iterator<Item = &'a Upload>) -> anyhow::Result<bool> {
     let wave: Vec<&Upload> = wave.collect();
     let results = futures::future::join_all(wave.iter().map(|u| main.merge_upload(u))).await;

@@ -299,8 +299,8 @@ fn recover(data_dir: &Path, bundle: &Bundle, reason: &str) -> anyhow::Result<Sto
         tracing::warn!("found {} queued edits in the damaged file's bytes", found.len());
         // New numbers, so a new queue for the main.
         salvage.uploads = found.into_iter().enumerate().map(|(n, u)| (n as u64, u)).collect();
-        salvage.meta.retain(|k, _| k != "upload_queue_base" && k != UPLOADS_NEXT);
-        salvage.meta_str.remove("upload_queue");
+        salvage.meta.retain(|k, _| k != BASE && k != UPLOADS_NEXT);
+        salvage.meta_str.remove(QUEUE);
         salvage.meta.insert(UPLOADS_NEXT.to_owned(), salvage.uploads.len() as u64);
         scanned = true;
     }
@@ -338,7 +338,7 @@ fn recover(data_dir: &Path, bundle: &Bundle, reason: &str) -> anyhow::Result<Sto
     let store = Store::open(&path)?;
     store.write(true, |t| {
         // The queue goes on with its own id and numbers, so the main merges what follows in order.
-        salvage.restore(t, |k| ["upload_queue", "upload_queue_base", UPLOADS_NEXT, "sync_log_next"].contains(&k))?;
+        salvage.restore(t, |k| [QUEUE, BASE, UPLOADS_NEXT, "sync_log_next"].contains(&k))?;
         t.set_meta_str(DATABASE_ID, &bundle.database_id)?;
         t.set_meta_str("role", "remote")?;
         t.set_meta_str(RECOVERED, &serde_json::to_string(&recovery).unwrap_or_default())
@@ -346,12 +346,15 @@ fn recover(data_dir: &Path, bundle: &Bundle, reason: &str) -> anyhow::Result<Sto
     Ok(store)
 }
 
+/// Meta keys of a remote's upload queue: its id (a string) and the queue entry that is its
+/// upload 0.
+const QUEUE: &str = "upload_queue";
+const BASE: &str = "upload_queue_base";
+
 /// The id of this store's upload queue and the queue entry it counts from, made on first use:
 /// the main merges a queue's uploads strictly in their order from 0, so a file whose queue
 /// already moved on (made by an earlier version) starts a new queue at its first waiting entry.
 fn upload_queue(store: &Store) -> anyhow::Result<(String, u64)> {
-    const QUEUE: &str = "upload_queue";
-    const BASE: &str = "upload_queue_base";
     if let Some(id) = store.meta_str(QUEUE)? {
         return Ok((id, store.meta(BASE)?));
     }

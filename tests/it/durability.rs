@@ -390,6 +390,16 @@ async fn data_files_are_readable_by_their_owner_alone() {
     assert_eq!(mode(&remote.data_dir), 0o700, "{}", remote.data_dir.display());
     assert_eq!(mode(&remote.data_dir.join("remote.redb")), 0o600);
     assert_eq!(mode(&remote.data_dir.join("remote.json")), 0o600);
+    // The bundle the command line writes holds the remote's identity: its owner's alone too.
+    let bundle = env.dir.path().join("branch.bundle.json");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
+        .args(["--api", &env.api.base, "remote", "create", "branch", "--set", "everyone", "--out"])
+        .arg(&bundle)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(mode(&bundle), 0o600);
     remote.stop().await;
 }
 
@@ -699,4 +709,75 @@ async fn remote_rebuild_on_a_truncated_file_recovers_and_a_broken_bundle_is_name
     let stderr = String::from_utf8_lossy(&serve.stderr);
     assert!(!serve.status.success());
     assert!(stderr.contains("remote.json") && stderr.contains("remote init"), "{stderr}");
+}
+
+/// A remote process answers 201 for a contact and a note on it, again and again, and is killed
+/// (SIGKILL) the moment the last answer arrives: started again, it uploads what it had not,
+/// and the main holds every edit it answered for, notes after their contacts, none refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_order_survives_a_remote_killed_right_after_its_answers() {
+    let env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let dir = env.init_remote("laptop", "everyone").await;
+    let port = crmsync::natsd::free_port();
+    let api = Api::new(format!("http://127.0.0.1:{port}"));
+    let mut child = crate::harness::remote_process(&dir, port, 200);
+    wait_for_status(&api, |s| s["nats"]["connected"] == true).await;
+    const N: usize = 150;
+    for i in 0..N {
+        api.create(Kind::Contact, json!({ "id": format!("c{i}") })).await;
+        api.create(Kind::Note, json!({ "id": format!("n{i}"), "contact_id": format!("c{i}"), "text": "x" })).await;
+    }
+    stop(&mut child, Stop::Kill).await;
+
+    let mut child = crate::harness::remote_process(&dir, port, 200);
+    wait_for_status(&api, |s| s["uploads"]["waiting"] == 0).await;
+    let status = wait_for_status(&env.api, |s| {
+        s["uploads_waiting"] == 0 && s["uploads_parked"] == 0 && s["counts"]["note"] == N as u64
+    })
+    .await;
+    assert_eq!(status["refused"], 0, "edits were refused: {}", status["sync_log"]);
+    assert_eq!(status["counts"]["contact"], N as u64, "{status}");
+    stop(&mut child, Stop::Term).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_sends_a_write_answered_503_again_with_the_same_idempotency_key() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A service that answers 503 twice, then 201, and notes the key of each request.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        let mut keys = Vec::new();
+        let answer = |status: &str, body: &str| {
+            format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        let busy = answer("503 Service Unavailable", r#"{"error":"try again"}"#);
+        for answer in [busy.clone(), busy, answer("201 Created", r#"{"id":"c1","version":1}"#)] {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut buf).await.unwrap();
+                request.extend_from_slice(&buf[..n]);
+            }
+            let text = String::from_utf8_lossy(&request).to_lowercase();
+            keys.push(text.lines().find_map(|l| l.strip_prefix("idempotency-key: ").map(str::to_owned)));
+            stream.write_all(answer.as_bytes()).await.unwrap();
+            let _ = stream.shutdown().await;
+        }
+        keys
+    });
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
+        .args(["--api", &base, "contact", "add", "id=c1"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let keys = server.await.unwrap();
+    assert!(keys[0].is_some(), "the write carried no Idempotency-Key");
+    assert!(keys.iter().all(|k| k == &keys[0]), "the repeats carried other keys: {keys:?}");
 }

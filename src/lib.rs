@@ -2,9 +2,9 @@
 //! redb projection at every site.
 //!
 //! The modules follow the architecture (see ARCHITECTURE.md):
-//! - the domain, pure and without IO: [`names`], [`model`], [`date`], [`hlc`], [`routing`],
-//!   [`query`];
-//! - the wire format: [`wire`], and [`schema`] for its JSON Schema documents;
+//! - the core, the crate `crmsync-core` (re-exported here): every decision, and no IO —
+//!   [`names`], [`model`], [`date`], [`hlc`], [`routing`], [`query`], and the wire format,
+//!   [`wire`] with [`schema`] for its JSON Schema documents;
 //! - storage, the only module that knows redb: [`store`];
 //! - transport, the only module that knows NATS: [`transport`], and [`natsd`] to run a server;
 //! - the services: [`main_service`], [`remote_service`], with their HTTP APIs in [`http`];
@@ -15,20 +15,14 @@
 
 pub mod bench;
 pub mod cli;
-pub mod date;
 pub mod demo;
 pub mod error;
 pub mod files;
-pub mod hlc;
 pub mod http;
 pub mod main_service;
-pub mod model;
-pub mod names;
 pub mod natsd;
-pub mod query;
 pub mod remote_service;
-pub mod routing;
-pub mod schema;
 pub mod store;
 pub mod transport;
-pub mod wire;
+
+pub use crmsync_core::{date, hlc, model, names, query, routing, schema, wire};

@@ -472,15 +472,15 @@ impl Main {
         let store = &self.inner.store;
         let Some(record) = store.get(Kind::Remote, remote)? else { return Ok(None) };
         let mut config = RoutingConfig::default();
-        config.apply(Kind::Remote, remote, Some(&record));
+        config.apply(Kind::Remote, remote, Some(&record.fields));
         let set = model::text(&record.fields, "set").unwrap_or_default();
         if let Some(set_record) = store.get(Kind::Set, set)? {
-            for user in SetSpec::from_stored(&set_record).users {
+            for user in SetSpec::from_fields(&set_record.fields).users {
                 if let Some(u) = store.get(Kind::User, &user)? {
-                    config.apply(Kind::User, &user, Some(&u));
+                    config.apply(Kind::User, &user, Some(&u.fields));
                 }
             }
-            config.apply(Kind::Set, set, Some(&set_record));
+            config.apply(Kind::Set, set, Some(&set_record.fields));
         }
         Ok(Some((record, config.target_defs())))
     }

@@ -27,7 +27,7 @@ impl RouterState {
         let mut config = RoutingConfig::default();
         for kind in [Kind::Set, Kind::User, Kind::Remote] {
             store.for_each(kind, |id, stored| {
-                config.apply(kind, id, Some(&stored));
+                config.apply(kind, id, Some(&stored.fields));
             })?;
         }
         let defs = config.target_defs();
@@ -105,7 +105,7 @@ fn apply_event(
             t.remove(kind, id, seq)?;
         }
     }
-    if state.config.apply(kind, id, new.as_ref()) {
+    if state.config.apply(kind, id, new.as_ref().map(|s| &s.fields)) {
         let after = state.config.target_defs();
         let before = std::mem::replace(&mut state.defs, after);
         if route {

@@ -22,7 +22,7 @@ impl Main {
     /// Checks a set's fields as a whole: either every record, or some users (that exist) and
     /// an optional query (that parses).
     fn check_set(&self, fields: &Fields) -> Result<(), ServiceError> {
-        let spec = SetSpec::from_stored(&Stored::new(0, fields.clone()));
+        let spec = SetSpec::from_fields(fields);
         if spec.all && (spec.query.is_some() || !spec.users.is_empty()) {
             return Err(ServiceError::Invalid(
                 "a set with `all` holds every record: it takes no users and no query".into(),

@@ -19,7 +19,7 @@ pub fn expected_for(main: &Main, remote: &str) -> Snapshot {
     for kind in [Kind::Set, Kind::User, Kind::Remote] {
         store
             .for_each(kind, |id, s| {
-                config.apply(kind, id, Some(&s));
+                config.apply(kind, id, Some(&s.fields));
             })
             .unwrap();
     }

@@ -23,7 +23,6 @@ use std::sync::Arc;
 
 use crate::model::{Fields, Kind, Value, names, text};
 use crate::query::Query;
-use crate::store::Stored;
 use crate::wire::Target;
 
 /// A user as access checks see them.
@@ -126,11 +125,11 @@ pub struct SetSpec {
 }
 
 impl SetSpec {
-    pub fn from_stored(stored: &Stored) -> SetSpec {
+    pub fn from_fields(fields: &Fields) -> SetSpec {
         SetSpec {
-            all: matches!(stored.fields.get("all").map(|f| &f.value), Some(Value::Bool(true))),
-            users: names(&stored.fields, "users").to_vec(),
-            query: text(&stored.fields, "query").filter(|q| !q.trim().is_empty()).map(str::to_owned),
+            all: matches!(fields.get("all").map(|f| &f.value), Some(Value::Bool(true))),
+            users: names(fields, "users").to_vec(),
+            query: text(fields, "query").filter(|q| !q.trim().is_empty()).map(str::to_owned),
         }
     }
 }
@@ -143,10 +142,10 @@ pub struct RemoteSpec {
 }
 
 impl RemoteSpec {
-    pub fn from_stored(stored: &Stored) -> RemoteSpec {
+    pub fn from_fields(fields: &Fields) -> RemoteSpec {
         RemoteSpec {
-            set: text(&stored.fields, "set").unwrap_or_default().to_owned(),
-            subscriptions: names(&stored.fields, "subscriptions").iter().cloned().collect(),
+            set: text(fields, "set").unwrap_or_default().to_owned(),
+            subscriptions: names(fields, "subscriptions").iter().cloned().collect(),
         }
     }
 }
@@ -162,11 +161,11 @@ pub struct RoutingConfig {
 impl RoutingConfig {
     /// Takes in a changed configuration record (a set, a user or a remote); `None` when it was
     /// deleted. Returns whether anything routing depends on changed.
-    pub fn apply(&mut self, kind: Kind, id: &str, stored: Option<&Stored>) -> bool {
+    pub fn apply(&mut self, kind: Kind, id: &str, fields: Option<&Fields>) -> bool {
         match kind {
-            Kind::Set => replace(&mut self.sets, id, stored.map(SetSpec::from_stored)),
-            Kind::User => replace(&mut self.user_teams, id, stored.map(|s| names(&s.fields, "teams").to_vec())),
-            Kind::Remote => replace(&mut self.remotes, id, stored.map(RemoteSpec::from_stored)),
+            Kind::Set => replace(&mut self.sets, id, fields.map(SetSpec::from_fields)),
+            Kind::User => replace(&mut self.user_teams, id, fields.map(|f| names(f, "teams").to_vec())),
+            Kind::Remote => replace(&mut self.remotes, id, fields.map(RemoteSpec::from_fields)),
             _ => false,
         }
     }
@@ -304,7 +303,7 @@ mod tests {
         let mut config = RoutingConfig::default();
         config.sets.insert("s".into(), SetSpec { all: false, users: vec!["ann".into()], query: None });
         let before = config.target_defs();
-        let user = Stored::new(1, fields(&[("name", s("Ann")), ("teams", Value::List(vec!["east".into()]))]));
+        let user = fields(&[("name", s("Ann")), ("teams", Value::List(vec!["east".into()]))]);
         assert!(config.apply(Kind::User, "ann", Some(&user)));
         assert_ne!(before, config.target_defs());
         assert!(!config.apply(Kind::User, "ann", Some(&user)), "the same teams again change nothing");

@@ -20,8 +20,8 @@
 //! ```
 //!
 //! ```
-//! use crmsync::model::{Field, Fields, Value};
-//! use crmsync::query::Query;
+//! use crmsync_core::model::{Field, Fields, Value};
+//! use crmsync_core::query::Query;
 //!
 //! let query = Query::parse("state = NY and (city starts with 'Al' or custom.source in (web, fair))").unwrap();
 //! let mut contact = Fields::new();

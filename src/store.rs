@@ -32,19 +32,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Fields, Kind};
 
-const RECORDS: [TableDefinition<&str, &[u8]>; 11] = [
-    TableDefinition::new("contact"),
-    TableDefinition::new("company"),
-    TableDefinition::new("group"),
-    TableDefinition::new("membership"),
-    TableDefinition::new("note"),
-    TableDefinition::new("history"),
-    TableDefinition::new("activity"),
-    TableDefinition::new("user"),
-    TableDefinition::new("team"),
-    TableDefinition::new("set"),
-    TableDefinition::new("remote"),
-];
 const CHILDREN: TableDefinition<ChildKey, ()> = TableDefinition::new("children");
 const GONE: TableDefinition<(u8, &str), u64> = TableDefinition::new("gone");
 /// The top bit of a `gone` value: the record was deleted, not only gone from this remote's
@@ -66,8 +53,15 @@ const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempote
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const META_STR: TableDefinition<&str, &str> = TableDefinition::new("meta_str");
 
-fn records(kind: Kind) -> TableDefinition<'static, &'static str, &'static [u8]> {
-    RECORDS[kind.code() as usize]
+/// The table of a kind's records, by the kind's fixed table name.
+fn records_table(kind: Kind) -> TableDefinition<'static, &'static str, &'static [u8]> {
+    TableDefinition::new(kind.table())
+}
+
+/// Where a kind's table sits among the tables a transaction opens (in memory only; on disk
+/// tables are found by name and keys carry [`Kind::code`]).
+fn slot(kind: Kind) -> usize {
+    Kind::ALL.iter().position(|k| *k == kind).expect("every kind is in Kind::ALL")
 }
 
 /// The layout of what this module stores. A file of another layout is refused until it is
@@ -597,7 +591,7 @@ impl Store {
             let txn = store.read_txn()?;
             let found = txn.open_table(META)?.get(FORMAT_KEY)?.map(|v| v.value()).unwrap_or(0);
             let mut empty = true;
-            for def in RECORDS {
+            for def in Kind::ALL.map(records_table) {
                 empty &= txn.open_table(def)?.is_empty()?;
             }
             Ok((found, empty))
@@ -725,7 +719,7 @@ impl Store {
     ) -> Result<R, StoreError> {
         let db = self.db()?;
         let txn = db.begin_write()?;
-        for def in RECORDS {
+        for def in Kind::ALL.map(records_table) {
             txn.delete_table(def)?;
         }
         txn.delete_table(CHILDREN)?;
@@ -784,7 +778,7 @@ impl Store {
     pub fn get(&self, kind: Kind, id: &str) -> Result<Option<Stored>, StoreError> {
         guard(&self.path, || {
             let txn = self.read_txn()?;
-            let table = txn.open_table(records(kind))?;
+            let table = txn.open_table(records_table(kind))?;
             table.get(id)?.map(|v| Stored::decode(v.value())).transpose()
         })
     }
@@ -793,7 +787,7 @@ impl Store {
     pub fn get_known(&self, kind: Kind, id: &str) -> Result<(Option<Stored>, u64), StoreError> {
         guard(&self.path, || {
             let txn = self.read_txn()?;
-            let held = txn.open_table(records(kind))?.get(id)?.map(|v| Stored::decode(v.value())).transpose()?;
+            let held = txn.open_table(records_table(kind))?.get(id)?.map(|v| Stored::decode(v.value())).transpose()?;
             let gone = txn.open_table(GONE)?.get((kind.code(), id))?.map(|v| v.value() & !GONE_FLAGS).unwrap_or(0);
             let known = held.as_ref().map(|s| s.version).unwrap_or(0).max(gone);
             Ok((held, known))
@@ -809,7 +803,7 @@ impl Store {
         mut keep: impl FnMut(&str, &Stored) -> bool,
     ) -> Result<Vec<(String, Stored)>, StoreError> {
         let txn = self.read_txn()?;
-        let table = txn.open_table(records(kind))?;
+        let table = txn.open_table(records_table(kind))?;
         let range = match after {
             Some(after) => table.range::<&str>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))?,
             None => table.range::<&str>(..)?,
@@ -832,7 +826,7 @@ impl Store {
     pub fn for_each(&self, kind: Kind, mut f: impl FnMut(&str, Stored)) -> Result<(), StoreError> {
         guard(&self.path, || {
             let txn = self.read_txn()?;
-            let table = txn.open_table(records(kind))?;
+            let table = txn.open_table(records_table(kind))?;
             for item in table.iter()? {
                 let (k, v) = item?;
                 f(k.value(), Stored::decode(v.value())?);
@@ -846,7 +840,7 @@ impl Store {
             let txn = self.read_txn()?;
             let mut out = BTreeMap::new();
             for kind in Kind::ALL {
-                out.insert(kind, txn.open_table(records(kind))?.len()?);
+                out.insert(kind, txn.open_table(records_table(kind))?.len()?);
             }
             Ok(out)
         })
@@ -1040,8 +1034,8 @@ pub struct Tables<'txn> {
 
 impl<'txn> Tables<'txn> {
     fn open(txn: &'txn WriteTransaction) -> Result<Tables<'txn>, StoreError> {
-        let mut records = Vec::with_capacity(RECORDS.len());
-        for def in RECORDS {
+        let mut records = Vec::with_capacity(Kind::ALL.len());
+        for def in Kind::ALL.map(records_table) {
             records.push(txn.open_table(def)?);
         }
         Ok(Tables {
@@ -1060,13 +1054,13 @@ impl<'txn> Tables<'txn> {
     }
 
     pub fn get(&self, kind: Kind, id: &str) -> Result<Option<Stored>, StoreError> {
-        self.records[kind.code() as usize].get(id)?.map(|v| Stored::decode(v.value())).transpose()
+        self.records[slot(kind)].get(id)?.map(|v| Stored::decode(v.value())).transpose()
     }
 
     /// What is known of a record without decoding it: the version and holders it is held at
     /// (if held), and the version it was last deleted or left at (0 if never).
     pub fn known(&self, kind: Kind, id: &str) -> Result<(Option<(u64, u8)>, u64), StoreError> {
-        let held = match self.records[kind.code() as usize].get(id)? {
+        let held = match self.records[slot(kind)].get(id)? {
             Some(v) => Some(
                 Stored::head(v.value())
                     .ok_or_else(|| StoreError::Corrupt { what: "record", detail: "no version".into() })?,
@@ -1085,7 +1079,7 @@ impl<'txn> Tables<'txn> {
 
     /// Changes the holders (and version) of a held record, keeping its fields.
     pub fn set_holders(&mut self, kind: Kind, id: &str, version: u64, holders: u8) -> Result<(), StoreError> {
-        let table = &mut self.records[kind.code() as usize];
+        let table = &mut self.records[slot(kind)];
         let mut bytes = match table.get(id)? {
             Some(v) => v.value().to_vec(),
             None => return Ok(()),
@@ -1139,7 +1133,7 @@ impl<'txn> Tables<'txn> {
                 self.children.insert((parent, kind.code(), id), ())?;
             }
         }
-        self.records[kind.code() as usize].insert(id, stored.encode().as_slice())?;
+        self.records[slot(kind)].insert(id, stored.encode().as_slice())?;
         self.gone.remove((kind.code(), id))?;
         Ok(())
     }
@@ -1147,7 +1141,7 @@ impl<'txn> Tables<'txn> {
     /// Removes a record, remembering the version it went at so an older copy arriving later
     /// is not applied. Returns the record that was held.
     pub fn remove(&mut self, kind: Kind, id: &str, version: u64) -> Result<Option<Stored>, StoreError> {
-        let old = self.records[kind.code() as usize].remove(id)?.map(|v| Stored::decode(v.value())).transpose()?;
+        let old = self.records[slot(kind)].remove(id)?.map(|v| Stored::decode(v.value())).transpose()?;
         if let Some(parent) =
             old.as_ref().and_then(|o| kind.parent_field().and_then(|f| crate::model::text(&o.fields, f)))
         {
@@ -1170,7 +1164,7 @@ impl<'txn> Tables<'txn> {
     /// Up to `limit` records of `kind` after `after`, in id order: for scans that change other
     /// tables between pages, with memory bounded by the page.
     pub fn page(&self, kind: Kind, after: Option<&str>, limit: usize) -> Result<Vec<(String, Stored)>, StoreError> {
-        let table = &self.records[kind.code() as usize];
+        let table = &self.records[slot(kind)];
         let range = match after {
             Some(after) => table.range::<&str>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))?,
             None => table.range::<&str>(..)?,
@@ -1185,7 +1179,7 @@ impl<'txn> Tables<'txn> {
 
     /// Every record of `kind`, in id order.
     pub fn for_each(&self, kind: Kind, mut f: impl FnMut(&str, Stored)) -> Result<(), StoreError> {
-        for item in self.records[kind.code() as usize].iter()? {
+        for item in self.records[slot(kind)].iter()? {
             let (k, v) = item?;
             f(k.value(), Stored::decode(v.value())?);
         }

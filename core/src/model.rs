@@ -123,9 +123,34 @@ impl Kind {
         Kind::ALL.into_iter().find(|k| k.plural() == s)
     }
 
-    /// Small stable number of the kind, used in storage keys.
+    /// How the kind is stored: its number in storage keys and the name of the table that
+    /// holds its records. Fixed forever, whatever order the kinds are listed in, and apart
+    /// from the API's name of the kind: a new kind takes a new number and table, renaming a
+    /// kind never moves stored data, and a test pins the existing ones.
+    fn storage(self) -> (u8, &'static str) {
+        match self {
+            Kind::Contact => (0, "contact"),
+            Kind::Company => (1, "company"),
+            Kind::Group => (2, "group"),
+            Kind::Membership => (3, "membership"),
+            Kind::Note => (4, "note"),
+            Kind::History => (5, "history"),
+            Kind::Activity => (6, "activity"),
+            Kind::User => (7, "user"),
+            Kind::Team => (8, "team"),
+            Kind::Set => (9, "set"),
+            Kind::Remote => (10, "remote"),
+        }
+    }
+
+    /// The kind's number in storage keys (see [`Kind::storage`]).
     pub fn code(self) -> u8 {
-        Kind::ALL.iter().position(|k| *k == self).unwrap_or(0) as u8
+        self.storage().0
+    }
+
+    /// The name of the table of the kind's records (see [`Kind::storage`]).
+    pub fn table(self) -> &'static str {
+        self.storage().1
     }
 
     /// Whether records of this kind travel to remotes.
@@ -538,35 +563,44 @@ impl FieldType {
         }
     }
 
-    /// Checks one JSON value against this type and converts it.
-    fn check(self, v: &serde_json::Value) -> Option<Result<Value, names::NameError>> {
+    /// Converts a JSON value of the right shape for this type; `None` for a wrong shape.
+    fn read_json(self, v: &serde_json::Value) -> Option<Value> {
         use serde_json::Value as J;
-        Some(Ok(match (self, v) {
-            (FieldType::Text(max), J::String(s)) if s.len() <= max => Value::Str(s.clone()),
-            (FieldType::Choice(c), J::String(s)) if c.contains(&s.as_str()) => Value::Str(s.clone()),
-            (FieldType::Ref(_), J::String(s)) => {
-                if let Err(e) = names::check("id", s) {
-                    return Some(Err(e));
-                }
-                Value::Str(s.clone())
-            }
-            (FieldType::Names | FieldType::Refs(_), J::Array(items)) if items.len() <= MAX_NAMES => {
-                let mut out = Vec::with_capacity(items.len());
-                for item in items {
-                    let J::String(s) = item else { return None };
-                    if let Err(e) = names::check("name", s) {
-                        return Some(Err(e));
-                    }
-                    out.push(s.clone());
-                }
-                Value::List(out)
+        Some(match (self, v) {
+            (FieldType::Names | FieldType::Refs(_), J::Array(items)) => {
+                Value::List(items.iter().map(|i| i.as_str().map(str::to_owned)).collect::<Option<_>>()?)
             }
             (FieldType::Bool, J::Bool(b)) => Value::Bool(*b),
-            (FieldType::Int, J::Number(n)) => Value::Int(n.as_i64()?),
-            (FieldType::Count, J::Number(n)) => Value::Int(n.as_i64().filter(|n| *n >= 0)?),
-            (FieldType::Date, J::String(s)) if crate::date::is_valid(s) => Value::Str(s.clone()),
+            (FieldType::Int | FieldType::Count, J::Number(n)) => Value::Int(n.as_i64()?),
+            (FieldType::Text(_) | FieldType::Choice(_) | FieldType::Ref(_) | FieldType::Date, J::String(s)) => {
+                Value::Str(s.clone())
+            }
             _ => return None,
-        }))
+        })
+    }
+
+    /// Whether a value fits this type: `None` if it does not, an error for a malformed id or
+    /// name. The one rule for input from the API and for fields uploaded by remotes.
+    fn admits(self, v: &Value) -> Option<Result<(), names::NameError>> {
+        let ok = Some(Ok(()));
+        match (self, v) {
+            (FieldType::Text(max), Value::Str(s)) if s.len() <= max => ok,
+            (FieldType::Choice(c), Value::Str(s)) if c.contains(&s.as_str()) => ok,
+            (FieldType::Ref(_), Value::Str(s)) => Some(names::check("id", s).map(|_| ())),
+            (FieldType::Names | FieldType::Refs(_), Value::List(items)) if items.len() <= MAX_NAMES => {
+                Some(items.iter().try_for_each(|s| names::check("name", s).map(|_| ())))
+            }
+            (FieldType::Bool, Value::Bool(_)) | (FieldType::Int, Value::Int(_)) => ok,
+            (FieldType::Count, Value::Int(n)) if *n >= 0 => ok,
+            (FieldType::Date, Value::Str(s)) if crate::date::is_valid(s) => ok,
+            _ => None,
+        }
+    }
+
+    /// Checks one JSON value against this type and converts it.
+    fn check(self, v: &serde_json::Value) -> Option<Result<Value, names::NameError>> {
+        let value = self.read_json(v)?;
+        Some(self.admits(&value)?.map(|()| value))
     }
 }
 
@@ -701,6 +735,75 @@ pub fn check_record(kind: Kind, fields: &Fields) -> Result<(), InputError> {
         return Err(InputError::TooManyCustom { kind, count: custom });
     }
     Ok(())
+}
+
+/// Checks a whole record as stored or uploaded (not a JSON body): every field known to its
+/// kind and of the right type, custom values text, required fields present and not cleared,
+/// no NUL character, and at most [`MAX_CUSTOM_FIELDS`] custom fields. The same rules as
+/// [`parse_input`] for a new record.
+pub fn check_fields(kind: Kind, fields: &Fields) -> Result<(), InputError> {
+    for (name, field) in fields {
+        check_field(kind, name, &field.value)?;
+    }
+    for spec in kind.fields().iter().filter(|s| s.required) {
+        if fields.get(spec.name).is_none_or(|f| f.value == Value::Null) {
+            return Err(InputError::Missing { kind, field: spec.name });
+        }
+    }
+    check_record(kind, fields)
+}
+
+fn check_field(kind: Kind, name: &str, value: &Value) -> Result<(), InputError> {
+    let wrong = |expected: String| InputError::WrongType {
+        kind,
+        field: name.to_owned(),
+        expected,
+        got: json_type(&value.to_json()),
+    };
+    let nul = match value {
+        Value::Str(s) => s.find('\0'),
+        Value::List(items) => items.iter().find_map(|s| s.find('\0')),
+        _ => None,
+    };
+    if let Some(at) = nul {
+        return Err(InputError::WrongType {
+            kind,
+            field: name.to_owned(),
+            expected: "text without NUL characters (\\u0000)".into(),
+            got: format!("a string with one at byte {at}; remove it"),
+        });
+    }
+    if let Some(key) = name.strip_prefix(CUSTOM_PREFIX)
+        && kind.field("custom").is_some()
+    {
+        names::check("custom field name", key)
+            .map_err(|source| InputError::BadName { field: name.to_owned(), source })?;
+        return match value {
+            Value::Null => Ok(()),
+            Value::Str(s) if s.len() <= MAX_CUSTOM_VALUE => Ok(()),
+            _ => Err(wrong(format!("a string of at most {MAX_CUSTOM_VALUE} bytes (custom fields hold text)"))),
+        };
+    }
+    let Some(spec) = kind.field(name).filter(|spec| spec.ty != FieldType::Custom) else {
+        return Err(InputError::UnknownField {
+            kind,
+            field: name.to_owned(),
+            known: kind.fields().iter().map(|f| f.name).collect::<Vec<_>>().join(", "),
+        });
+    };
+    if *value == Value::Null {
+        return Ok(());
+    }
+    match spec.ty.admits(value) {
+        Some(Ok(())) => Ok(()),
+        Some(Err(source)) => Err(InputError::BadName { field: name.to_owned(), source }),
+        None => Err(wrong(spec.ty.describe())),
+    }
+}
+
+/// A record's fields as a patch that sets each of them.
+pub fn as_patch(fields: &Fields) -> Patch {
+    fields.iter().map(|(name, f)| (name.clone(), f.value.clone())).collect()
 }
 
 /// Reads fields written by an earlier version, which kept all custom fields of a record in one
@@ -844,6 +947,112 @@ pub fn to_json(id: &str, version: u64, fields: &Fields) -> serde_json::Value {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_storage_identity_of_every_existing_kind_never_changes() {
+        // Stored files key records by these codes and tables: changing one silently moves
+        // existing data. A new kind gets a new code and table; these lines never change.
+        let pinned = [
+            (Kind::Contact, 0, "contact"),
+            (Kind::Company, 1, "company"),
+            (Kind::Group, 2, "group"),
+            (Kind::Membership, 3, "membership"),
+            (Kind::Note, 4, "note"),
+            (Kind::History, 5, "history"),
+            (Kind::Activity, 6, "activity"),
+            (Kind::User, 7, "user"),
+            (Kind::Team, 8, "team"),
+            (Kind::Set, 9, "set"),
+            (Kind::Remote, 10, "remote"),
+        ];
+        for (kind, code, table) in pinned {
+            assert_eq!((kind.code(), kind.table()), (code, table), "{kind}");
+        }
+        let codes: std::collections::BTreeSet<u8> = Kind::ALL.iter().map(|k| k.code()).collect();
+        let tables: std::collections::BTreeSet<&str> = Kind::ALL.iter().map(|k| k.table()).collect();
+        assert_eq!((codes.len(), tables.len()), (Kind::ALL.len(), Kind::ALL.len()), "codes and tables are unique");
+    }
+
+    fn record(pairs: &[(&str, Value)]) -> Fields {
+        pairs.iter().map(|(n, v)| (n.to_string(), Field { value: v.clone(), stamp: 1 })).collect()
+    }
+
+    #[test]
+    fn an_uploaded_record_is_checked_by_the_rules_of_a_new_one() {
+        let s = |v: &str| Value::Str(v.into());
+        let note = |extra: (&str, Value)| record(&[("contact_id", s("c1")), ("text", s("hi")), extra]);
+        // (what, fields, the error's start or None when accepted)
+        let cases: Vec<(&str, Kind, Fields, Option<&str>)> = vec![
+            ("valid", Kind::Note, note(("date", s("2026-11-27"))), None),
+            (
+                "a required field missing",
+                Kind::Note,
+                record(&[("text", s("hi"))]),
+                Some("field `contact_id` of a note is required"),
+            ),
+            (
+                "a required field cleared",
+                Kind::Note,
+                note(("contact_id", Value::Null)),
+                Some("field `contact_id` of a note is required"),
+            ),
+            (
+                "an unknown field",
+                Kind::Contact,
+                record(&[("last_name", s("x")), ("nickname", s("x"))]),
+                Some("unknown field `nickname`"),
+            ),
+            (
+                "a wrong type",
+                Kind::Contact,
+                record(&[("last_name", s("x")), ("phone", Value::Int(5))]),
+                Some("field `phone` of a contact must be a string"),
+            ),
+            (
+                "a choice outside the list",
+                Kind::Contact,
+                record(&[("last_name", s("x")), ("access", s("secret"))]),
+                Some("field `access`"),
+            ),
+            ("a malformed reference", Kind::Note, note(("contact_id", s("a.b"))), Some("field `contact_id`")),
+            (
+                "a NUL character",
+                Kind::Contact,
+                record(&[("last_name", s("a\0b"))]),
+                Some("field `last_name` of a contact must be text without NUL"),
+            ),
+            ("a custom value", Kind::Contact, record(&[("last_name", s("x")), ("custom.source", s("fair"))]), None),
+            (
+                "a custom value that is not text",
+                Kind::Contact,
+                record(&[("last_name", s("x")), ("custom.n", Value::Int(1))]),
+                Some("field `custom.n`"),
+            ),
+            (
+                "a bad custom name",
+                Kind::Contact,
+                record(&[("last_name", s("x")), ("custom.a b", s("v"))]),
+                Some("field `custom.a b`"),
+            ),
+            (
+                "the custom map as a field",
+                Kind::Contact,
+                record(&[("last_name", s("x")), ("custom", Value::Null)]),
+                Some("unknown field `custom`"),
+            ),
+            ("a cleared optional field", Kind::Contact, record(&[("last_name", s("x")), ("city", Value::Null)]), None),
+        ];
+        for (what, kind, fields, expected) in cases {
+            let got = check_fields(kind, &fields).map_err(|e| e.to_string());
+            match expected {
+                None => assert_eq!(got, Ok(()), "{what}"),
+                Some(start) => {
+                    let err = got.expect_err(what);
+                    assert!(err.starts_with(start), "{what}: {err}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn create_needs_required_fields() {

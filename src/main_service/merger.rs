@@ -456,13 +456,9 @@ impl Main {
     /// Checks an uploaded record as the API checks a new one: known fields of the right types,
     /// required fields present, references to records the main holds.
     fn check_fields(&self, kind: Kind, fields: &Fields) -> Result<(), Outcome> {
-        let body: serde_json::Map<String, serde_json::Value> =
-            fields.iter().map(|(name, f)| (name.clone(), f.value.to_json())).collect();
-        let input = model::parse_input(kind, &serde_json::Value::Object(body), true)
+        model::check_fields(kind, fields)
             .map_err(|e| Outcome::Refused(format!("the edit is not a valid {kind}: {e}")))?;
-        model::check_record(kind, fields)
-            .map_err(|e| Outcome::Refused(format!("the edit is not a valid {kind}: {e}")))?;
-        self.check_refs(kind, &input.patch)?;
+        self.check_refs(kind, &model::as_patch(fields))?;
         Ok(())
     }
 

@@ -1163,7 +1163,7 @@ impl<'txn> Tables<'txn> {
 
     /// Up to `limit` records of `kind` after `after`, in id order: for scans that change other
     /// tables between pages, with memory bounded by the page.
-    pub fn page(&self, kind: Kind, after: Option<&str>, limit: usize) -> Result<Vec<(String, Stored)>, StoreError> {
+    fn page(&self, kind: Kind, after: Option<&str>, limit: usize) -> Result<Vec<(String, Stored)>, StoreError> {
         let table = &self.records[slot(kind)];
         let range = match after {
             Some(after) => table.range::<&str>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))?,
@@ -1175,6 +1175,27 @@ impl<'txn> Tables<'txn> {
             out.push((k.value().to_owned(), Stored::decode(v.value())?));
         }
         Ok(out)
+    }
+
+    /// Calls `f` with every record of `kind`, in id order, reading `page` records at a time so
+    /// a scan of millions holds one page in memory; `f` may write through the tables.
+    pub fn scan(
+        &mut self,
+        kind: Kind,
+        page: usize,
+        mut f: impl FnMut(&mut Tables<'txn>, &str, &Stored) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut after: Option<String> = None;
+        loop {
+            let records = self.page(kind, after.as_deref(), page)?;
+            for (id, stored) in &records {
+                f(self, id, stored)?;
+            }
+            match records.last() {
+                Some((id, _)) if records.len() == page => after = Some(id.clone()),
+                _ => return Ok(()),
+            }
+        }
     }
 
     /// Every record of `kind`, in id order.

@@ -16,14 +16,18 @@
 //!   its users can access (the query does not apply to them), and every user and team.
 //! - **A subscription list** holds the contacts it lists that one of its remote's users (the
 //!   users of the remote's set) can access.
-//! - **Children** (notes, histories, activities, memberships) follow their contact.
+//! - **Children** (notes, histories, activities, memberships) follow their contact: routing
+//!   decides them by their contact's [`Basis`].
+//!
+//! Decisions come back as data for the projector to carry out: [`moves`] for a changed record,
+//! [`TargetChange`] for a changed target.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::model::{Fields, Kind, Value, names, text};
 use crate::query::Query;
-use crate::wire::Target;
+use crate::wire::{Op, Target};
 
 /// A user as access checks see them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +118,120 @@ impl TargetDef {
 /// contact's id and fields with `Kind::Contact`.
 pub fn targets(defs: &[TargetDef], kind: Kind, id: &str, fields: &Fields) -> BTreeSet<Target> {
     defs.iter().filter(|d| d.holds(kind, id, fields)).map(|d| d.target.clone()).collect()
+}
+
+/// What routing decides a record by: for a child (note, history, activity, membership), its
+/// contact; for any other record, the record itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Basis {
+    pub kind: Kind,
+    pub id: String,
+    pub fields: Fields,
+}
+
+impl Basis {
+    /// The basis of a record. For a child, `contact` looks up its contact's fields; a child
+    /// whose contact is named nowhere or not there has none (no target holds it).
+    pub fn of<E>(
+        kind: Kind,
+        id: &str,
+        fields: &Fields,
+        contact: impl FnOnce(&str) -> Result<Option<Fields>, E>,
+    ) -> Result<Option<Basis>, E> {
+        let Some(field) = kind.parent_field() else {
+            return Ok(Some(Basis { kind, id: id.to_owned(), fields: fields.clone() }));
+        };
+        let Some(parent) = text(fields, field) else { return Ok(None) };
+        Ok(contact(parent)?.map(|fields| Basis { kind: Kind::Contact, id: parent.to_owned(), fields }))
+    }
+}
+
+/// The targets among `defs` that hold a record with this basis (none without one).
+pub fn targets_of(defs: &[TargetDef], basis: Option<&Basis>) -> BTreeSet<Target> {
+    basis.map_or_else(BTreeSet::new, |b| targets(defs, b.kind, &b.id, &b.fields))
+}
+
+/// Whether any of `defs` holds a record with this basis.
+pub fn held_by(defs: &[TargetDef], basis: Option<&Basis>) -> bool {
+    basis.is_some_and(|b| defs.iter().any(|d| d.holds(b.kind, &b.id, &b.fields)))
+}
+
+/// What one change of a record sends to the targets, as the projector must carry it out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moves {
+    /// The targets that get the record's new state: every target that holds it now.
+    pub state: Vec<Target>,
+    /// The targets the record is gone from, told with [`Moves::gone_op`].
+    pub gone: Vec<Target>,
+    /// `delete` when the record was deleted, `leave` when it only left those targets.
+    pub gone_op: Op,
+    /// The targets a contact entered: its children's states go there too.
+    pub children_enter: Vec<Target>,
+    /// The targets a contact is gone from: its children go with it, with the same op.
+    pub children_gone: Vec<Target>,
+}
+
+/// Routes a change of a record held by the targets `before` and by `after` since: the new
+/// state goes to every target that holds it, a `leave` (or the `delete`) to those it left.
+/// A contact that enters a target brings its children and one that leaves takes them along;
+/// a record created just now has no children to bring.
+pub fn moves(kind: Kind, op: Op, existed: bool, before: &BTreeSet<Target>, after: &BTreeSet<Target>) -> Moves {
+    let gone: Vec<Target> = before.difference(after).cloned().collect();
+    let has_children = kind == Kind::Contact;
+    Moves {
+        state: after.iter().cloned().collect(),
+        children_enter: if has_children && existed { after.difference(before).cloned().collect() } else { Vec::new() },
+        children_gone: if has_children { gone.clone() } else { Vec::new() },
+        gone,
+        gone_op: if op == Op::Delete { Op::Delete } else { Op::Leave },
+    }
+}
+
+/// One target whose definition changed, before and after.
+#[derive(Debug, Clone, Copy)]
+pub struct TargetChange<'a> {
+    pub before: Option<&'a TargetDef>,
+    pub after: &'a TargetDef,
+}
+
+impl<'a> TargetChange<'a> {
+    /// The targets whose definition differs between two configurations. A target that is gone
+    /// entirely is not among them: no remote uses it (deleting a set in use is refused), and
+    /// its subjects are purged.
+    pub fn between(before: &'a [TargetDef], after: &'a [TargetDef]) -> Vec<TargetChange<'a>> {
+        after
+            .iter()
+            .filter_map(|def| {
+                let old = before.iter().find(|b| b.target == def.target);
+                (old != Some(def)).then_some(TargetChange { before: old, after: def })
+            })
+            .collect()
+    }
+
+    /// The contacts that can move in or out (their children with them): a subscription list
+    /// only ever holds the contacts it lists, so only those can, and if its users did not
+    /// change, only those added or removed. `None`: any record can (a set changed).
+    pub fn candidates(&self) -> Option<BTreeSet<String>> {
+        let listed = self.after.listed.as_ref()?;
+        let old = self.before.and_then(|b| b.listed.clone()).unwrap_or_default();
+        Some(if self.before.is_some_and(|b| b.scope == self.after.scope) {
+            old.symmetric_difference(listed).cloned().collect()
+        } else {
+            old.union(listed).cloned().collect()
+        })
+    }
+
+    /// What a record with this basis does in this target: enters (`upsert`, with its state),
+    /// leaves (`leave`), or nothing.
+    pub fn decide(&self, basis: Option<&Basis>) -> Option<Op> {
+        let was = self.before.is_some_and(|def| held_by(std::slice::from_ref(def), basis));
+        let is = held_by(std::slice::from_ref(self.after), basis);
+        match (was, is) {
+            (false, true) => Some(Op::Upsert),
+            (true, false) => Some(Op::Leave),
+            _ => None,
+        }
+    }
 }
 
 /// A sync set's definition as stored.
@@ -296,6 +414,125 @@ mod tests {
         assert!(!sub.holds(Kind::Contact, "c2", &Fields::new()));
         assert!(!sub.holds(Kind::Contact, "c1", &fields(&[("access", s("private")), ("manager", s("bob"))])));
         assert!(!sub.holds(Kind::Company, "c1", &Fields::new()));
+    }
+
+    fn set(names: &[&str]) -> BTreeSet<Target> {
+        names.iter().map(|n| Target::Set(n.to_string())).collect()
+    }
+
+    fn list(names: &[&str]) -> Vec<Target> {
+        names.iter().map(|n| Target::Set(n.to_string())).collect()
+    }
+
+    #[test]
+    fn a_change_sends_the_state_where_the_record_is_and_a_leave_or_delete_where_it_was() {
+        // (rule, kind, op, existed, before, after) -> (state, gone, gone op, children enter, children gone)
+        type Case<'a> = (&'a str, Kind, Op, bool, &'a [&'a str], &'a [&'a str]);
+        type Want<'a> = (&'a [&'a str], &'a [&'a str], Op, &'a [&'a str], &'a [&'a str]);
+        let cases: [(Case, Want); 6] = [
+            (
+                ("an edit inside the same targets", Kind::Contact, Op::Upsert, true, &["all", "ny"], &["all", "ny"]),
+                (&["all", "ny"], &[], Op::Leave, &[], &[]),
+            ),
+            (
+                ("move-in brings the contact's children", Kind::Contact, Op::Upsert, true, &["all"], &["all", "ny"]),
+                (&["all", "ny"], &[], Op::Leave, &["ny"], &[]),
+            ),
+            (
+                ("a new contact has no children to bring", Kind::Contact, Op::Upsert, false, &[], &["ny"]),
+                (&["ny"], &[], Op::Leave, &[], &[]),
+            ),
+            (
+                ("move-out takes the children along", Kind::Contact, Op::Upsert, true, &["all", "ny"], &["all"]),
+                (&["all"], &["ny"], Op::Leave, &[], &["ny"]),
+            ),
+            (
+                ("a delete at the main is a delete everywhere", Kind::Contact, Op::Delete, true, &["all", "ny"], &[]),
+                (&[], &["all", "ny"], Op::Delete, &[], &["all", "ny"]),
+            ),
+            (
+                ("only contacts have children", Kind::Company, Op::Upsert, true, &["ny"], &["all"]),
+                (&["all"], &["ny"], Op::Leave, &[], &[]),
+            ),
+        ];
+        for ((rule, kind, op, existed, before, after), (state, gone, gone_op, enter, children_gone)) in cases {
+            let got = moves(kind, op, existed, &set(before), &set(after));
+            let want = Moves {
+                state: list(state),
+                gone: list(gone),
+                gone_op,
+                children_enter: list(enter),
+                children_gone: list(children_gone),
+            };
+            assert_eq!(got, want, "{rule}");
+        }
+    }
+
+    #[test]
+    fn a_child_is_routed_by_its_contact() {
+        let note = fields(&[("contact_id", s("c1")), ("text", s("hi"))]);
+        let contact = fields(&[("state", s("NY"))]);
+        let found = Basis::of(Kind::Note, "n1", &note, |id| Ok::<_, ()>((id == "c1").then(|| contact.clone())));
+        assert_eq!(found, Ok(Some(Basis { kind: Kind::Contact, id: "c1".into(), fields: contact.clone() })));
+        let orphan = Basis::of(Kind::Note, "n1", &note, |_| Ok::<_, ()>(None));
+        assert_eq!(orphan, Ok(None), "a child whose contact is not there is held nowhere");
+        let own = Basis::of(Kind::Company, "co", &contact, |_| Err("a company looks up no contact"));
+        assert_eq!(own.map(|b| b.map(|b| b.kind)), Ok(Some(Kind::Company)));
+        assert!(targets_of(&[], None).is_empty());
+    }
+
+    fn ny_config() -> RoutingConfig {
+        let mut config = RoutingConfig::default();
+        config
+            .sets
+            .insert("ny".into(), SetSpec { all: false, users: vec!["ann".into()], query: Some("state = NY".into()) });
+        config.remotes.insert("laptop".into(), RemoteSpec { set: "ny".into(), subscriptions: ["c1".into()].into() });
+        config
+    }
+
+    fn contact(id: &str, state: &str) -> Option<Basis> {
+        Some(Basis { kind: Kind::Contact, id: id.into(), fields: fields(&[("state", s(state))]) })
+    }
+
+    #[test]
+    fn a_subscribed_contact_stays_at_its_remote_when_it_leaves_the_set() {
+        let defs = ny_config().target_defs();
+        let laptop = Target::Subscriptions("laptop".into());
+        assert_eq!(targets_of(&defs, contact("c1", "NY").as_ref()), [Target::Set("ny".into()), laptop.clone()].into());
+        assert_eq!(targets_of(&defs, contact("c1", "CT").as_ref()), [laptop].into(), "held by the list alone");
+        assert!(targets_of(&defs, contact("c2", "CT").as_ref()).is_empty());
+    }
+
+    #[test]
+    fn a_changed_target_says_which_records_enter_and_which_leave() {
+        let before = ny_config();
+        // The query narrows: NY contacts stay, a CT contact that was held... never was.
+        let mut narrowed = before.clone();
+        narrowed.sets.get_mut("ny").unwrap().query = Some("state = NY and city = Albany".into());
+        let (b, a) = (before.target_defs(), narrowed.target_defs());
+        let changes = TargetChange::between(&b, &a);
+        assert_eq!(changes.len(), 1, "only the set changed; the list's users are the same");
+        let change = changes[0];
+        assert_eq!(change.candidates(), None, "a set change may move any record");
+        assert_eq!(change.decide(contact("c3", "NY").as_ref()), Some(Op::Leave));
+        assert_eq!(change.decide(contact("c4", "CT").as_ref()), None);
+        // The list gains c2: only c1 and c2 can move, and only c2 does.
+        let mut listed = before.clone();
+        listed.remotes.get_mut("laptop").unwrap().subscriptions.insert("c2".into());
+        let a = listed.target_defs();
+        let changes = TargetChange::between(&b, &a);
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].candidates(), Some(["c2".to_string()].into()), "the same users: only what was added");
+        assert_eq!(changes[0].decide(contact("c2", "CT").as_ref()), Some(Op::Upsert));
+        // The set's users change: the list's scope changes too, so every listed contact is looked at.
+        let mut users = before.clone();
+        users.sets.get_mut("ny").unwrap().users.push("bob".into());
+        let a = users.target_defs();
+        let list_change = TargetChange::between(&b, &a).into_iter().find(|c| c.after.listed.is_some()).unwrap();
+        assert_eq!(list_change.candidates(), Some(["c1".to_string()].into()));
+        // A target that did not exist before: everything it holds enters.
+        let fresh = TargetChange { before: None, after: &a[0] };
+        assert_eq!(fresh.decide(contact("c5", "NY").as_ref()), Some(Op::Upsert));
     }
 
     #[test]

@@ -95,6 +95,24 @@ impl Envelope {
         Ok(env)
     }
 
+    /// The message the main routes to targets for a change this envelope made: the same
+    /// database, change id and origin, about `kind` `id` at `version`.
+    pub fn routed(&self, kind: Kind, id: &str, op: Op, version: u64, record: Option<Fields>) -> Envelope {
+        Envelope {
+            kind,
+            id: id.to_owned(),
+            op,
+            version,
+            record,
+            reason: None,
+            product: self.product.clone(),
+            schema: self.schema,
+            db: self.db.clone(),
+            event: self.event.clone(),
+            origin: self.origin.clone(),
+        }
+    }
+
     pub fn header(&self) -> Header {
         Header { product: self.product.clone(), schema: self.schema, db: self.db.clone() }
     }

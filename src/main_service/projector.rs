@@ -6,10 +6,8 @@
 //! delivers what is in the outbox with deterministic message ids, so nothing is lost or
 //! doubled.
 
-use std::collections::BTreeSet;
-
 use crate::model::{Fields, Kind};
-use crate::routing::{self, RoutingConfig, TargetDef};
+use crate::routing::{self, Basis, RoutingConfig, TargetChange, TargetDef};
 use crate::store::{APPLIED, KeyEntry, OutboxEntry, Quarantined, Store, StoreError, Stored, Tables};
 use crate::transport::Incoming;
 use crate::wire::{self, Decoded, Envelope, Op, Target};
@@ -118,36 +116,13 @@ fn apply_event(
     Ok(())
 }
 
-/// What routing decides a record by: a child's contact (kind, id, fields), or the record.
-fn routing_basis(
-    t: &Tables<'_>,
-    kind: Kind,
-    id: &str,
-    fields: &Fields,
-) -> Result<Option<(Kind, String, Fields)>, StoreError> {
-    match kind.parent_field() {
-        Some(field) => {
-            let Some(parent) = crate::model::text(fields, field) else { return Ok(None) };
-            Ok(t.get(Kind::Contact, parent)?.map(|s| (Kind::Contact, parent.to_owned(), s.fields)))
-        }
-        None => Ok(Some((kind, id.to_owned(), fields.clone()))),
-    }
+/// The basis routing decides a record by, its contact read from the projection for a child.
+fn basis(t: &Tables<'_>, kind: Kind, id: &str, stored: Option<&Stored>) -> Result<Option<Basis>, StoreError> {
+    let Some(stored) = stored else { return Ok(None) };
+    Basis::of(kind, id, &stored.fields, |contact| Ok(t.get(Kind::Contact, contact)?.map(|c| c.fields)))
 }
 
-fn targets_of(
-    t: &Tables<'_>,
-    defs: &[TargetDef],
-    kind: Kind,
-    id: &str,
-    stored: Option<&Stored>,
-) -> Result<BTreeSet<Target>, StoreError> {
-    let Some(stored) = stored else { return Ok(BTreeSet::new()) };
-    Ok(match routing_basis(t, kind, id, &stored.fields)? {
-        Some((basis_kind, basis_id, fields)) => routing::targets(defs, basis_kind, &basis_id, &fields),
-        None => BTreeSet::new(),
-    })
-}
-
+/// Carries out the [`routing::moves`] of one changed record.
 fn route_record(
     t: &mut Tables<'_>,
     defs: &[TargetDef],
@@ -156,34 +131,27 @@ fn route_record(
     old: Option<&Stored>,
     new: Option<&Stored>,
 ) -> Result<(), StoreError> {
-    let before = targets_of(t, defs, env.kind, &env.id, old)?;
-    let after = targets_of(t, defs, env.kind, &env.id, new)?;
-    let gone_op = if env.op == Op::Delete { Op::Delete } else { Op::Leave };
-    let children = if env.kind == Kind::Contact { t.children(&env.id)? } else { Vec::new() };
-    let all_after: Vec<&Target> = after.iter().collect();
-    push(t, env, seq, &all_after, env.kind, &env.id, Op::Upsert, new.map(|n| &n.fields))?;
-    // Move-in: a contact that enters a target brings its children.
-    let entered: Vec<&Target> = if old.is_some() { after.difference(&before).collect() } else { Vec::new() };
-    if !entered.is_empty() {
-        for (kind, id) in &children {
-            let child = t.get(*kind, id)?;
-            push(t, env, seq, &entered, *kind, id, Op::Upsert, child.as_ref().map(|c| &c.fields))?;
-        }
+    let before = routing::targets_of(defs, basis(t, env.kind, &env.id, old)?.as_ref());
+    let after = routing::targets_of(defs, basis(t, env.kind, &env.id, new)?.as_ref());
+    let moves = routing::moves(env.kind, env.op, old.is_some(), &before, &after);
+    let out = Outbox { cause: env, seq };
+    out.push(t, &moves.state, env.kind, &env.id, Op::Upsert, new.map(|n| &n.fields))?;
+    out.push(t, &moves.gone, env.kind, &env.id, moves.gone_op, None)?;
+    if moves.children_enter.is_empty() && moves.children_gone.is_empty() {
+        return Ok(());
     }
-    // Move-out: a record that leaves a target takes its children with it.
-    let left: Vec<&Target> = before.difference(&after).collect();
-    push(t, env, seq, &left, env.kind, &env.id, gone_op, None)?;
-    if !left.is_empty() {
-        for (kind, id) in &children {
-            push(t, env, seq, &left, *kind, id, gone_op, None)?;
+    for (kind, id) in t.children(&env.id)? {
+        if !moves.children_enter.is_empty() {
+            let child = t.get(kind, &id)?;
+            out.push(t, &moves.children_enter, kind, &id, Op::Upsert, child.as_ref().map(|c| &c.fields))?;
         }
+        out.push(t, &moves.children_gone, kind, &id, moves.gone_op, None)?;
     }
     Ok(())
 }
 
 /// The configuration changed: every target whose definition changed gets the records it
-/// gains and leaves for the records it loses. A set that is gone entirely sends nothing: no
-/// remote uses it (deleting a set in use is refused), and its subjects are purged.
+/// gains and leaves for the records it loses.
 fn route_config_change(
     t: &mut Tables<'_>,
     seq: u64,
@@ -191,75 +159,33 @@ fn route_config_change(
     before: &[TargetDef],
     after: &[TargetDef],
 ) -> Result<(), StoreError> {
-    for def in after {
-        let old = before.iter().find(|b| b.target == def.target);
-        if old != Some(def) {
-            route_target_change(t, seq, env, old, def)?;
-        }
-    }
-    Ok(())
-}
-
-/// Routes what one target gains and loses between two definitions.
-fn route_target_change(
-    t: &mut Tables<'_>,
-    seq: u64,
-    env: &Envelope,
-    before: Option<&TargetDef>,
-    after: &TargetDef,
-) -> Result<(), StoreError> {
-    let held = |def: Option<&TargetDef>, basis: &Option<(Kind, String, Fields)>| match (def, basis) {
-        (Some(def), Some((kind, id, fields))) => def.holds(*kind, id, fields),
-        _ => false,
-    };
-    // A subscription list only ever holds the contacts it lists: only those (and their
-    // children) can move, and if its users did not change, only those added or removed.
-    let only = after.listed.as_ref().map(|listed| {
-        let old = before.and_then(|b| b.listed.clone()).unwrap_or_default();
-        if before.is_some_and(|b| b.scope == after.scope) {
-            old.symmetric_difference(listed).cloned().collect::<BTreeSet<String>>()
-        } else {
-            old.union(listed).cloned().collect()
-        }
-    });
-    let target = [&after.target];
-    let route = |t: &mut Tables<'_>, kind: Kind, id: &str, stored: &Stored| -> Result<(), StoreError> {
-        let basis = routing_basis(t, kind, id, &stored.fields)?;
-        let (was, is) = (held(before, &basis), held(Some(after), &basis));
-        if is && !was {
-            push(t, env, seq, &target, kind, id, Op::Upsert, Some(&stored.fields))?;
-        } else if was && !is {
-            push(t, env, seq, &target, kind, id, Op::Leave, None)?;
-        }
-        Ok(())
-    };
-    match &only {
-        Some(contacts) => {
-            for contact in contacts {
-                if let Some(stored) = t.get(Kind::Contact, contact)? {
-                    route(t, Kind::Contact, contact, &stored)?;
-                }
-                for (kind, id) in t.children(contact)? {
-                    if let Some(stored) = t.get(kind, &id)? {
-                        route(t, kind, &id, &stored)?;
+    let out = Outbox { cause: env, seq };
+    for change in TargetChange::between(before, after) {
+        let route = |t: &mut Tables<'_>, kind: Kind, id: &str, stored: &Stored| -> Result<(), StoreError> {
+            let op = change.decide(basis(t, kind, id, Some(stored))?.as_ref());
+            match op {
+                Some(op) => out.push(t, std::slice::from_ref(&change.after.target), kind, id, op, Some(&stored.fields)),
+                None => Ok(()),
+            }
+        };
+        match change.candidates() {
+            Some(contacts) => {
+                for contact in &contacts {
+                    if let Some(stored) = t.get(Kind::Contact, contact)? {
+                        route(t, Kind::Contact, contact, &stored)?;
+                    }
+                    for (kind, id) in t.children(contact)? {
+                        if let Some(stored) = t.get(kind, &id)? {
+                            route(t, kind, &id, &stored)?;
+                        }
                     }
                 }
             }
-        }
-        None => {
             // Page by page, so a set change on a main of millions of records holds one page
             // in memory, not all of them.
-            for kind in Kind::DATA {
-                let mut after_id: Option<String> = None;
-                loop {
-                    let page = t.page(kind, after_id.as_deref(), SCAN_PAGE)?;
-                    for (id, stored) in &page {
-                        route(t, kind, id, stored)?;
-                    }
-                    match page.last() {
-                        Some((id, _)) if page.len() == SCAN_PAGE => after_id = Some(id.clone()),
-                        _ => break,
-                    }
+            None => {
+                for kind in Kind::DATA {
+                    t.scan(kind, SCAN_PAGE, |t, id, stored| route(t, kind, id, stored))?;
                 }
             }
         }
@@ -270,38 +196,33 @@ fn route_target_change(
 /// Records read at once when a target change scans every record.
 const SCAN_PAGE: usize = 1024;
 
-/// Adds one routed message to the outbox, for every target given (none: nothing to do).
-#[allow(clippy::too_many_arguments)]
-fn push(
-    t: &mut Tables<'_>,
-    cause: &Envelope,
+/// Where routed messages go: the outbox, each carrying the change that caused it.
+struct Outbox<'a> {
+    cause: &'a Envelope,
     seq: u64,
-    targets: &[&Target],
-    kind: Kind,
-    id: &str,
-    op: Op,
-    fields: Option<&Fields>,
-) -> Result<(), StoreError> {
-    if targets.is_empty() {
-        return Ok(());
+}
+
+impl Outbox<'_> {
+    /// Adds one routed message to the outbox, for every target given (none: nothing to do).
+    fn push(
+        &self,
+        t: &mut Tables<'_>,
+        targets: &[Target],
+        kind: Kind,
+        id: &str,
+        op: Op,
+        fields: Option<&Fields>,
+    ) -> Result<(), StoreError> {
+        if targets.is_empty() {
+            return Ok(());
+        }
+        let record = (op == Op::Upsert).then(|| fields.cloned().unwrap_or_default());
+        let envelope = self.cause.routed(kind, id, op, self.seq, record);
+        t.push_outbox(&OutboxEntry {
+            seq: self.seq,
+            subjects: targets.iter().map(|target| wire::sync_subject(target, kind, id)).collect(),
+            payload: envelope.encode(),
+            tombstone: op != Op::Upsert,
+        })
     }
-    let envelope = Envelope {
-        product: cause.product.clone(),
-        schema: cause.schema,
-        db: cause.db.clone(),
-        event: cause.event.clone(),
-        kind,
-        id: id.to_owned(),
-        op,
-        version: seq,
-        origin: cause.origin.clone(),
-        record: if op == Op::Upsert { Some(fields.cloned().unwrap_or_default()) } else { None },
-        reason: None,
-    };
-    t.push_outbox(&OutboxEntry {
-        seq,
-        subjects: targets.iter().map(|target| wire::sync_subject(target, kind, id)).collect(),
-        payload: envelope.encode(),
-        tombstone: op != Op::Upsert,
-    })
 }

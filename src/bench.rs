@@ -888,7 +888,7 @@ async fn raw_publish(nats_server: &NatsServer, sets: usize, changes: usize) -> a
     // Payloads are encoded before the clock starts: the baseline is the publish alone.
     let body = crate::model::parse_input(Kind::Contact, &commit_bodies(1)[0], true)?.patch;
     let mut fields = crate::model::Fields::new();
-    crate::model::apply_patch(&mut fields, &body, 1);
+    crate::merge::apply_patch(&mut fields, &body, 1);
     let payloads: Vec<bytes::Bytes> = (0..changes)
         .map(|i| {
             Envelope {
@@ -950,7 +950,7 @@ fn routing_figures(figures: &mut Figures) {
         .map(|(_, b)| {
             let mut f = crate::model::Fields::new();
             let patch = crate::model::parse_input(Kind::Contact, b, true).map(|i| i.patch).unwrap_or_default();
-            crate::model::apply_patch(&mut f, &patch, 1);
+            crate::merge::apply_patch(&mut f, &patch, 1);
             (b["id"].as_str().unwrap_or_default().to_owned(), f)
         })
         .collect();

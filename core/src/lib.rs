@@ -5,12 +5,14 @@
 //! it returns:
 //! - [`names`], [`model`] (records and fields), [`date`], [`hlc`]: the data;
 //! - [`query`]: the set query language;
+//! - [`merge`]: stamps, newest-stamp-wins merging, and what the main accepts from a remote;
 //! - [`routing`]: which targets hold a record, and what a change makes enter or leave them;
 //! - [`wire`]: the envelope and subjects every message uses, and [`schema`] for its JSON
 //!   Schema documents.
 
 pub mod date;
 pub mod hlc;
+pub mod merge;
 pub mod model;
 pub mod names;
 pub mod query;

@@ -862,62 +862,6 @@ pub fn refs(kind: Kind, patch: &Patch) -> impl Iterator<Item = (&str, Kind, &str
     })
 }
 
-/// Applies a checked patch: each field whose value changes gets `stamp`, or a stamp just
-/// above the field's own if that is newer (a clock behind another machine's must not make a
-/// later change look older than the one it replaces). Returns whether anything changed, so a
-/// no-op update commits nothing.
-pub fn apply_patch(fields: &mut Fields, patch: &Patch, stamp: u64) -> bool {
-    let mut changed = false;
-    for (name, value) in patch {
-        if name == "custom" {
-            // `"custom": null` clears every custom field, each with its own stamp.
-            let set: Vec<String> =
-                fields.iter().filter(|(n, f)| is_custom(n) && f.value != Value::Null).map(|(n, _)| n.clone()).collect();
-            let clear: Patch = set.into_iter().map(|n| (n, Value::Null)).collect();
-            changed |= apply_patch(fields, &clear, stamp);
-            continue;
-        }
-        let old = fields.get(name);
-        let same = old.is_some_and(|f| f.value == *value) || (value == &Value::Null && old.is_none());
-        if !same {
-            let stamp = old.map_or(stamp, |f| stamp.max(f.stamp + 1));
-            fields.insert(name.clone(), Field { value: value.clone(), stamp });
-            changed = true;
-        }
-    }
-    changed
-}
-
-/// How edits of a kind merge: contacts, companies and groups field by field (two people
-/// changing different fields both keep their change); every other kind as a whole record.
-pub fn merges_by_field(kind: Kind) -> bool {
-    matches!(kind, Kind::Contact | Kind::Company | Kind::Group)
-}
-
-/// The newest stamp of a record's fields.
-pub fn newest_stamp(fields: &Fields) -> u64 {
-    fields.values().map(|f| f.stamp).max().unwrap_or(0)
-}
-
-/// Merges `incoming` into `current`, newest stamp wins: field by field, or for kinds that do
-/// not merge by field, the whole record by its newest stamp. At equal stamps what is held
-/// stays. Returns the merged fields, or `None` when `incoming` changes nothing.
-pub fn merge(kind: Kind, current: &Fields, incoming: &Fields) -> Option<Fields> {
-    if !merges_by_field(kind) {
-        return (newest_stamp(incoming) > newest_stamp(current) && incoming != current).then(|| incoming.clone());
-    }
-    let mut merged = current.clone();
-    let mut changed = false;
-    for (name, field) in incoming {
-        let newer = current.get(name).is_none_or(|held| field.stamp > held.stamp);
-        if newer && current.get(name) != Some(field) {
-            merged.insert(name.clone(), field.clone());
-            changed = true;
-        }
-    }
-    changed.then_some(merged)
-}
-
 /// A record as the API shows it: `id`, `version`, then every field that holds a value.
 pub fn to_json(id: &str, version: u64, fields: &Fields) -> serde_json::Value {
     let mut obj = serde_json::Map::with_capacity(fields.len() + 2);
@@ -946,6 +890,7 @@ pub fn to_json(id: &str, version: u64, fields: &Fields) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::merge::apply_patch;
     use serde_json::json;
 
     #[test]
@@ -1173,37 +1118,6 @@ mod tests {
         assert_eq!(back, fields);
     }
 
-    fn rec(pairs: &[(&str, &str, u64)]) -> Fields {
-        pairs.iter().map(|(k, v, st)| (k.to_string(), Field { value: Value::Str(v.to_string()), stamp: *st })).collect()
-    }
-
-    #[test]
-    fn contacts_merge_field_by_field_newest_stamp_wins() {
-        let main = rec(&[("first_name", "Ann", 10), ("city", "Boston", 20)]);
-        let remote = rec(&[("first_name", "Anne", 30), ("city", "Albany", 5)]);
-        let merged = merge(Kind::Contact, &main, &remote).unwrap();
-        assert_eq!(merged, rec(&[("first_name", "Anne", 30), ("city", "Boston", 20)]));
-        // Merging the same edit again changes nothing.
-        assert_eq!(merge(Kind::Contact, &merged, &remote), None);
-        // At equal stamps what is held stays.
-        assert_eq!(merge(Kind::Contact, &main, &rec(&[("first_name", "Other", 10)])), None);
-    }
-
-    #[test]
-    fn notes_merge_as_a_whole_record() {
-        let main = rec(&[("text", "a", 10), ("contact_id", "c1", 1)]);
-        let newer = rec(&[("text", "b", 11), ("contact_id", "c1", 1)]);
-        assert_eq!(merge(Kind::Note, &main, &newer), Some(newer.clone()));
-        assert_eq!(merge(Kind::Note, &newer, &main), None);
-    }
-
-    #[test]
-    fn a_patch_never_stamps_a_field_older_than_it_was() {
-        let mut fields = rec(&[("city", "Boston", 100)]);
-        assert!(apply_patch(&mut fields, &vec![("city".into(), Value::Str("Albany".into()))], 50));
-        assert_eq!(fields["city"].stamp, 101);
-    }
-
     #[test]
     fn each_custom_field_is_a_field_of_its_own() {
         let mut fields = Fields::new();
@@ -1225,17 +1139,6 @@ mod tests {
     }
 
     #[test]
-    fn edits_of_different_custom_fields_at_two_places_both_survive_a_merge() {
-        let base = rec(&[("custom.a", "1", 10), ("custom.b", "1", 10)]);
-        let mut here = base.clone();
-        here.insert("custom.a".into(), Field { value: Value::Str("main".into()), stamp: 20 });
-        let mut there = base;
-        there.insert("custom.b".into(), Field { value: Value::Str("remote".into()), stamp: 21 });
-        let merged = merge(Kind::Contact, &here, &there).unwrap();
-        assert_eq!(to_json("c", 1, &merged)["custom"], json!({"a": "main", "b": "remote"}));
-    }
-
-    #[test]
     fn custom_fields_are_checked_one_by_one_and_counted() {
         let err = parse_input(Kind::Contact, &json!({"custom": {"a.b": "x"}}), false).unwrap_err();
         assert!(err.to_string().starts_with("field `custom.a.b`"), "{err}");
@@ -1253,6 +1156,10 @@ mod tests {
         assert!(err.to_string().contains("at most 100 custom fields; this change would leave 101"), "{err}");
         // Notes have no custom fields.
         assert!(parse_input(Kind::Note, &json!({"custom.a": "x"}), false).is_err());
+    }
+
+    fn rec(pairs: &[(&str, &str, u64)]) -> Fields {
+        pairs.iter().map(|(k, v, st)| (k.to_string(), Field { value: Value::Str(v.to_string()), stamp: *st })).collect()
     }
 
     #[test]

@@ -114,6 +114,14 @@ impl TargetDef {
     }
 }
 
+impl TargetDef {
+    /// Whether this subscription list would hold the contact once it lists it: whether its
+    /// remote's users may access it. Never for a set.
+    pub fn could_list(&self, contact: &Fields) -> bool {
+        self.listed.is_some() && self.scope.accessible(contact)
+    }
+}
+
 /// The targets that hold a record. For a child (note, history, activity, membership) pass its
 /// contact's id and fields with `Kind::Contact`.
 pub fn targets(defs: &[TargetDef], kind: Kind, id: &str, fields: &Fields) -> BTreeSet<Target> {

@@ -17,11 +17,12 @@ use tokio::sync::watch;
 
 use super::{Decision, Main};
 use crate::error::ServiceError;
-use crate::model::{self, Fields, Kind, Value};
-use crate::routing::{RoutingConfig, SetSpec, TargetDef};
+use crate::merge::{self, Facts, Plan};
+use crate::model::{self, Kind};
+use crate::routing::{Basis, RoutingConfig, SetSpec, TargetDef};
 use crate::store::{LogEntry, Parked, Stored};
 use crate::transport;
-use crate::wire::{self, Decoded, Envelope, Op, Target};
+use crate::wire::{self, Decoded, Envelope, Op};
 
 pub(super) async fn run(main: Main, mut shutdown: watch::Receiver<bool>) {
     loop {
@@ -370,101 +371,68 @@ impl Main {
     /// change it makes.
     async fn merge_edit(&self, remote: &str, env: &Envelope, order: Option<&str>) -> Result<Merged, Outcome> {
         let (kind, id) = (env.kind, env.id.as_str());
-        if env.origin != remote {
-            return Err(Outcome::Refused(format!(
-                "the edit says it comes from remote {:?} but was uploaded on remote {remote:?}'s subject",
-                env.origin
-            )));
-        }
-        if !kind.is_editable_at_remotes() {
-            return Err(Outcome::Refused(format!("{} are managed at the main, not at remotes", kind.plural())));
-        }
-        crate::names::check("id", id).map_err(ServiceError::from)?;
-        let Some((remote_record, defs)) = self.remote_defs(remote)? else {
-            return Err(Outcome::Refused(format!("there is no remote {remote:?} at this main")));
-        };
-        if matches!(remote_record.fields.get("enabled").map(|f| &f.value), Some(Value::Bool(false))) {
-            return Err(Outcome::Refused(format!("remote {remote} is disabled at the main")));
-        }
-        let (current, known) = self.inner.store.get_known(kind, id)?;
-        let held = match &current {
-            Some(stored) => self.held_by(&defs, kind, id, &stored.fields)?,
-            None => false,
-        };
-        match env.op {
-            Op::Delete => {
-                if current.is_none() {
-                    return Ok(Merged::default()); // already gone: nothing to do
-                }
-                if !held {
-                    return Err(not_held(remote, kind, id));
-                }
-                match self.delete_from(remote, kind, id, None, order).await {
-                    Err(ServiceError::NotFound { .. }) => Ok(Merged::default()),
-                    Err(e) => Err(e.into()),
-                    Ok(committed) => Ok(Merged { ordered: committed, ..Merged::default() }),
-                }
-            }
-            Op::Upsert => {
-                let incoming = env.record.clone().unwrap_or_default();
-                self.check_fields(kind, &incoming)?;
-                match &current {
-                    None if known > 0 => {
-                        return Err(Outcome::Refused(format!(
-                            "the {kind} {id} was deleted at the main; a delete at the main wins over a later edit elsewhere"
-                        )));
-                    }
-                    None => {
-                        // A new record: this remote's users must be able to see it.
-                        let probe = if kind == Kind::Contact { subscription_probe(&defs, id) } else { defs.clone() };
-                        if !self.held_by(&probe, kind, id, &incoming)? {
-                            return Err(Outcome::Refused(format!(
-                                "remote {remote}'s users could not access the new {kind} {id}, so it cannot be created there"
-                            )));
-                        }
-                    }
-                    Some(_) if !held => return Err(not_held(remote, kind, id)),
-                    Some(_) => {}
-                }
-                let existed = current.is_some();
+        let facts = self.facts(remote, env)?;
+        match merge::judge(remote, env, &facts).map_err(|r| Outcome::Refused(r.0))? {
+            Plan::Nothing => Ok(Merged::default()),
+            Plan::Delete => match self.delete_from(remote, kind, id, None, order).await {
+                Err(ServiceError::NotFound { .. }) => Ok(Merged::default()),
+                Err(e) => Err(e.into()),
+                Ok(committed) => Ok(Merged { ordered: committed, ..Merged::default() }),
+            },
+            Plan::Merge { fields, existed, join_list } => {
                 let committed = self
-                    .commit_keyed(remote, kind, id, None, order, |cur| match cur {
-                        None if existed => Err(ServiceError::Conflict(format!(
-                            "the {kind} {id} was deleted at the main while the edit was merged; the delete wins"
-                        ))),
-                        None => Ok(Decision::Upsert(incoming.clone())),
-                        Some(cur) => {
-                            Ok(model::merge(kind, &cur.fields, &incoming).map_or(Decision::Unchanged, Decision::Upsert))
+                    .commit_keyed(remote, kind, id, None, order, |now| {
+                        match merge::merge_into(kind, id, now.map(|s| &s.fields), &fields, existed) {
+                            Ok(Some(merged)) => Ok(Decision::Upsert(merged)),
+                            Ok(None) => Ok(Decision::Unchanged),
+                            Err(refusal) => Err(ServiceError::Conflict(refusal.0)),
                         }
                     })
                     .await?;
-                // Made at the remote: it has never held a version of the main's. (Not "did not
-                // exist before this merge": an upload merged again after a crash must still
-                // find its contact a place on the list.)
-                let made_there = env.version == 0;
-                let listed = model::names(&remote_record.fields, "subscriptions").contains(&id.to_owned());
                 Ok(Merged {
-                    created: (kind == Kind::Contact && made_there && !listed)
-                        .then(|| (remote.to_owned(), id.to_owned())),
+                    created: join_list.then(|| (remote.to_owned(), id.to_owned())),
                     ordered: matches!(committed, super::Committed::Now(_)),
                 })
             }
-            Op::Leave | Op::Reject => Err(Outcome::Refused(format!("a remote cannot upload a {:?}", env.op))),
         }
     }
 
-    /// Checks an uploaded record as the API checks a new one: known fields of the right types,
-    /// required fields present, references to records the main holds.
-    fn check_fields(&self, kind: Kind, fields: &Fields) -> Result<(), Outcome> {
-        model::check_fields(kind, fields)
-            .map_err(|e| Outcome::Refused(format!("the edit is not a valid {kind}: {e}")))?;
-        self.check_refs(kind, &model::as_patch(fields))?;
-        Ok(())
+    /// What judging an upload needs to know, read from the projection: the remote and its
+    /// targets, the main's record and what routing decides it by, the upload's references.
+    fn facts(&self, remote: &str, env: &Envelope) -> Result<Facts, ServiceError> {
+        let store = &self.inner.store;
+        let (kind, id) = (env.kind, env.id.as_str());
+        let (remote_record, targets) = match self.remote_targets(remote)? {
+            Some((record, targets)) => (Some(record.fields), targets),
+            None => (None, Vec::new()),
+        };
+        let (current, known) = store.get_known(kind, id)?;
+        let contact = |contact: &str| Ok::<_, ServiceError>(store.get(Kind::Contact, contact)?.map(|c| c.fields));
+        let incoming = env.record.clone().unwrap_or_default();
+        let missing_ref = match self.check_refs(kind, &model::as_patch(&incoming)) {
+            Err(e @ ServiceError::MissingRef { .. }) => Some(e.to_string()),
+            other => other.map(|()| None)?,
+        };
+        Ok(Facts {
+            remote: remote_record,
+            exists: current.is_some(),
+            deleted: current.is_none() && known > 0,
+            held_basis: match &current {
+                Some(stored) => Basis::of(kind, id, &stored.fields, contact)?,
+                None => None,
+            },
+            new_basis: match &current {
+                None if env.op == Op::Upsert => Basis::of(kind, id, &incoming, contact)?,
+                _ => None,
+            },
+            targets,
+            missing_ref,
+        })
     }
 
     /// A remote's record and its two targets (its set and its subscription list), built from
     /// what they depend on alone.
-    fn remote_defs(&self, remote: &str) -> Result<Option<(Stored, Vec<TargetDef>)>, ServiceError> {
+    fn remote_targets(&self, remote: &str) -> Result<Option<(Stored, Vec<TargetDef>)>, ServiceError> {
         let store = &self.inner.store;
         let Some(record) = store.get(Kind::Remote, remote)? else { return Ok(None) };
         let mut config = RoutingConfig::default();
@@ -479,21 +447,6 @@ impl Main {
             config.apply(Kind::Set, set, Some(&set_record.fields));
         }
         Ok(Some((record, config.target_defs())))
-    }
-
-    /// Whether any of `defs` holds the record; a child is held with its contact.
-    fn held_by(&self, defs: &[TargetDef], kind: Kind, id: &str, fields: &Fields) -> Result<bool, ServiceError> {
-        let basis = match kind.parent_field() {
-            Some(field) => {
-                let Some(parent) = model::text(fields, field) else { return Ok(false) };
-                match self.inner.store.get(Kind::Contact, parent)? {
-                    Some(p) => (Kind::Contact, parent.to_owned(), p.fields),
-                    None => return Ok(false),
-                }
-            }
-            None => (kind, id.to_owned(), fields.clone()),
-        };
-        Ok(defs.iter().any(|d| d.holds(basis.0, &basis.1, &basis.2)))
     }
 
     async fn add_subscriptions(&self, remote: &str, contacts: Vec<String>) -> Result<Vec<String>, ServiceError> {
@@ -524,20 +477,4 @@ impl Main {
         self.inner.store.write(true, |t| t.log(&entry))?;
         Ok(())
     }
-}
-
-/// The remote's subscription list as it will be once a new contact joins it.
-fn subscription_probe(defs: &[TargetDef], id: &str) -> Vec<TargetDef> {
-    let mut probe: Vec<TargetDef> =
-        defs.iter().filter(|d| matches!(d.target, Target::Subscriptions(_))).cloned().collect();
-    for def in &mut probe {
-        def.listed = Some([id.to_owned()].into());
-    }
-    probe
-}
-
-fn not_held(remote: &str, kind: Kind, id: &str) -> Outcome {
-    Outcome::Refused(format!(
-        "the {kind} {id} is not in remote {remote}'s set or subscription list (its users cannot access it, or it left the set)"
-    ))
 }

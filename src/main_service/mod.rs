@@ -391,7 +391,7 @@ impl Main {
                     return Err(ServiceError::Exists { kind, id: id.clone() });
                 }
                 let mut fields = Fields::new();
-                model::apply_patch(&mut fields, &input.patch, stamp);
+                crate::merge::apply_patch(&mut fields, &input.patch, stamp);
                 model::check_record(kind, &fields)?;
                 Ok(Decision::Upsert(fields))
             })
@@ -429,7 +429,7 @@ impl Main {
                     return Err(ServiceError::NotFound { kind, id: id.to_owned() });
                 };
                 let mut fields = current.fields.clone();
-                if model::apply_patch(&mut fields, &input.patch, stamp) {
+                if crate::merge::apply_patch(&mut fields, &input.patch, stamp) {
                     model::check_record(kind, &fields)?;
                     Ok(Decision::Upsert(fields))
                 } else {

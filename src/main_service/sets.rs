@@ -72,7 +72,7 @@ impl Main {
         }
         let patch = model::parse_input(Kind::Set, &J::Object(body), true)?.patch;
         let mut fields = Fields::new();
-        model::apply_patch(&mut fields, &patch, self.inner.clock.now());
+        crate::merge::apply_patch(&mut fields, &patch, self.inner.clock.now());
         self.check_set(&fields)?;
         self.create_config(Kind::Set, &req.name, fields).await
     }
@@ -108,7 +108,7 @@ impl Main {
                     patch.push(("users".into(), Value::Null));
                     patch.push(("query".into(), Value::Null));
                 }
-                if !model::apply_patch(&mut fields, &patch, stamp) {
+                if !crate::merge::apply_patch(&mut fields, &patch, stamp) {
                     return Ok(Decision::Unchanged);
                 }
                 self.check_set(&fields)?;
@@ -264,7 +264,7 @@ impl Main {
                     )));
                 }
                 let mut fields = current.fields.clone();
-                if !model::apply_patch(&mut fields, &vec![("subscriptions".into(), Value::List(list))], stamp) {
+                if !crate::merge::apply_patch(&mut fields, &vec![("subscriptions".into(), Value::List(list))], stamp) {
                     return Ok(Decision::Unchanged);
                 }
                 Ok(Decision::Upsert(fields))

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 
-use crate::model;
 use crate::store::{
     APPLIED, HELD_BY_SET, HELD_BY_SUBSCRIPTION, HELD_LOCALLY, LogEntry, Quarantined, StoreError, Stored, Tables,
 };
@@ -134,7 +133,7 @@ fn apply_one(t: &mut Tables<'_>, bit: u8, env: Envelope) -> Result<bool, StoreEr
                 // main's last version (newer stamps) stay until the main merges them.
                 holders |= h & !HELD_LOCALLY;
                 if let Some(local) = t.get(kind, &env.id)?
-                    && let Some(merged) = model::merge(kind, &fields, &local.fields)
+                    && let Some(merged) = crate::merge::merge(kind, &fields, &local.fields)
                 {
                     fields = merged;
                 }

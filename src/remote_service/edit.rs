@@ -72,7 +72,7 @@ impl Remote {
                 return Ok(Err(e));
             }
             let mut fields = Fields::new();
-            model::apply_patch(&mut fields, &input.patch, stamp);
+            crate::merge::apply_patch(&mut fields, &input.patch, stamp);
             if let Err(e) = model::check_record(kind, &fields) {
                 return Ok(Err(e.into()));
             }
@@ -110,7 +110,7 @@ impl Remote {
             if let Err(e) = check_refs(t, kind, &input.patch)? {
                 return Ok(Err(e));
             }
-            if model::apply_patch(&mut stored.fields, &input.patch, stamp) {
+            if crate::merge::apply_patch(&mut stored.fields, &input.patch, stamp) {
                 if let Err(e) = model::check_record(kind, &stored.fields) {
                     return Ok(Err(e.into()));
                 }

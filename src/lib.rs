@@ -25,4 +25,4 @@ pub mod remote_service;
 pub mod store;
 pub mod transport;
 
-pub use crmsync_core::{date, hlc, merge, model, names, query, routing, schema, wire};
+pub use crmsync_core::{apply, date, hlc, merge, model, names, query, routing, schema, wire};

@@ -30,6 +30,7 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::apply::Held;
 use crate::model::{Fields, Kind};
 
 const CHILDREN: TableDefinition<ChildKey, ()> = TableDefinition::new("children");
@@ -383,50 +384,30 @@ impl Salvage {
     }
 }
 
-/// A record as stored: its version, which of a remote's targets hold it, and its fields. On
-/// disk: the version as 8 big-endian bytes, the holders as one byte, then the fields as
-/// MessagePack, so the apply path reads the first two without decoding the record.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Stored {
-    pub version: u64,
-    /// At a remote: a bit per target that holds the record ([`HELD_BY_SET`],
-    /// [`HELD_BY_SUBSCRIPTION`]). At the main: 0.
-    pub holders: u8,
-    pub fields: Fields,
+/// A record as stored: the core's [`crate::model::Record`]. On disk: the version as 8
+/// big-endian bytes, the holders as one byte, then the fields as MessagePack, so the apply
+/// path reads the first two without decoding the record.
+pub use crate::model::Record as Stored;
+
+fn encode_record(record: &Stored) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(&record.version.to_be_bytes());
+    out.push(record.holders);
+    rmp_serde::encode::write(&mut out, &record.fields).expect("record encodes");
+    out
 }
 
-/// The record is in the remote's sync set.
-pub const HELD_BY_SET: u8 = 1;
-/// The record is in the remote's subscription list.
-pub const HELD_BY_SUBSCRIPTION: u8 = 2;
-/// The record was created at this remote and the main has not sent it back yet.
-pub const HELD_LOCALLY: u8 = 4;
+fn decode_record(bytes: &[u8]) -> Result<Stored, StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt { what: "record", detail };
+    let (version, holders) = record_head(bytes).ok_or_else(|| corrupt(format!("{} bytes", bytes.len())))?;
+    let mut fields = rmp_serde::from_slice(&bytes[9..]).map_err(|e| corrupt(e.to_string()))?;
+    crate::model::normalize(&mut fields);
+    Ok(Stored { version, holders, fields })
+}
 
-impl Stored {
-    pub fn new(version: u64, fields: Fields) -> Stored {
-        Stored { version, holders: 0, fields }
-    }
-
-    fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256);
-        out.extend_from_slice(&self.version.to_be_bytes());
-        out.push(self.holders);
-        rmp_serde::encode::write(&mut out, &self.fields).expect("record encodes");
-        out
-    }
-
-    fn decode(bytes: &[u8]) -> Result<Stored, StoreError> {
-        let corrupt = |detail: String| StoreError::Corrupt { what: "record", detail };
-        let (version, holders) = Stored::head(bytes).ok_or_else(|| corrupt(format!("{} bytes", bytes.len())))?;
-        let mut fields = rmp_serde::from_slice(&bytes[9..]).map_err(|e| corrupt(e.to_string()))?;
-        crate::model::normalize(&mut fields);
-        Ok(Stored { version, holders, fields })
-    }
-
-    /// The version and the holders, without decoding the fields.
-    fn head(bytes: &[u8]) -> Option<(u64, u8)> {
-        Some((u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?), *bytes.get(8)?))
-    }
+/// The version and the holders, without decoding the fields.
+fn record_head(bytes: &[u8]) -> Option<(u64, u8)> {
+    Some((u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?), *bytes.get(8)?))
 }
 
 /// One routed message waiting for its publish acknowledgements: the same payload goes to
@@ -779,7 +760,7 @@ impl Store {
         guard(&self.path, || {
             let txn = self.read_txn()?;
             let table = txn.open_table(records_table(kind))?;
-            table.get(id)?.map(|v| Stored::decode(v.value())).transpose()
+            table.get(id)?.map(|v| decode_record(v.value())).transpose()
         })
     }
 
@@ -787,7 +768,7 @@ impl Store {
     pub fn get_known(&self, kind: Kind, id: &str) -> Result<(Option<Stored>, u64), StoreError> {
         guard(&self.path, || {
             let txn = self.read_txn()?;
-            let held = txn.open_table(records_table(kind))?.get(id)?.map(|v| Stored::decode(v.value())).transpose()?;
+            let held = txn.open_table(records_table(kind))?.get(id)?.map(|v| decode_record(v.value())).transpose()?;
             let gone = txn.open_table(GONE)?.get((kind.code(), id))?.map(|v| v.value() & !GONE_FLAGS).unwrap_or(0);
             let known = held.as_ref().map(|s| s.version).unwrap_or(0).max(gone);
             Ok((held, known))
@@ -814,7 +795,7 @@ impl Store {
                 break;
             }
             let (k, v) = item?;
-            let stored = Stored::decode(v.value())?;
+            let stored = decode_record(v.value())?;
             if keep(k.value(), &stored) {
                 out.push((k.value().to_owned(), stored));
             }
@@ -829,7 +810,7 @@ impl Store {
             let table = txn.open_table(records_table(kind))?;
             for item in table.iter()? {
                 let (k, v) = item?;
-                f(k.value(), Stored::decode(v.value())?);
+                f(k.value(), decode_record(v.value())?);
             }
             Ok(())
         })
@@ -1054,21 +1035,22 @@ impl<'txn> Tables<'txn> {
     }
 
     pub fn get(&self, kind: Kind, id: &str) -> Result<Option<Stored>, StoreError> {
-        self.records[slot(kind)].get(id)?.map(|v| Stored::decode(v.value())).transpose()
+        self.records[slot(kind)].get(id)?.map(|v| decode_record(v.value())).transpose()
     }
 
     /// What is known of a record without decoding it: the version and holders it is held at
-    /// (if held), and the version it was last deleted or left at (0 if never).
-    pub fn known(&self, kind: Kind, id: &str) -> Result<(Option<(u64, u8)>, u64), StoreError> {
-        let held = match self.records[slot(kind)].get(id)? {
+    /// (if held), the version it was last deleted or left at (0 if never), and whether it was
+    /// deleted here without an answer from the main yet.
+    pub fn known(&self, kind: Kind, id: &str) -> Result<Held, StoreError> {
+        let record = match self.records[slot(kind)].get(id)? {
             Some(v) => Some(
-                Stored::head(v.value())
+                record_head(v.value())
                     .ok_or_else(|| StoreError::Corrupt { what: "record", detail: "no version".into() })?,
             ),
             None => None,
         };
-        let gone = self.gone.get((kind.code(), id))?.map(|v| v.value() & !GONE_FLAGS).unwrap_or(0);
-        Ok((held, gone))
+        let gone = self.gone.get((kind.code(), id))?.map_or(0, |v| v.value());
+        Ok(Held { record, gone: gone & !GONE_FLAGS, deleted_here: gone & DELETED_HERE != 0 })
     }
 
     /// Whether the last thing known of a record not held here is that it was deleted (here, or
@@ -1133,7 +1115,7 @@ impl<'txn> Tables<'txn> {
                 self.children.insert((parent, kind.code(), id), ())?;
             }
         }
-        self.records[slot(kind)].insert(id, stored.encode().as_slice())?;
+        self.records[slot(kind)].insert(id, encode_record(stored).as_slice())?;
         self.gone.remove((kind.code(), id))?;
         Ok(())
     }
@@ -1141,7 +1123,7 @@ impl<'txn> Tables<'txn> {
     /// Removes a record, remembering the version it went at so an older copy arriving later
     /// is not applied. Returns the record that was held.
     pub fn remove(&mut self, kind: Kind, id: &str, version: u64) -> Result<Option<Stored>, StoreError> {
-        let old = self.records[slot(kind)].remove(id)?.map(|v| Stored::decode(v.value())).transpose()?;
+        let old = self.records[slot(kind)].remove(id)?.map(|v| decode_record(v.value())).transpose()?;
         if let Some(parent) =
             old.as_ref().and_then(|o| kind.parent_field().and_then(|f| crate::model::text(&o.fields, f)))
         {
@@ -1172,7 +1154,7 @@ impl<'txn> Tables<'txn> {
         let mut out = Vec::with_capacity(limit.min(1024));
         for item in range.take(limit) {
             let (k, v) = item?;
-            out.push((k.value().to_owned(), Stored::decode(v.value())?));
+            out.push((k.value().to_owned(), decode_record(v.value())?));
         }
         Ok(out)
     }
@@ -1202,7 +1184,7 @@ impl<'txn> Tables<'txn> {
     pub fn for_each(&self, kind: Kind, mut f: impl FnMut(&str, Stored)) -> Result<(), StoreError> {
         for item in self.records[slot(kind)].iter()? {
             let (k, v) = item?;
-            f(k.value(), Stored::decode(v.value())?);
+            f(k.value(), decode_record(v.value())?);
         }
         Ok(())
     }
@@ -1300,6 +1282,7 @@ impl<'txn> Tables<'txn> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::apply::HELD_BY_SUBSCRIPTION;
     use crate::model::{Field, Value};
 
     #[test]
@@ -1311,7 +1294,7 @@ mod tests {
         store.write(true, |t| t.put(Kind::Contact, "c1", &stored)).unwrap();
         assert_eq!(store.get(Kind::Contact, "c1").unwrap(), Some(stored));
         let known = store.write(false, |t| t.known(Kind::Contact, "c1")).unwrap();
-        assert_eq!(known, (Some((42, HELD_BY_SUBSCRIPTION)), 0));
+        assert_eq!(known, Held { record: Some((42, HELD_BY_SUBSCRIPTION)), gone: 0, deleted_here: false });
     }
 
     #[test]
@@ -1333,7 +1316,8 @@ mod tests {
                 ))
             })
             .unwrap();
-        assert_eq!((deleted, left, local), ((None, 7), (None, 8), (None, 0)));
+        let gone = |v| Held { record: None, gone: v, deleted_here: false };
+        assert_eq!((deleted, left, local), (gone(7), gone(8), gone(0)));
         assert_eq!(store.get_known(Kind::Contact, "deleted").unwrap(), (None, 7));
         let flags = store
             .write(true, |t| {

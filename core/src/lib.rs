@@ -7,9 +7,11 @@
 //! - [`query`]: the set query language;
 //! - [`merge`]: stamps, newest-stamp-wins merging, and what the main accepts from a remote;
 //! - [`routing`]: which targets hold a record, and what a change makes enter or leave them;
+//! - [`apply`]: what a remote does with a message from the main;
 //! - [`wire`]: the envelope and subjects every message uses, and [`schema`] for its JSON
 //!   Schema documents.
 
+pub mod apply;
 pub mod date;
 pub mod hlc;
 pub mod merge;

@@ -359,6 +359,22 @@ const REMOTE: &[FieldSpec] = &[
     f("subscriptions", FieldType::Names),
 ];
 
+/// A record as a site holds it: its version (the `CRM_EVENTS` sequence of the main's change
+/// that made it; 0 for one created at a remote and not merged yet), which of a remote's
+/// targets hold it ([`crate::apply`]'s holder bits; 0 at the main), and its fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub version: u64,
+    pub holders: u8,
+    pub fields: Fields,
+}
+
+impl Record {
+    pub fn new(version: u64, fields: Fields) -> Record {
+        Record { version, holders: 0, fields }
+    }
+}
+
 /// A field value. The shapes are few on purpose: each maps onto MessagePack and JSON one to
 /// one, so the wire contract in `schemas/` can describe it exactly.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Default)]

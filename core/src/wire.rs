@@ -233,6 +233,11 @@ pub fn remote_filters(set: &str, remote: &str) -> Vec<String> {
     ]
 }
 
+/// Whether a `CRM_SYNC` subject is a remote's subscription list's (not a set's).
+pub fn is_subscription_subject(subject: &str) -> bool {
+    subject.strip_prefix("crm.sync.").is_some_and(|rest| rest.starts_with('~'))
+}
+
 /// Parses `crm.evt.<kind>.<id>` or `crm.sync.<target>.<kind>.<id>` into kind and id.
 pub fn subject_record(subject: &str) -> Option<(Kind, &str)> {
     let mut parts = subject.rsplitn(3, '.');

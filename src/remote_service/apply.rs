@@ -3,49 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use crate::store::{
-    APPLIED, HELD_BY_SET, HELD_BY_SUBSCRIPTION, HELD_LOCALLY, LogEntry, Quarantined, StoreError, Stored, Tables,
-};
+use crate::apply::{self, Action, Refreshed};
+use crate::store::{APPLIED, LogEntry, Quarantined, StoreError, Stored, Tables};
 use crate::transport::Incoming;
 use crate::wire::{self, Decoded, Envelope, Foreign, Op};
-
-/// The main's current state of a record, read from the remote's targets in `CRM_SYNC` when the
-/// main refused an edit of it: what the remote takes back.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Refreshed {
-    /// The record as the remote's targets hold it, with their holder bits; `None` if none does.
-    pub state: Option<Stored>,
-    /// The newest version seen, also of a delete or leave.
-    pub version: u64,
-    /// Whether the newest message seen is a delete.
-    pub deleted: bool,
-}
-
-impl Refreshed {
-    /// Combines the last message of each target (`None`: the target never held the record).
-    pub fn from_targets(messages: &[(u8, Option<Envelope>)]) -> Refreshed {
-        let mut out = Refreshed { state: None, version: 0, deleted: false };
-        for (bit, env) in messages {
-            let Some(env) = env else { continue };
-            if env.version >= out.version {
-                out.deleted = env.op == Op::Delete;
-            }
-            out.version = out.version.max(env.version);
-            if env.op != Op::Upsert {
-                continue;
-            }
-            match &mut out.state {
-                Some(held) if held.version >= env.version => held.holders |= bit,
-                state => {
-                    let holders = state.as_ref().map_or(0, |s| s.holders) | bit;
-                    *state =
-                        Some(Stored { version: env.version, holders, fields: env.record.clone().unwrap_or_default() });
-                }
-            }
-        }
-        out
-    }
-}
 
 /// What one batch did.
 #[derive(Debug, Default)]
@@ -76,7 +37,7 @@ pub fn apply_batch(
                 out.changed += 1;
             }
             Decoded::Ok(env) if env.kind.is_routed() => {
-                if apply_one(t, target_bit(&msg.subject), env)? {
+                if apply_one(t, apply::target_bit(&msg.subject), env)? {
                     out.changed += 1;
                 }
             }
@@ -102,60 +63,30 @@ pub fn apply_batch(
     Ok(out)
 }
 
-/// Which of the remote's targets a message comes from, by its subject.
-fn target_bit(subject: &str) -> u8 {
-    match subject.strip_prefix("crm.sync.") {
-        Some(rest) if rest.starts_with('~') => HELD_BY_SUBSCRIPTION,
-        _ => HELD_BY_SET,
-    }
-}
-
-/// Applies one message from one target. The remote holds a record while at least one of its
-/// targets holds it: an upsert adds the target, a leave takes it away, and the record goes
-/// when no target is left (or at once, when the main deleted it). Versions only move forward:
-/// a message older than what is known is skipped, and one of the same version only changes
-/// which targets hold the record (one change may enter one target and leave another).
+/// Carries out the core's [`apply::decide`] for one message from one target. Returns whether
+/// the record changed.
 fn apply_one(t: &mut Tables<'_>, bit: u8, env: Envelope) -> Result<bool, StoreError> {
     let (kind, v) = (env.kind, env.version);
-    if env.op == Op::Upsert && t.deleted_here(kind, &env.id)? {
-        // Deleted here, on its way to the main: a version from before the main merged the
-        // delete must not bring it back. The main's delete, or its refusal, comes next.
-        return Ok(false);
-    }
-    let (held, gone) = t.known(kind, &env.id)?;
-    let known = held.map(|(version, _)| version).unwrap_or(0).max(gone);
-    match (env.op, held) {
-        (Op::Upsert, _) if v > known => {
+    match apply::decide(t.known(kind, &env.id)?, bit, env.op, v) {
+        Action::Skip => return Ok(false),
+        Action::Put { holders, merge_local } => {
             let mut fields = env.record.unwrap_or_default();
-            let mut holders = bit;
-            if let Some((_, h)) = held {
-                // The main's copy replaces a record created here; edits made here since the
-                // main's last version (newer stamps) stay until the main merges them.
-                holders |= h & !HELD_LOCALLY;
-                if let Some(local) = t.get(kind, &env.id)?
-                    && let Some(merged) = crate::merge::merge(kind, &fields, &local.fields)
-                {
-                    fields = merged;
-                }
+            if merge_local
+                && let Some(local) = t.get(kind, &env.id)?
+                && let Some(merged) = crate::merge::merge(kind, &fields, &local.fields)
+            {
+                fields = merged;
             }
             t.put(kind, &env.id, &Stored { version: v, holders, fields })?;
         }
-        (Op::Upsert, Some((version, holders))) if v == version && holders & bit == 0 => {
-            t.set_holders(kind, &env.id, version, holders | bit)?;
+        Action::SetHolders { holders } => t.set_holders(kind, &env.id, v, holders)?,
+        Action::Remove => {
+            t.remove(kind, &env.id, v)?;
         }
-        (Op::Leave, Some((version, holders))) if v >= version => {
-            let left = holders & !bit;
-            if left == 0 {
-                t.remove(kind, &env.id, v)?;
-            } else {
-                t.set_holders(kind, &env.id, v, left)?;
-            }
-        }
-        (Op::Leave, None) if v > gone => t.mark_gone(kind, &env.id, v)?,
-        (Op::Delete, _) if v >= known => {
+        Action::MarkGone => t.mark_gone(kind, &env.id, v)?,
+        Action::Delete => {
             t.delete(kind, &env.id, v)?;
         }
-        _ => return Ok(false),
     }
     Ok(true)
 }
@@ -215,7 +146,7 @@ mod tests {
         Incoming {
             seq,
             pending: 0,
-            subject: "crm.sync.all.contact.x".into(),
+            subject: wire::sync_subject(&wire::Target::Set("all".into()), Kind::Contact, "x"),
             payload: env.encode().into(),
             idempotency_key: None,
             upload_order: None,

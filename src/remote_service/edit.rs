@@ -13,7 +13,8 @@ use super::{Inner, Remote};
 use crate::error::ServiceError;
 use crate::model::{self, Fields, Kind};
 use crate::names;
-use crate::store::{HELD_LOCALLY, StoreError, Stored, Tables, Upload};
+use crate::apply::HELD_LOCALLY;
+use crate::store::{StoreError, Stored, Tables, Upload};
 use crate::wire::{self, Envelope, Op, PRODUCT, SCHEMA_MAJOR};
 
 /// Uploads published at once.
@@ -58,7 +59,7 @@ impl Remote {
                     stored.map(|s| (id.clone(), s)).ok_or(ServiceError::NotFound { kind, id })
                 }));
             }
-            let (held, _) = t.known(kind, &id2)?;
+            let held = t.known(kind, &id2)?.record;
             if held.is_some() {
                 return Ok(Err(ServiceError::Exists { kind, id: id2.clone() }));
             }
@@ -141,7 +142,7 @@ impl Remote {
             };
             if kind == Kind::Contact {
                 for (child_kind, child_id) in t.children(&id)? {
-                    let version = t.known(child_kind, &child_id)?.0.map_or(0, |(v, _)| v);
+                    let version = t.known(child_kind, &child_id)?.record.map_or(0, |(v, _)| v);
                     t.delete_here(child_kind, &child_id, version)?;
                 }
             }
@@ -286,7 +287,7 @@ fn remember(t: &mut Tables<'_>, key: Option<&str>, kind: Kind, id: &str) -> Resu
 /// Checks that every reference in a patch points at a record this remote holds.
 fn check_refs(t: &Tables<'_>, kind: Kind, patch: &model::Patch) -> Result<Result<(), ServiceError>, StoreError> {
     for (field, to, id) in model::refs(kind, patch) {
-        if t.known(to, id)?.0.is_none() {
+        if t.known(to, id)?.record.is_none() {
             return Ok(Err(ServiceError::MissingRef { field: field.to_owned(), kind: to, id: id.to_owned() }));
         }
     }

@@ -18,7 +18,8 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use crate::error::ServiceError;
 use crate::hlc::Clock;
 use crate::main_service::{Bundle, counts_json};
-use crate::store::{APPLIED, DATABASE_ID, HELD_BY_SET, HELD_BY_SUBSCRIPTION, Store};
+use crate::apply::{HELD_BY_SET, HELD_BY_SUBSCRIPTION};
+use crate::store::{APPLIED, DATABASE_ID, Store};
 use crate::transport::{self, Incoming, Nats, TransportError};
 use crate::wire::{self, Decoded, Op, PRODUCT, SCHEMA_MAJOR, Target};
 
@@ -545,7 +546,7 @@ async fn sync(
 async fn refresh_refused(
     inner: &Inner,
     batch: &[Incoming],
-) -> Result<std::collections::BTreeMap<u64, apply::Refreshed>, SyncStop> {
+) -> Result<std::collections::BTreeMap<u64, crate::apply::Refreshed>, SyncStop> {
     let mut out = std::collections::BTreeMap::new();
     for msg in batch.iter().filter(|m| m.subject.ends_with(".rejected")) {
         let Decoded::Ok(env) = wire::decode_checked(&msg.payload, &inner.bundle.database_id) else { continue };
@@ -564,7 +565,7 @@ async fn refresh_refused(
             });
             messages.push((bit, env));
         }
-        out.insert(msg.seq, apply::Refreshed::from_targets(&messages));
+        out.insert(msg.seq, crate::apply::Refreshed::from_targets(&messages));
     }
     Ok(out)
 }

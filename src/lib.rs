@@ -8,14 +8,12 @@
 //! - storage, the only module that knows redb: [`store`];
 //! - transport, the only module that knows NATS: [`transport`], and [`natsd`] to run a server;
 //! - the services: [`main_service`], [`remote_service`], with their HTTP APIs in [`http`];
-//! - the interfaces: [`cli`] (a client of the APIs, and `crmsync up`: everything on one
-//!   machine) and [`bench`] (the benchmark);
-//! - [`error`]: the error of a service operation; [`demo`]: generated demo data; [`files`]:
-//!   data files and directories readable by their owner alone.
+//! - [`error`]: the error of a service operation; [`files`]: data files and directories
+//!   readable by their owner alone.
+//!
+//! The command line, the benchmark and the demo data are the binary's (`src/main.rs`), not
+//! the library's: they are clients of the engine, through its APIs and these modules.
 
-pub mod bench;
-pub mod cli;
-pub mod demo;
 pub mod error;
 pub mod files;
 pub mod http;

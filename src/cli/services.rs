@@ -55,7 +55,7 @@ pub async fn main(cmd: MainCommand) -> anyhow::Result<()> {
             let listener = bind(listen).await?;
             let main = Main::start(MainConfig { nats_url: nats.url, data_dir: data }).await?;
             tracing::info!("main of database {} serving on http://{listen}", main.database_id());
-            http::serve(listener, http::main_router(main.clone()), shutdown_signal()).await?;
+            http::serve(listener, http::main_api(main.clone()), shutdown_signal()).await?;
             main.stop().await;
             Ok(())
         }
@@ -99,7 +99,7 @@ pub async fn remote_serve(config: RemoteConfig, listen: SocketAddr) -> anyhow::R
     let listener = bind(listen).await?;
     let remote = Remote::start(config).await?;
     tracing::info!("remote {} serving on http://{listen}", remote.bundle().remote);
-    let (stop_api, api) = spawn_api(listener, http::remote_router(remote.clone()));
+    let (stop_api, api) = spawn_api(listener, http::remote_api(remote.clone()));
     let outcome = tokio::select! {
         _ = shutdown_signal() => Ok(()),
         r = remote.stopped() => r,
@@ -155,7 +155,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || NatsServer::start(&NatsdOptions { port: args.nats_port, store_dir }))
             .await??;
     let main = Main::start(MainConfig { nats_url: nats.url(), data_dir: args.data.join("main") }).await?;
-    let (stop_main_api, main_api) = spawn_api(main_listener, http::main_router(main.clone()));
+    let (stop_main_api, main_api) = spawn_api(main_listener, http::main_api(main.clone()));
 
     if main.store().get(Kind::Set, DEMO_SET)?.is_none() {
         main.create_set(&SetRequest {
@@ -169,7 +169,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let mut remotes = Vec::new();
     for (name, listener) in DEMO_REMOTES.iter().zip(remote_listeners) {
         let remote = demo_remote(&main, &args.data, name).await?;
-        let api = spawn_api(listener, http::remote_router(remote.clone()));
+        let api = spawn_api(listener, http::remote_api(remote.clone()));
         remotes.push((remote, api));
     }
 

@@ -8,7 +8,7 @@
 
 mod merger;
 mod projector;
-mod router;
+mod publisher;
 mod sets;
 
 use std::collections::BTreeMap;
@@ -91,7 +91,7 @@ struct Inner {
 
 impl Main {
     /// Opens the main's data directory, connects to NATS, creates the streams on first start,
-    /// and starts the projector and the router.
+    /// and starts the projector and the outbox publisher.
     pub async fn start(config: MainConfig) -> anyhow::Result<Main> {
         crate::files::private_dir(&config.data_dir)?;
         let path = config.data_dir.join("main.redb");
@@ -148,9 +148,9 @@ impl Main {
             notify.clone(),
             shutdown_rx.clone(),
         ));
-        let router = tokio::spawn(router::run(store.clone(), nats, notify, shutdown_rx.clone()));
+        let publisher = tokio::spawn(publisher::run(store.clone(), nats, notify, shutdown_rx.clone()));
         let flusher = tokio::spawn(store.flush_periodically(shutdown_rx));
-        inner.tasks.lock().unwrap().extend([projector, router, flusher]);
+        inner.tasks.lock().unwrap().extend([projector, publisher, flusher]);
         let main = Main { inner };
         let merger = tokio::spawn(merger::run(main.clone(), main.inner.shutdown.subscribe()));
         main.inner.tasks.lock().unwrap().push(merger);
@@ -165,7 +165,7 @@ impl Main {
         &self.inner.database_id
     }
 
-    /// Stops the projector and the router and waits for them.
+    /// Stops the projector and the outbox publisher and waits for them.
     pub async fn stop(&self) {
         let _ = self.inner.shutdown.send(true);
         let tasks: Vec<_> = std::mem::take(&mut *self.inner.tasks.lock().unwrap());

@@ -17,7 +17,8 @@ use super::error::{ApiError, ApiResult, ok};
 use super::extract::{ApiPath, ApiQuery, idempotency_key, parse_body};
 use crate::error::ServiceError;
 use crate::main_service::Main;
-use crate::model::{self, Kind, Value};
+use crate::model::{self, Kind};
+use crate::query::{Query, UnknownField};
 use crate::remote_service::Remote;
 use crate::store::{Store, Stored};
 
@@ -176,19 +177,9 @@ pub(super) fn record_json(id: &str, stored: &Stored) -> J {
     model::to_json(id, stored.version, &stored.fields)
 }
 
-/// Whether a record matches every `field=value` filter (strings compare case-insensitively).
-fn matches(stored: &Stored, filters: &[(String, String)]) -> bool {
-    filters.iter().all(|(name, want)| match stored.fields.get(name).map(|f| &f.value) {
-        Some(Value::Str(s)) => s.eq_ignore_ascii_case(want),
-        Some(Value::Bool(b)) => b.to_string() == *want,
-        Some(Value::Int(i)) => i.to_string() == *want,
-        Some(Value::List(l)) => l.iter().any(|x| x == want),
-        Some(Value::Null) | None => want.is_empty(),
-        Some(Value::Map(_)) => false,
-    })
-}
-
-/// A page of records as `{"items": [...], "next": ID}`, filtered by `FIELD=VALUE` parameters.
+/// A page of records as `{"items": [...], "next": ID}`, filtered by `FIELD=VALUE` parameters:
+/// each an equality of the set query language ([`Query::equals_all`]), so a list filter and a
+/// set's query agree on what matches.
 pub(super) async fn list_records(store: Store, kind: Kind, params: BTreeMap<String, String>) -> Result<J, ApiError> {
     let mut limit = DEFAULT_LIMIT;
     let mut after = None;
@@ -204,25 +195,24 @@ pub(super) async fn list_records(store: Store, kind: Kind, params: BTreeMap<Stri
                 })?
             }
             "after" => after = Some(v),
-            _ if kind.field(&k).is_some() || (model::is_custom(&k) && kind.field("custom").is_some()) => {
-                filters.push((k, v))
-            }
-            _ => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "cannot filter {} by `{k}`: not a field. Use limit, after, or one of: {}",
-                        kind.plural(),
-                        kind.fields().iter().map(|f| f.name).collect::<Vec<_>>().join(", ")
-                    ),
-                ));
-            }
+            _ => filters.push((k, v)),
         }
     }
-    let page =
-        tokio::task::spawn_blocking(move || store.list(kind, after.as_deref(), limit + 1, |_, s| matches(s, &filters)))
-            .await
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let query = Query::equals_all(kind, &filters).map_err(|UnknownField { kind, field }| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "cannot filter {} by `{field}`: not a field. Use limit, after, or one of: {}",
+                kind.plural(),
+                kind.fields().iter().map(|f| f.name).collect::<Vec<_>>().join(", ")
+            ),
+        )
+    })?;
+    let page = tokio::task::spawn_blocking(move || {
+        store.list(kind, after.as_deref(), limit + 1, |_, s| query.as_ref().is_none_or(|q| q.matches(&s.fields)))
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     let next = if page.len() > limit { page.get(limit - 1).map(|(id, _)| id.clone()) } else { None };
     let items: Vec<J> = page.iter().take(limit).map(|(id, s)| record_json(id, s)).collect();
     Ok(json!({ "items": items, "next": next }))

@@ -4,7 +4,7 @@
 //! The modules follow the architecture (see ARCHITECTURE.md):
 //! - the core, the crate `crmsync-core` (re-exported here): every decision, and no IO —
 //!   [`names`], [`model`], [`date`], [`hlc`], [`routing`], [`query`], and the wire format,
-//!   [`wire`] with [`schema`] for its JSON Schema documents;
+//!   [`wire`] with [`schema`] for its JSON Schema documents and [`bundle`] for a remote's set-up file;
 //! - storage, the only module that knows redb: [`store`];
 //! - transport, the only module that knows NATS: [`transport`], and [`natsd`] to run a server;
 //! - the services: [`main_service`], [`remote_service`], with their HTTP APIs in [`http`];
@@ -23,4 +23,4 @@ pub mod remote_service;
 pub mod store;
 pub mod transport;
 
-pub use crmsync_core::{date, hlc, model, names, query, routing, schema, wire};
+pub use crmsync_core::{bundle, date, hlc, model, names, query, routing, schema, wire};

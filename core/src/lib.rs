@@ -7,8 +7,9 @@
 //! - [`query`]: the set query language;
 //! - [`routing`]: which targets hold a record, and what a change makes enter or leave them;
 //! - [`wire`]: the envelope and subjects every message uses, and [`schema`] for its JSON
-//!   Schema documents.
+//!   Schema documents; [`bundle`]: the file a remote is set up from.
 
+pub mod bundle;
 pub mod date;
 pub mod hlc;
 pub mod model;

@@ -3,7 +3,7 @@
 
 use serde_json::{Value as J, json};
 
-use crate::model::Kind;
+use crmsync::model::Kind;
 
 pub const STATES: [(&str, &[&str]); 10] = [
     ("NY", &["Albany", "Buffalo", "New York", "Rochester", "Syracuse"]),
@@ -171,7 +171,7 @@ mod tests {
         assert_eq!(a, generate(DemoSize::for_contacts(50), 7));
         assert_eq!(a.iter().filter(|(k, _)| *k == Kind::Contact).count(), 50);
         for (kind, body) in &a {
-            crate::model::parse_input(*kind, body, true).unwrap_or_else(|e| panic!("{kind}: {e}"));
+            crmsync::model::parse_input(*kind, body, true).unwrap_or_else(|e| panic!("{kind}: {e}"));
         }
     }
 }

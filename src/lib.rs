@@ -4,18 +4,16 @@
 //! The modules follow the architecture (see ARCHITECTURE.md):
 //! - the core, the crate `crmsync-core` (re-exported here): every decision, and no IO —
 //!   [`names`], [`model`], [`date`], [`hlc`], [`routing`], [`query`], and the wire format,
-//!   [`wire`] with [`schema`] for its JSON Schema documents;
+//!   [`wire`] with [`schema`] for its JSON Schema documents and [`bundle`] for a remote's set-up file;
 //! - storage, the only module that knows redb: [`store`];
 //! - transport, the only module that knows NATS: [`transport`], and [`natsd`] to run a server;
 //! - the services: [`main_service`], [`remote_service`], with their HTTP APIs in [`http`];
-//! - the interfaces: [`cli`] (a client of the APIs, and `crmsync up`: everything on one
-//!   machine) and [`bench`] (the benchmark);
-//! - [`error`]: the error of a service operation; [`demo`]: generated demo data; [`files`]:
-//!   data files and directories readable by their owner alone.
+//! - [`error`]: the error of a service operation; [`files`]: data files and directories
+//!   readable by their owner alone.
+//!
+//! The command line, the benchmark and the demo data are the binary's (`src/main.rs`), not
+//! the library's: they are clients of the engine, through its APIs and these modules.
 
-pub mod bench;
-pub mod cli;
-pub mod demo;
 pub mod error;
 pub mod files;
 pub mod http;
@@ -25,4 +23,4 @@ pub mod remote_service;
 pub mod store;
 pub mod transport;
 
-pub use crmsync_core::{apply, date, hlc, merge, model, names, query, routing, schema, wire};
+pub use crmsync_core::{apply, bundle, date, hlc, merge, model, names, query, routing, schema, wire};

@@ -1,4 +1,9 @@
-//! The `crmsync` binary: parses the command line and hands it to the library.
+//! The `crmsync` binary: the command line ([`cli`]), the benchmark ([`bench`]) and the demo
+//! data set ([`demo`]), over the engine in the library.
+
+mod bench;
+mod cli;
+mod demo;
 
 use clap::Parser;
 
@@ -16,7 +21,7 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
-    let cli = crmsync::cli::Cli::parse();
+    let cli = cli::Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("CRMSYNC_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("crmsync=info,warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
@@ -27,6 +32,6 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let code = runtime.block_on(crmsync::cli::run(cli));
+    let code = runtime.block_on(cli::run(cli));
     std::process::exit(code);
 }

@@ -9,9 +9,10 @@
 //! - [`routing`]: which targets hold a record, and what a change makes enter or leave them;
 //! - [`apply`]: what a remote does with a message from the main;
 //! - [`wire`]: the envelope and subjects every message uses, and [`schema`] for its JSON
-//!   Schema documents.
+//!   Schema documents; [`bundle`]: the file a remote is set up from.
 
 pub mod apply;
+pub mod bundle;
 pub mod date;
 pub mod hlc;
 pub mod merge;

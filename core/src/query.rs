@@ -945,6 +945,45 @@ fn quoted<'a>(input: &mut Input<'a>) -> ParseResult<'a, String> {
     Ok(text)
 }
 
+// ---------------------------------------------------------------------------------------------
+// Filters of record lists
+// ---------------------------------------------------------------------------------------------
+
+/// A `FIELD=VALUE` filter named a field that records of its kind do not have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} have no field `{field}`", kind.plural())]
+pub struct UnknownField {
+    pub kind: Kind,
+    pub field: String,
+}
+
+impl Query {
+    /// The query `FIELD = 'VALUE' and …` over records of `kind`: what the APIs' list filters
+    /// (`?FIELD=VALUE&…`) mean, so a filter and a set's query agree on what matches. A field is
+    /// named exactly as in `kind`'s field table, or `custom.NAME` for a kind with custom fields;
+    /// a value is taken whole, never parsed. `None` when there is no filter: every record
+    /// matches.
+    pub fn equals_all(kind: Kind, filters: &[(String, String)]) -> Result<Option<Query>, UnknownField> {
+        let mut conditions = Vec::with_capacity(filters.len());
+        for (name, value) in filters {
+            let field = match kind.field(name) {
+                Some(spec) => FieldRef::Contact(spec.name),
+                None if crate::model::is_custom(name) && kind.field("custom").is_some() => {
+                    FieldRef::Custom(name.as_str().into())
+                }
+                None => return Err(UnknownField { kind, field: name.clone() }),
+            };
+            conditions.push(Node::Condition(Condition { field, operator: Operator::Equal(Constant::new(value)) }));
+        }
+        let root = match conditions.len() {
+            0 => return Ok(None),
+            1 => conditions.remove(0),
+            _ => Node::All(conditions),
+        };
+        Ok(Some(Query { text: root.to_string(), root }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Instant;
@@ -1545,6 +1584,34 @@ mod tests {
             " ",
         ]);
         prop::collection::vec(token, 0..16).prop_map(|tokens| tokens.join(" "))
+    }
+
+    #[test]
+    fn list_filters_are_equalities_of_the_query_language() {
+        let filters = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs.iter().map(|(name, value)| (name.to_string(), value.to_string())).collect()
+        };
+        let query = Query::equals_all(Kind::Contact, &filters(&[("state", "NY"), ("city", "New York")])).unwrap();
+        let query = query.unwrap();
+        assert_eq!(query.root, Query::parse("state = NY and city = 'New York'").unwrap().root);
+        assert_eq!(query.text(), "state = 'ny' and city = 'new york'");
+        let custom = Query::equals_all(Kind::Contact, &filters(&[("custom.source", "Web")])).unwrap().unwrap();
+        assert_eq!(custom.root, Query::parse("custom.source = web").unwrap().root);
+        assert_eq!(Query::equals_all(Kind::Contact, &[]), Ok(None));
+
+        // Any kind's fields, not only a contact's; strings compare without regard to case.
+        let company = Query::equals_all(Kind::Company, &filters(&[("name", "acme")])).unwrap().unwrap();
+        assert!(company.matches(&contact(vec![("name", text("ACME"))])));
+        assert!(!company.matches(&contact(vec![("name", text("Acme Two"))])));
+        // An empty value matches a missing field.
+        let unset = Query::equals_all(Kind::Company, &filters(&[("industry", "")])).unwrap().unwrap();
+        assert!(unset.matches(&contact(vec![("name", text("ACME"))])));
+
+        let error = Query::equals_all(Kind::Company, &filters(&[("colour", "red")])).unwrap_err();
+        assert_eq!(error, UnknownField { kind: Kind::Company, field: "colour".into() });
+        assert_eq!(error.to_string(), "companies have no field `colour`");
+        // A kind without custom fields has no `custom.NAME` either.
+        assert!(Query::equals_all(Kind::Team, &filters(&[("custom.source", "web")])).is_err());
     }
 
     proptest! {

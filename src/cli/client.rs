@@ -42,10 +42,6 @@ impl Client {
         Client { base: base.trim_end_matches('/').to_owned(), http }
     }
 
-    pub fn base(&self) -> &str {
-        &self.base
-    }
-
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<J, ClientError> {
         let resp = req
             .send()
@@ -83,7 +79,7 @@ impl Client {
     /// the service answers 503 (NATS unreachable, or a change it could not confirm): the main
     /// applies a key's change at most once, so a repeat after an unclear answer is safe.
     async fn write(&self, request: impl Fn() -> reqwest::RequestBuilder) -> Result<J, ClientError> {
-        let key = crate::names::new_id();
+        let key = crmsync::names::new_id();
         let mut attempt = 1;
         loop {
             match self.send(request().header("Idempotency-Key", &key)).await {

@@ -11,9 +11,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-pub use client::{Client, ClientError};
+use client::Client;
 
-use crate::remote_service::RemoteConfig;
+use crmsync::remote_service::RemoteConfig;
 
 /// The main's API address, the default of `--api`.
 pub const DEFAULT_API: &str = "http://127.0.0.1:7420";
@@ -171,7 +171,7 @@ pub enum RemoteCommand {
         #[arg(long)]
         nats: Option<String>,
         /// Most messages applied per transaction.
-        #[arg(long, default_value_t = crate::remote_service::SYNC_BATCH)]
+        #[arg(long, default_value_t = crmsync::remote_service::SYNC_BATCH)]
         batch: usize,
     },
     /// Throw a remote's projection away and replay its set (with the service stopped).

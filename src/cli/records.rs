@@ -6,7 +6,7 @@ use serde_json::{Value as J, json};
 
 use super::client::{Client, ClientError};
 use super::{Command, RecordCommand, RemoteCommand, SetCommand, SetSpecArgs, SubscriptionCommand};
-use crate::model::{FieldType, Kind};
+use crmsync::model::{FieldType, Kind};
 
 pub async fn run(client: &Client, command: Command, as_json: bool) -> Result<(), ClientError> {
     match command {
@@ -15,95 +15,9 @@ pub async fn run(client: &Client, command: Command, as_json: bool) -> Result<(),
             print_status(&status, as_json);
         }
         Command::Rebuild => rebuild(client, as_json).await?,
-        Command::Set(cmd) => match cmd {
-            SetCommand::Create { name, spec } => {
-                let mut body = spec_body(&spec);
-                body["name"] = json!(name);
-                let set = client.post("/v1/sets", &body).await?;
-                print_record(Kind::Set, &set, as_json);
-            }
-            SetCommand::Edit { name, spec, no_query } => {
-                let mut body = spec_body(&spec);
-                if no_query {
-                    body["query"] = J::Null;
-                }
-                print_record(Kind::Set, &client.patch(&format!("/v1/sets/{name}"), &body).await?, as_json);
-            }
-            SetCommand::Copy { name, new_name } => {
-                let set = client.post(&format!("/v1/sets/{name}/copy"), &json!({ "name": new_name })).await?;
-                print_record(Kind::Set, &set, as_json);
-            }
-            SetCommand::Delete { name } => {
-                let out = client.delete(&format!("/v1/sets/{name}")).await?;
-                if as_json {
-                    println!("{out}");
-                } else {
-                    println!("deleted set {name}");
-                }
-            }
-            SetCommand::Preview { name, limit } => {
-                let p = client.get(&format!("/v1/sets/{name}/preview"), &[("limit".into(), limit.to_string())]).await?;
-                if as_json {
-                    println!("{p}");
-                } else {
-                    println!("set {name} holds {} contacts", p["contacts"]);
-                    print_list(Kind::Contact, &json!({ "items": p["items"] }), false);
-                }
-            }
-            SetCommand::List { page } => print_list(Kind::Set, &client.get("/v1/sets", &page.query()).await?, as_json),
-            SetCommand::Show { name } => {
-                print_record(Kind::Set, &client.get(&format!("/v1/sets/{name}"), &[]).await?, as_json)
-            }
-        },
-        Command::Subscription(cmd) => {
-            let (remote, body) = match cmd {
-                SubscriptionCommand::Add { remote, contacts } => (remote, Some(json!({ "add": contacts }))),
-                SubscriptionCommand::Remove { remote, contacts } => (remote, Some(json!({ "remove": contacts }))),
-                SubscriptionCommand::List { remote } => (remote, None),
-            };
-            let path = format!("/v1/remotes/{remote}/subscriptions");
-            let out = match body {
-                Some(body) => client.post(&path, &body).await?,
-                None => client.get(&path, &[]).await?,
-            };
-            if as_json {
-                println!("{out}");
-            } else {
-                let contacts = out["contacts"].as_array().cloned().unwrap_or_default();
-                println!("remote {remote} subscribes {} contacts", contacts.len());
-                for c in contacts {
-                    println!("  {}", scalar(&c));
-                }
-            }
-        }
-        Command::Remote(cmd) => match cmd {
-            RemoteCommand::Create { name, set, expires_days, out, nats_url } => {
-                let body = json!({ "name": name, "set": set, "expires_days": expires_days, "nats_url": nats_url });
-                let bundle = client.post("/v1/remotes", &body).await?;
-                let path = out.unwrap_or_else(|| format!("{name}.bundle.json").into());
-                let text = serde_json::to_string_pretty(&bundle).unwrap_or_default();
-                crate::files::write_private(&path, text.as_bytes()).map_err(|e| ClientError::Api {
-                    status: 0,
-                    message: format!(
-                        "the remote {name} is registered, but its bundle could not be written to {}: {e}",
-                        path.display()
-                    ),
-                })?;
-                if as_json {
-                    println!("{}", json!({ "bundle": path, "remote": bundle }));
-                } else {
-                    println!("remote {name} registered on set {set}; bundle written to {}", path.display());
-                    println!("at the remote site: crmsync remote init --bundle {} --data DIR", path.display());
-                }
-            }
-            RemoteCommand::List { page } => {
-                print_list(Kind::Remote, &client.get("/v1/remotes", &page.query()).await?, as_json)
-            }
-            RemoteCommand::Show { name } => {
-                print_record(Kind::Remote, &client.get(&format!("/v1/remotes/{name}"), &[]).await?, as_json)
-            }
-            other => unreachable!("{other:?} runs locally, not through the API"),
-        },
+        Command::Set(cmd) => set(client, cmd, as_json).await?,
+        Command::Subscription(cmd) => subscription(client, cmd, as_json).await?,
+        Command::Remote(cmd) => remote(client, cmd, as_json).await?,
         Command::Contact(cmd) => record(client, Kind::Contact, cmd, as_json).await?,
         Command::Company(cmd) => record(client, Kind::Company, cmd, as_json).await?,
         Command::Group(cmd) => record(client, Kind::Group, cmd, as_json).await?,
@@ -113,6 +27,100 @@ pub async fn run(client: &Client, command: Command, as_json: bool) -> Result<(),
         Command::Activity(cmd) => record(client, Kind::Activity, cmd, as_json).await?,
         Command::User(cmd) => record(client, Kind::User, cmd, as_json).await?,
         Command::Team(cmd) => record(client, Kind::Team, cmd, as_json).await?,
+        other => unreachable!("{other:?} runs locally, not through the API"),
+    }
+    Ok(())
+}
+
+async fn set(client: &Client, cmd: SetCommand, as_json: bool) -> Result<(), ClientError> {
+    match cmd {
+        SetCommand::Create { name, spec } => {
+            let mut body = spec_body(&spec);
+            body["name"] = json!(name);
+            let set = client.post("/v1/sets", &body).await?;
+            print_record(Kind::Set, &set, as_json);
+        }
+        SetCommand::Edit { name, spec, no_query } => {
+            let mut body = spec_body(&spec);
+            if no_query {
+                body["query"] = J::Null;
+            }
+            print_record(Kind::Set, &client.patch(&format!("/v1/sets/{name}"), &body).await?, as_json);
+        }
+        SetCommand::Copy { name, new_name } => {
+            let set = client.post(&format!("/v1/sets/{name}/copy"), &json!({ "name": new_name })).await?;
+            print_record(Kind::Set, &set, as_json);
+        }
+        SetCommand::Delete { name } => {
+            delete(client, &format!("/v1/sets/{name}"), &format!("set {name}"), as_json).await?
+        }
+        SetCommand::Preview { name, limit } => {
+            let p = client.get(&format!("/v1/sets/{name}/preview"), &[("limit".into(), limit.to_string())]).await?;
+            if as_json {
+                println!("{p}");
+            } else {
+                println!("set {name} holds {} contacts", p["contacts"]);
+                print_list(Kind::Contact, &json!({ "items": p["items"] }), false);
+            }
+        }
+        SetCommand::List { page } => print_list(Kind::Set, &client.get("/v1/sets", &page.query()).await?, as_json),
+        SetCommand::Show { name } => {
+            print_record(Kind::Set, &client.get(&format!("/v1/sets/{name}"), &[]).await?, as_json)
+        }
+    }
+    Ok(())
+}
+
+async fn subscription(client: &Client, cmd: SubscriptionCommand, as_json: bool) -> Result<(), ClientError> {
+    let (remote, body) = match cmd {
+        SubscriptionCommand::Add { remote, contacts } => (remote, Some(json!({ "add": contacts }))),
+        SubscriptionCommand::Remove { remote, contacts } => (remote, Some(json!({ "remove": contacts }))),
+        SubscriptionCommand::List { remote } => (remote, None),
+    };
+    let path = format!("/v1/remotes/{remote}/subscriptions");
+    let out = match body {
+        Some(body) => client.post(&path, &body).await?,
+        None => client.get(&path, &[]).await?,
+    };
+    if as_json {
+        println!("{out}");
+    } else {
+        let contacts = out["contacts"].as_array().cloned().unwrap_or_default();
+        println!("remote {remote} subscribes {} contacts", contacts.len());
+        for c in contacts {
+            println!("  {}", scalar(&c));
+        }
+    }
+    Ok(())
+}
+
+async fn remote(client: &Client, cmd: RemoteCommand, as_json: bool) -> Result<(), ClientError> {
+    match cmd {
+        RemoteCommand::Create { name, set, expires_days, out, nats_url } => {
+            let body = json!({ "name": name, "set": set, "expires_days": expires_days, "nats_url": nats_url });
+            let bundle = client.post("/v1/remotes", &body).await?;
+            let path = out.unwrap_or_else(|| format!("{name}.bundle.json").into());
+            let text = serde_json::to_string_pretty(&bundle).unwrap_or_default();
+            crmsync::files::write_private(&path, text.as_bytes()).map_err(|e| ClientError::Api {
+                status: 0,
+                message: format!(
+                    "the remote {name} is registered, but its bundle could not be written to {}: {e}",
+                    path.display()
+                ),
+            })?;
+            if as_json {
+                println!("{}", json!({ "bundle": path, "remote": bundle }));
+            } else {
+                println!("remote {name} registered on set {set}; bundle written to {}", path.display());
+                println!("at the remote site: crmsync remote init --bundle {} --data DIR", path.display());
+            }
+        }
+        RemoteCommand::List { page } => {
+            print_list(Kind::Remote, &client.get("/v1/remotes", &page.query()).await?, as_json)
+        }
+        RemoteCommand::Show { name } => {
+            print_record(Kind::Remote, &client.get(&format!("/v1/remotes/{name}"), &[]).await?, as_json)
+        }
         other => unreachable!("{other:?} runs locally, not through the API"),
     }
     Ok(())
@@ -219,13 +227,19 @@ async fn record(client: &Client, kind: Kind, cmd: RecordCommand, as_json: bool) 
             print_list(kind, &client.get(&base, &query).await?, as_json);
         }
         RecordCommand::Delete { id } => {
-            let out = client.delete(&format!("{base}/{id}")).await?;
-            if as_json {
-                println!("{out}");
-            } else {
-                println!("deleted {kind} {id}");
-            }
+            delete(client, &format!("{base}/{id}"), &format!("{kind} {id}"), as_json).await?
         }
+    }
+    Ok(())
+}
+
+/// Deletes what `path` names; `what` says it in the line printed.
+async fn delete(client: &Client, path: &str, what: &str, as_json: bool) -> Result<(), ClientError> {
+    let out = client.delete(path).await?;
+    if as_json {
+        println!("{out}");
+    } else {
+        println!("deleted {what}");
     }
     Ok(())
 }

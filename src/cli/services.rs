@@ -9,11 +9,11 @@ use anyhow::Context;
 use futures::StreamExt;
 
 use super::{MainCommand, UpArgs};
-use crate::http;
-use crate::main_service::{Main, MainConfig, RemoteRequest, SetRequest};
-use crate::model::Kind;
-use crate::natsd::{NatsServer, NatsdOptions};
-use crate::remote_service::{self, Remote, RemoteConfig};
+use crmsync::http;
+use crmsync::main_service::{Main, MainConfig, RemoteRequest, SetRequest};
+use crmsync::model::Kind;
+use crmsync::natsd::{NatsServer, NatsdOptions};
+use crmsync::remote_service::{self, Remote, RemoteConfig};
 
 /// Completes on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
@@ -55,7 +55,7 @@ pub async fn main(cmd: MainCommand) -> anyhow::Result<()> {
             let listener = bind(listen).await?;
             let main = Main::start(MainConfig { nats_url: nats.url, data_dir: data }).await?;
             tracing::info!("main of database {} serving on http://{listen}", main.database_id());
-            http::serve(listener, http::main_router(main.clone()), shutdown_signal()).await?;
+            http::serve(listener, http::main_api(main.clone()), shutdown_signal()).await?;
             main.stop().await;
             Ok(())
         }
@@ -63,7 +63,7 @@ pub async fn main(cmd: MainCommand) -> anyhow::Result<()> {
             let bar = progress_bar(0);
             let started = std::time::Instant::now();
             let events =
-                crate::main_service::rebuild(&MainConfig { nats_url: nats.url, data_dir: data }, |done, total| {
+                crmsync::main_service::rebuild(&MainConfig { nats_url: nats.url, data_dir: data }, |done, total| {
                     bar.set_length(total);
                     bar.set_position(done);
                 })
@@ -99,7 +99,7 @@ pub async fn remote_serve(config: RemoteConfig, listen: SocketAddr) -> anyhow::R
     let listener = bind(listen).await?;
     let remote = Remote::start(config).await?;
     tracing::info!("remote {} serving on http://{listen}", remote.bundle().remote);
-    let (stop_api, api) = spawn_api(listener, http::remote_router(remote.clone()));
+    let (stop_api, api) = spawn_api(listener, http::remote_api(remote.clone()));
     let outcome = tokio::select! {
         _ = shutdown_signal() => Ok(()),
         r = remote.stopped() => r,
@@ -144,7 +144,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     if args.remote_listen.len() != DEMO_REMOTES.len() {
         anyhow::bail!("--remote-listen takes {} addresses, one per demo remote", DEMO_REMOTES.len());
     }
-    crate::files::private_dir(&args.data).with_context(|| format!("cannot create {}", args.data.display()))?;
+    crmsync::files::private_dir(&args.data).with_context(|| format!("cannot create {}", args.data.display()))?;
     let main_listener = bind(args.main_listen).await?;
     let mut remote_listeners = Vec::new();
     for addr in &args.remote_listen {
@@ -155,7 +155,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || NatsServer::start(&NatsdOptions { port: args.nats_port, store_dir }))
             .await??;
     let main = Main::start(MainConfig { nats_url: nats.url(), data_dir: args.data.join("main") }).await?;
-    let (stop_main_api, main_api) = spawn_api(main_listener, http::main_router(main.clone()));
+    let (stop_main_api, main_api) = spawn_api(main_listener, http::main_api(main.clone()));
 
     if main.store().get(Kind::Set, DEMO_SET)?.is_none() {
         main.create_set(&SetRequest {
@@ -168,33 +168,52 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     let mut remotes = Vec::new();
     for (name, listener) in DEMO_REMOTES.iter().zip(remote_listeners) {
-        let dir = args.data.join("remotes").join(name);
-        if !dir.join("remote.json").exists() {
-            let bundle = match main.bundle(name) {
-                Ok(b) => b,
-                Err(_) => {
-                    main.create_remote(&RemoteRequest {
-                        name: (*name).into(),
-                        set: DEMO_SET.into(),
-                        ..Default::default()
-                    })
-                    .await?
-                }
-            };
-            let file = args.data.join("remotes").join(format!("{name}.bundle.json"));
-            crate::files::private_dir(&args.data.join("remotes"))?;
-            crate::files::write_private(&file, &serde_json::to_vec_pretty(&bundle)?)?;
-            remote_service::init(&file, &dir)?;
-        }
-        let remote = Remote::start(RemoteConfig::new(dir)).await?;
-        let api = spawn_api(listener, http::remote_router(remote.clone()));
+        let remote = demo_remote(&main, &args.data, name).await?;
+        let api = spawn_api(listener, http::remote_api(remote.clone()));
         remotes.push((remote, api));
     }
 
     if main.store().counts()?.get(&Kind::Contact).copied().unwrap_or(0) == 0 && args.contacts > 0 {
         seed(&main, args.contacts).await?;
     }
+    print_welcome(&args, &main, &nats);
 
+    shutdown_signal().await;
+    println!("stopping…");
+    for (remote, (stop_api, api)) in remotes {
+        let _ = stop_api.send(());
+        let _ = api.await;
+        remote.stop().await;
+    }
+    let _ = stop_main_api.send(());
+    let _ = main_api.await;
+    main.stop().await;
+    drop(nats);
+    Ok(())
+}
+
+/// Starts the demo remote `name`, set up first (registered at the main if it is not yet) when
+/// its data directory is new.
+async fn demo_remote(main: &Main, data: &Path, name: &str) -> anyhow::Result<Remote> {
+    let dir = data.join("remotes").join(name);
+    if !dir.join("remote.json").exists() {
+        let bundle = match main.bundle(name) {
+            Ok(b) => b,
+            Err(_) => {
+                main.create_remote(&RemoteRequest { name: name.into(), set: DEMO_SET.into(), ..Default::default() })
+                    .await?
+            }
+        };
+        let file = data.join("remotes").join(format!("{name}.bundle.json"));
+        crmsync::files::private_dir(&data.join("remotes"))?;
+        crmsync::files::write_private(&file, &serde_json::to_vec_pretty(&bundle)?)?;
+        remote_service::init(&file, &dir)?;
+    }
+    Remote::start(RemoteConfig::new(dir)).await
+}
+
+/// What runs where, and what to try.
+fn print_welcome(args: &UpArgs, main: &Main, nats: &NatsServer) {
     println!();
     println!("crmsync is running (database {})", main.database_id());
     println!("  main    http://{}", args.main_listen);
@@ -211,19 +230,6 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     println!("  crmsync --api http://{} status", args.remote_listen[1]);
     println!();
     println!("Ctrl-C stops everything; run `crmsync up` again to resume from the same data.");
-
-    shutdown_signal().await;
-    println!("stopping…");
-    for (remote, (stop_api, api)) in remotes {
-        let _ = stop_api.send(());
-        let _ = api.await;
-        remote.stop().await;
-    }
-    let _ = stop_main_api.send(());
-    let _ = main_api.await;
-    main.stop().await;
-    drop(nats);
-    Ok(())
 }
 
 /// Creates the demo data at the main, parents before children, a few writes at a time.

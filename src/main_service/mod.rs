@@ -8,7 +8,7 @@
 
 mod merger;
 mod projector;
-mod router;
+mod publisher;
 mod sets;
 
 use std::collections::BTreeMap;
@@ -52,23 +52,7 @@ pub struct MainConfig {
     pub data_dir: PathBuf,
 }
 
-/// A remote's bundle: everything a remote site needs to set itself up.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Bundle {
-    pub product: String,
-    pub schema: u32,
-    pub database_id: String,
-    pub remote: String,
-    pub set: String,
-    pub nats_url: String,
-    pub consumer: String,
-    pub expires_days: u32,
-    pub created_ms: u64,
-}
-
-pub fn consumer_name(remote: &str) -> String {
-    format!("remote-{remote}")
-}
+pub use crate::bundle::{Bundle, consumer_name};
 
 #[derive(Clone)]
 pub struct Main {
@@ -91,7 +75,7 @@ struct Inner {
 
 impl Main {
     /// Opens the main's data directory, connects to NATS, creates the streams on first start,
-    /// and starts the projector and the router.
+    /// and starts the projector and the outbox publisher.
     pub async fn start(config: MainConfig) -> anyhow::Result<Main> {
         crate::files::private_dir(&config.data_dir)?;
         let path = config.data_dir.join("main.redb");
@@ -148,9 +132,9 @@ impl Main {
             notify.clone(),
             shutdown_rx.clone(),
         ));
-        let router = tokio::spawn(router::run(store.clone(), nats, notify, shutdown_rx.clone()));
+        let publisher = tokio::spawn(publisher::run(store.clone(), nats, notify, shutdown_rx.clone()));
         let flusher = tokio::spawn(store.flush_periodically(shutdown_rx));
-        inner.tasks.lock().unwrap().extend([projector, router, flusher]);
+        inner.tasks.lock().unwrap().extend([projector, publisher, flusher]);
         let main = Main { inner };
         let merger = tokio::spawn(merger::run(main.clone(), main.inner.shutdown.subscribe()));
         main.inner.tasks.lock().unwrap().push(merger);
@@ -165,7 +149,7 @@ impl Main {
         &self.inner.database_id
     }
 
-    /// Stops the projector and the router and waits for them.
+    /// Stops the projector and the outbox publisher and waits for them.
     pub async fn stop(&self) {
         let _ = self.inner.shutdown.send(true);
         let tasks: Vec<_> = std::mem::take(&mut *self.inner.tasks.lock().unwrap());
@@ -538,17 +522,8 @@ impl Main {
             Ok(Decision::Upsert(fields.clone()))
         })
         .await?;
-        Ok(Bundle {
-            product: PRODUCT.into(),
-            schema: SCHEMA_MAJOR,
-            database_id: self.inner.database_id.clone(),
-            remote: req.name.clone(),
-            set: req.set.clone(),
-            nats_url: req.nats_url.clone().unwrap_or_else(|| self.inner.config.nats_url.clone()),
-            consumer,
-            expires_days,
-            created_ms,
-        })
+        let nats_url = req.nats_url.clone().unwrap_or_else(|| self.inner.config.nats_url.clone());
+        Ok(Bundle::of_remote(&self.inner.database_id, &req.name, &fields, nats_url))
     }
 
     /// The bundle of a registered remote, as `create_remote` returned it.
@@ -558,21 +533,7 @@ impl Main {
             .store
             .get(Kind::Remote, name)?
             .ok_or_else(|| ServiceError::NotFound { kind: Kind::Remote, id: name.to_owned() })?;
-        let int = |f: &str| match stored.fields.get(f).map(|f| &f.value) {
-            Some(Value::Int(i)) => *i,
-            _ => 0,
-        };
-        Ok(Bundle {
-            product: PRODUCT.into(),
-            schema: SCHEMA_MAJOR,
-            database_id: self.inner.database_id.clone(),
-            remote: name.to_owned(),
-            set: model::text(&stored.fields, "set").unwrap_or_default().to_owned(),
-            nats_url: self.inner.config.nats_url.clone(),
-            consumer: consumer_name(name),
-            expires_days: int("expires_days") as u32,
-            created_ms: int("created_ms") as u64,
-        })
+        Ok(Bundle::of_remote(&self.inner.database_id, name, &stored.fields, self.inner.config.nats_url.clone()))
     }
 
     /// Messages waiting for a remote, from its consumer.

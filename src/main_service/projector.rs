@@ -2,7 +2,7 @@
 //! same transaction, writes what routing must publish into the outbox.
 //!
 //! Architecture invariant: the projection, the applied position and the outbox change in one
-//! transaction. A crash anywhere leaves them consistent; the outbox publisher (router.rs)
+//! transaction. A crash anywhere leaves them consistent; the outbox publisher (publisher.rs)
 //! delivers what is in the outbox with deterministic message ids, so nothing is lost or
 //! doubled.
 

@@ -15,10 +15,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
+use crate::bundle::Bundle;
 use crate::error::ServiceError;
 use crate::hlc::Clock;
-use crate::main_service::{Bundle, counts_json};
 use crate::apply::{HELD_BY_SET, HELD_BY_SUBSCRIPTION};
+use crate::main_service::counts_json;
 use crate::store::{APPLIED, DATABASE_ID, Store};
 use crate::transport::{self, Incoming, Nats, TransportError};
 use crate::wire::{self, Decoded, Op, PRODUCT, SCHEMA_MAJOR, Target};
@@ -27,28 +28,33 @@ pub const SYNC_BATCH: usize = 4000;
 const BUNDLE_FILE: &str = "remote.json";
 const STORE_FILE: &str = "remote.redb";
 
+/// Why a bundle file could not be read.
+enum BundleFileError {
+    Unreadable(std::io::Error),
+    Malformed(serde_json::Error),
+}
+
+/// Reads a bundle file: the one place a remote reads a bundle, whether the file `remote create`
+/// wrote or the copy `init` keeps in the data directory.
+fn read_bundle_file(path: &Path) -> Result<Bundle, BundleFileError> {
+    let text = std::fs::read_to_string(path).map_err(BundleFileError::Unreadable)?;
+    Bundle::from_json(&text).map_err(BundleFileError::Malformed)
+}
+
 /// Sets up a remote's data directory from a bundle file.
 pub fn init(bundle_file: &Path, data_dir: &Path) -> anyhow::Result<Bundle> {
-    let text = std::fs::read_to_string(bundle_file)
-        .map_err(|e| anyhow::anyhow!("cannot read the bundle {}: {e}", bundle_file.display()))?;
-    let bundle: Bundle = serde_json::from_str(&text).map_err(|e| {
-        anyhow::anyhow!(
+    let bundle = read_bundle_file(bundle_file).map_err(|e| match e {
+        BundleFileError::Unreadable(e) => anyhow::anyhow!("cannot read the bundle {}: {e}", bundle_file.display()),
+        BundleFileError::Malformed(e) => anyhow::anyhow!(
             "{} is not a crmsync bundle ({e}); use the file `crmsync remote create` wrote",
             bundle_file.display()
-        )
+        ),
     })?;
-    if bundle.product != PRODUCT || bundle.schema != SCHEMA_MAJOR {
-        anyhow::bail!(
-            "the bundle is for {} schema {}, and this is {PRODUCT} schema {SCHEMA_MAJOR}: main and remotes must run the same version",
-            bundle.product,
-            bundle.schema
-        );
-    }
+    bundle.check_version()?;
     let existing = data_dir.join(BUNDLE_FILE);
     if existing.exists() {
-        let old: Option<Bundle> = std::fs::read_to_string(&existing).ok().and_then(|t| serde_json::from_str(&t).ok());
-        match old {
-            Some(old) if old.remote == bundle.remote && old.database_id == bundle.database_id => return Ok(old),
+        match read_bundle_file(&existing) {
+            Ok(old) if old.remote == bundle.remote && old.database_id == bundle.database_id => return Ok(old),
             _ => anyhow::bail!(
                 "{} already holds a remote database; choose an empty directory for remote {}",
                 data_dir.display(),
@@ -66,21 +72,20 @@ pub fn init(bundle_file: &Path, data_dir: &Path) -> anyhow::Result<Bundle> {
     Ok(bundle)
 }
 
+/// The bundle `init` kept in a remote's data directory.
 pub fn read_bundle(data_dir: &Path) -> anyhow::Result<Bundle> {
     let path = data_dir.join(BUNDLE_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        anyhow::anyhow!(
+    read_bundle_file(&path).map_err(|e| match e {
+        BundleFileError::Unreadable(e) => anyhow::anyhow!(
             "{} is not a remote's data directory ({}: {e}); set it up with `crmsync remote init --bundle FILE --data DIR`",
             data_dir.display(),
             path.display()
-        )
-    })?;
-    serde_json::from_str(&text).map_err(|e| {
-        anyhow::anyhow!(
+        ),
+        BundleFileError::Malformed(e) => anyhow::anyhow!(
             "{} is not a readable remote bundle ({e}); set the directory up again with \
              `crmsync remote init --bundle FILE --data DIR` from the bundle `remote create` wrote",
             path.display()
-        )
+        ),
     })
 }
 

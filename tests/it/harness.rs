@@ -117,7 +117,7 @@ impl Env {
             .unwrap()
             .expect("nats-server starts (run ops/install-nats-server)");
         let main = Main::start(MainConfig { nats_url: nats.url(), data_dir: dir.path().join("main") }).await.unwrap();
-        let (base, stop_api) = serve(crmsync::http::main_router(main.clone())).await;
+        let (base, stop_api) = serve(crmsync::http::main_api(main.clone())).await;
         Env { dir, nats, main: Some(main), api: Api::new(base), stop_api: Some(stop_api) }
     }
 
@@ -129,7 +129,7 @@ impl Env {
         MainConfig { nats_url: self.nats.url(), data_dir: self.dir.path().join("main") }
     }
 
-    /// Stops the main (API, projector, router) so its redb file is free.
+    /// Stops the main (API, projector, outbox publisher) so its redb file is free.
     pub async fn stop_main(&mut self) {
         if let Some(tx) = self.stop_api.take() {
             let _ = tx.send(());
@@ -144,7 +144,7 @@ impl Env {
     /// Starts the main again on the same data, with a new API address.
     pub async fn restart_main(&mut self) {
         let main = Main::start(self.main_config()).await.unwrap();
-        let (base, stop_api) = serve(crmsync::http::main_router(main.clone())).await;
+        let (base, stop_api) = serve(crmsync::http::main_api(main.clone())).await;
         self.main = Some(main);
         self.api = Api::new(base);
         self.stop_api = Some(stop_api);
@@ -171,7 +171,7 @@ impl Env {
 
     pub async fn start_remote(&self, data_dir: &std::path::Path) -> RemoteHandle {
         let remote = Remote::start(RemoteConfig::new(data_dir.to_owned())).await.unwrap();
-        let (base, stop_api) = serve(crmsync::http::remote_router(remote.clone())).await;
+        let (base, stop_api) = serve(crmsync::http::remote_api(remote.clone())).await;
         RemoteHandle { remote, api: Api::new(base), data_dir: data_dir.to_owned(), stop_api: Some(stop_api) }
     }
 

@@ -195,7 +195,7 @@ async fn serve_main_with(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let router = crmsync::http::main_router(env.main().clone());
+    let router = crmsync::http::main_api(env.main().clone());
     let task = tokio::spawn(crmsync::http::serve_with(
         listener,
         router,

@@ -1,0 +1,155 @@
+//! The main's own endpoints: sets, remotes and their subscription lists, and the answer to
+//! an online rebuild (the main rebuilds offline).
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use serde_json::json;
+
+use super::error::{ApiError, ApiResult, ok};
+use super::extract::{ApiPath, ApiQuery, parse_body, parse_typed};
+use super::records::{MAX_LIMIT, get_record, list_records, record_json};
+use crate::error::ServiceError;
+use crate::main_service::{Main, RemoteRequest, SetRequest};
+use crate::model::Kind;
+
+/// The main's API: its record endpoints (every kind reads, data kinds write) and these.
+pub fn main_api(main: Main) -> Router {
+    let own = Router::new()
+        .route("/v1/sets", get(list_sets).post(create_set))
+        .route("/v1/sets/{name}", get(show_set).patch(edit_set).delete(delete_set))
+        .route("/v1/sets/{name}/copy", post(copy_set))
+        .route("/v1/sets/{name}/preview", get(preview_set))
+        .route("/v1/remotes/{name}/subscriptions", get(list_subscriptions).post(change_subscriptions))
+        .route("/v1/remotes", get(list_remotes).post(create_remote))
+        .route("/v1/remotes/{name}", get(show_remote))
+        .route("/v1/rebuild", post(main_rebuild));
+    super::api(main, own)
+}
+
+async fn create_set(State(main): State<Main>, body: Result<Bytes, BytesRejection>) -> ApiResult {
+    let req: SetRequest = parse_typed(body)?;
+    let stored = main.create_set(&req).await?;
+    ok(StatusCode::CREATED, record_json(&req.name, &stored))
+}
+
+async fn list_sets(State(main): State<Main>, ApiQuery(q): ApiQuery) -> ApiResult {
+    ok(StatusCode::OK, list_records(main.store().clone(), Kind::Set, q).await?)
+}
+
+async fn show_set(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
+    get_record(main.store(), Kind::Set, &name)
+}
+
+async fn edit_set(
+    State(main): State<Main>,
+    ApiPath(name): ApiPath<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let body = parse_body(body)?;
+    let stored = main.edit_set(&name, &body).await?;
+    ok(StatusCode::OK, record_json(&name, &stored))
+}
+
+async fn delete_set(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
+    main.delete_set(&name).await?;
+    ok(StatusCode::OK, json!({ "deleted": { "kind": Kind::Set, "id": name } }))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CopyRequest {
+    name: String,
+}
+
+async fn copy_set(
+    State(main): State<Main>,
+    ApiPath(name): ApiPath<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let req: CopyRequest = parse_typed(body)?;
+    let stored = main.copy_set(&name, &req.name).await?;
+    ok(StatusCode::CREATED, record_json(&req.name, &stored))
+}
+
+async fn preview_set(State(main): State<Main>, ApiPath(name): ApiPath<String>, ApiQuery(q): ApiQuery) -> ApiResult {
+    let limit = match q.get("limit") {
+        Some(v) => v.parse().ok().filter(|n| *n <= MAX_LIMIT).ok_or_else(|| {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("limit must be a number from 0 to {MAX_LIMIT}, got {v:?}"))
+        })?,
+        None => 20,
+    };
+    let preview = tokio::task::spawn_blocking(move || main.preview_set(&name, limit))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    ok(StatusCode::OK, preview)
+}
+
+async fn list_subscriptions(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
+    ok(StatusCode::OK, json!({ "remote": name, "contacts": main.subscriptions(&name)? }))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscriptionChange {
+    #[serde(default)]
+    add: Vec<String>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+async fn change_subscriptions(
+    State(main): State<Main>,
+    ApiPath(name): ApiPath<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let req: SubscriptionChange = parse_typed(body)?;
+    let mut contacts = main.subscriptions(&name)?;
+    if !req.add.is_empty() {
+        contacts = main.subscribe(&name, &req.add).await?;
+    }
+    if !req.remove.is_empty() {
+        contacts = main.unsubscribe(&name, &req.remove).await?;
+    }
+    ok(StatusCode::OK, json!({ "remote": name, "contacts": contacts }))
+}
+
+async fn create_remote(State(main): State<Main>, body: Result<Bytes, BytesRejection>) -> ApiResult {
+    let req: RemoteRequest = parse_typed(body)?;
+    let bundle = main.create_remote(&req).await?;
+    ok(StatusCode::CREATED, serde_json::to_value(bundle).unwrap_or_default())
+}
+
+/// The remotes, each as `show_remote` shows it: its fields and the messages waiting for it.
+async fn list_remotes(State(main): State<Main>, ApiQuery(q): ApiQuery) -> ApiResult {
+    let mut page = list_records(main.store().clone(), Kind::Remote, q).await?;
+    if let Some(items) = page["items"].as_array_mut() {
+        let backlogs = futures::future::join_all(
+            items.iter().map(|item| main.remote_backlog(item["id"].as_str().unwrap_or_default())),
+        )
+        .await;
+        for (item, backlog) in items.iter_mut().zip(backlogs) {
+            item["backlog"] = backlog.into();
+        }
+    }
+    ok(StatusCode::OK, page)
+}
+
+async fn show_remote(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
+    let Some(stored) = main.store().get(Kind::Remote, &name)? else {
+        return Err(ServiceError::NotFound { kind: Kind::Remote, id: name }.into());
+    };
+    let mut body = record_json(&name, &stored);
+    body["backlog"] = main.remote_backlog(&name).await.into();
+    ok(StatusCode::OK, body)
+}
+
+async fn main_rebuild() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "the main rebuilds offline: stop `crmsync main serve`, run `crmsync main rebuild --data DIR`, then start it again",
+    )
+}

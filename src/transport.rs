@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer, stream};
 
-use crate::wire::{EVENTS_STREAM, SYNC_STREAM, UP_STREAM};
+use crate::wire::{self, EVENTS_ALL, EVENTS_STREAM, SYNC_ALL, SYNC_STREAM, UP_ALL, UP_STREAM};
 
 /// How long NATS remembers a `Nats-Msg-Id` to drop a duplicate publish.
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(120);
@@ -130,7 +130,7 @@ impl Nats {
                     .create_stream(stream::Config {
                         name: EVENTS_STREAM.into(),
                         description: Some("crmsync: every committed change, the source of truth".into()),
-                        subjects: vec!["crm.evt.>".into()],
+                        subjects: vec![EVENTS_ALL.into()],
                         storage: stream::StorageType::File,
                         duplicate_window: DEDUP_WINDOW,
                         allow_direct: true,
@@ -146,7 +146,7 @@ impl Nats {
             .get_or_create_stream(stream::Config {
                 name: SYNC_STREAM.into(),
                 description: Some("crmsync: latest state of each record in each target".into()),
-                subjects: vec!["crm.sync.>".into()],
+                subjects: vec![SYNC_ALL.into()],
                 storage: stream::StorageType::File,
                 max_messages_per_subject: 1,
                 duplicate_window: DEDUP_WINDOW,
@@ -160,7 +160,7 @@ impl Nats {
             .get_or_create_stream(stream::Config {
                 name: UP_STREAM.into(),
                 description: Some("crmsync: edits made at remotes, on their way to the main".into()),
-                subjects: vec!["crm.up.>".into()],
+                subjects: vec![UP_ALL.into()],
                 storage: stream::StorageType::File,
                 retention: stream::RetentionPolicy::WorkQueue,
                 duplicate_window: DEDUP_WINDOW,
@@ -346,7 +346,7 @@ impl Nats {
                     description: Some("crmsync main: merges edits from remotes".into()),
                     ack_policy: consumer::AckPolicy::Explicit,
                     ack_wait: Duration::from_secs(30),
-                    filter_subject: "crm.up.>".into(),
+                    filter_subject: UP_ALL.into(),
                     max_ack_pending: 1000,
                     ..Default::default()
                 },
@@ -416,7 +416,7 @@ impl Nats {
         let stream = self.stream(SYNC_STREAM).await?;
         stream
             .purge()
-            .filter(format!("crm.sync.{}.>", target.token()))
+            .filter(wire::target_filter(target))
             .await
             .map_err(|e| TransportError::request("purging a deleted set", e))?;
         Ok(())

@@ -703,7 +703,7 @@ async fn project(
     let stream = nats.stream(EVENTS_STREAM).await?;
     let consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: "crm.evt.>".into(),
+            filter_subject: wire::EVENTS_ALL.into(),
             deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: start },
             ..Default::default()
         })
@@ -821,7 +821,7 @@ pub async fn rebuild(config: &MainConfig, progress: impl Fn(u64, u64)) -> anyhow
     let stream = nats.stream(EVENTS_STREAM).await?;
     let consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: "crm.evt.>".into(),
+            filter_subject: wire::EVENTS_ALL.into(),
             deliver_policy: consumer::DeliverPolicy::All,
             ..Default::default()
         })

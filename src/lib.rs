@@ -7,7 +7,8 @@
 //!   [`wire`] with [`schema`] for its JSON Schema documents;
 //! - storage, the only module that knows redb: [`store`];
 //! - transport, the only module that knows NATS: [`transport`], and [`natsd`] to run a server;
-//! - the services: [`main_service`], [`remote_service`], with their HTTP APIs in [`http`];
+//! - the services: [`main_service`], [`remote_service`], with their HTTP APIs in [`http`], and
+//!   [`supervise`], which restarts their long-running loops;
 //! - the interfaces: [`cli`] (a client of the APIs, and `crmsync up`: everything on one
 //!   machine) and [`bench`] (the benchmark);
 //! - [`error`]: the error of a service operation; [`demo`]: generated demo data; [`files`]:
@@ -23,6 +24,7 @@ pub mod main_service;
 pub mod natsd;
 pub mod remote_service;
 pub mod store;
+pub mod supervise;
 pub mod transport;
 
 pub use crmsync_core::{date, hlc, model, names, query, routing, schema, wire};

@@ -290,33 +290,10 @@ impl Main {
                 Decision::Upsert(fields) => (Op::Upsert, Some(fields)),
                 Decision::Delete => (Op::Delete, None),
             };
-            let envelope = Envelope {
-                product: PRODUCT.into(),
-                schema: SCHEMA_MAJOR,
-                db: self.inner.database_id.clone(),
-                event: names::new_id(),
-                kind,
-                id: id.to_owned(),
-                op,
-                version: known,
-                origin: origin.to_owned(),
-                record,
-                reason: None,
-            };
+            let envelope = self.envelope(origin, kind, id, known, op, record);
             let msg_id = key.unwrap_or(&envelope.event);
             match self.inner.nats.publish_event(subject.clone(), msg_id, known, envelope.encode(), key, upload).await {
-                Ok((seq, repeated)) => {
-                    let limit = if matches!(kind, Kind::Set | Kind::User | Kind::Remote) {
-                        CONFIG_APPLY_WAIT
-                    } else {
-                        APPLY_WAIT
-                    };
-                    self.wait_applied_for(seq, limit).await?;
-                    if repeated && let Some(entry) = self.key_entry(key)? {
-                        return Ok(Committed::Before(entry));
-                    }
-                    return Ok(Committed::Now(self.inner.store.get(kind, id)?));
-                }
+                Ok((seq, repeated)) => return self.read_back(kind, id, key, seq, repeated).await,
                 Err(TransportError::WrongLastSequence) => {
                     // Someone else changed the record: catch up with the stream and decide again.
                     self.catch_up().await?;
@@ -328,6 +305,42 @@ impl Main {
             "the {kind} {id} is being changed by another writer to CRM_EVENTS at the same time (is a second main \
              running on this database?); {MAX_ATTEMPTS} attempts lost the race. Nothing was changed; try again"
         )))
+    }
+
+    /// The event of a change to a record at version `known`, made at `origin`.
+    fn envelope(&self, origin: &str, kind: Kind, id: &str, known: u64, op: Op, record: Option<Fields>) -> Envelope {
+        Envelope {
+            product: PRODUCT.into(),
+            schema: SCHEMA_MAJOR,
+            db: self.inner.database_id.clone(),
+            event: names::new_id(),
+            kind,
+            id: id.to_owned(),
+            op,
+            version: known,
+            origin: origin.to_owned(),
+            record,
+            reason: None,
+        }
+    }
+
+    /// What a change published at `seq` committed, once the projector has applied it: the
+    /// record as it is now, or the change first committed with the same key (`repeated`: the
+    /// publish was a duplicate).
+    async fn read_back(
+        &self,
+        kind: Kind,
+        id: &str,
+        key: Option<&str>,
+        seq: u64,
+        repeated: bool,
+    ) -> Result<Committed, ServiceError> {
+        let limit = if matches!(kind, Kind::Set | Kind::User | Kind::Remote) { CONFIG_APPLY_WAIT } else { APPLY_WAIT };
+        self.wait_applied_for(seq, limit).await?;
+        if repeated && let Some(entry) = self.key_entry(key)? {
+            return Ok(Committed::Before(entry));
+        }
+        Ok(Committed::Now(self.inner.store.get(kind, id)?))
     }
 
     /// The change committed with an idempotency key, once applied.

@@ -7,7 +7,8 @@
 //!   [`wire`] with [`schema`] for its JSON Schema documents and [`bundle`] for a remote's set-up file;
 //! - storage, the only module that knows redb: [`store`];
 //! - transport, the only module that knows NATS: [`transport`], and [`natsd`] to run a server;
-//! - the services: [`main_service`], [`remote_service`], with their HTTP APIs in [`http`];
+//! - the services: [`main_service`], [`remote_service`], with their HTTP APIs in [`http`], and
+//!   [`supervise`], which restarts their long-running loops;
 //! - [`error`]: the error of a service operation; [`files`]: data files and directories
 //!   readable by their owner alone.
 //!
@@ -21,6 +22,7 @@ pub mod main_service;
 pub mod natsd;
 pub mod remote_service;
 pub mod store;
+pub mod supervise;
 pub mod transport;
 
 pub use crmsync_core::{apply, bundle, date, hlc, merge, model, names, query, routing, schema, wire};

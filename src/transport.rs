@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer, stream};
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use tokio::sync::watch;
 
-use crate::wire::{EVENTS_STREAM, SYNC_STREAM, UP_STREAM};
+use crate::wire::{self, EVENTS_ALL, EVENTS_STREAM, SYNC_ALL, SYNC_STREAM, UP_ALL, UP_STREAM};
 
 /// How long NATS remembers a `Nats-Msg-Id` to drop a duplicate publish.
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(120);
@@ -130,7 +132,7 @@ impl Nats {
                     .create_stream(stream::Config {
                         name: EVENTS_STREAM.into(),
                         description: Some("crmsync: every committed change, the source of truth".into()),
-                        subjects: vec!["crm.evt.>".into()],
+                        subjects: vec![EVENTS_ALL.into()],
                         storage: stream::StorageType::File,
                         duplicate_window: DEDUP_WINDOW,
                         allow_direct: true,
@@ -146,7 +148,7 @@ impl Nats {
             .get_or_create_stream(stream::Config {
                 name: SYNC_STREAM.into(),
                 description: Some("crmsync: latest state of each record in each target".into()),
-                subjects: vec!["crm.sync.>".into()],
+                subjects: vec![SYNC_ALL.into()],
                 storage: stream::StorageType::File,
                 max_messages_per_subject: 1,
                 duplicate_window: DEDUP_WINDOW,
@@ -160,7 +162,7 @@ impl Nats {
             .get_or_create_stream(stream::Config {
                 name: UP_STREAM.into(),
                 description: Some("crmsync: edits made at remotes, on their way to the main".into()),
-                subjects: vec!["crm.up.>".into()],
+                subjects: vec![UP_ALL.into()],
                 storage: stream::StorageType::File,
                 retention: stream::RetentionPolicy::WorkQueue,
                 duplicate_window: DEDUP_WINDOW,
@@ -336,7 +338,7 @@ impl Nats {
     /// It is reset to the first upload still in the queue every time the merger starts: uploads
     /// delivered to an earlier run (a main that was stopped or killed) and never acknowledged
     /// come first again, at once, instead of after their ack wait, behind later ones.
-    pub async fn merger_consumer(&self) -> Result<consumer::Consumer<consumer::pull::Config>, TransportError> {
+    async fn merger_consumer(&self) -> Result<consumer::Consumer<consumer::pull::Config>, TransportError> {
         let stream = self.stream(UP_STREAM).await?;
         let consumer = stream
             .get_or_create_consumer(
@@ -346,7 +348,7 @@ impl Nats {
                     description: Some("crmsync main: merges edits from remotes".into()),
                     ack_policy: consumer::AckPolicy::Explicit,
                     ack_wait: Duration::from_secs(30),
-                    filter_subject: "crm.up.>".into(),
+                    filter_subject: UP_ALL.into(),
                     max_ack_pending: 1000,
                     ..Default::default()
                 },
@@ -400,6 +402,67 @@ impl Nats {
             .map_err(|e| TransportError::request(format!("opening consumer {consumer_name}"), e))
     }
 
+    /// `CRM_EVENTS` in order from sequence `from` (the projector; 1 or less: from the start, to
+    /// rebuild), through an ordered consumer: nothing to acknowledge, and after a reconnect it
+    /// goes on by itself from the last event delivered.
+    pub async fn events(
+        &self,
+        from: u64,
+        max: usize,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Batches<Incoming>, TransportError> {
+        let deliver_policy = match from {
+            0 | 1 => consumer::DeliverPolicy::All,
+            start_sequence => consumer::DeliverPolicy::ByStartSequence { start_sequence },
+        };
+        let consumer = self
+            .stream(EVENTS_STREAM)
+            .await?
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: EVENTS_ALL.into(),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| TransportError::request("creating an ordered consumer on CRM_EVENTS", e))?;
+        let messages = consumer.messages().await.map_err(|e| TransportError::request("reading CRM_EVENTS", e))?;
+        Ok(Batches::new(
+            self,
+            EVENTS_STREAM,
+            messages.map_err(|e| e.to_string()).boxed(),
+            Incoming::from_message,
+            max,
+            shutdown,
+        ))
+    }
+
+    /// The uploads waiting in `CRM_UP`, for the merger, through its consumer
+    /// ([`Nats::merger_consumer`], reset first). Acknowledge each once it is merged or parked.
+    pub async fn uploads(
+        &self,
+        max: usize,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Batches<Uploaded>, TransportError> {
+        let consumer = self.merger_consumer().await?;
+        let messages = pull(&consumer, max).await.map_err(|e| TransportError::request("pulling from CRM_UP", e))?;
+        Ok(Batches::new(self, UP_STREAM, messages, Uploaded::from_message, max, shutdown))
+    }
+
+    /// A remote's messages on `CRM_SYNC`, through the consumer the main made for it. Its
+    /// acknowledgements cover every earlier message: acknowledge only what is committed.
+    pub async fn sync_messages(
+        &self,
+        consumer_name: &str,
+        max: usize,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Batches<Incoming>, TransportError> {
+        let consumer = self.remote_consumer(consumer_name).await?;
+        let messages = pull(&consumer, max)
+            .await
+            .map_err(|e| TransportError::request(format!("pulling from consumer {consumer_name}"), e))?;
+        Ok(Batches::new(self, SYNC_STREAM, messages, Incoming::from_message, max, shutdown))
+    }
+
     /// Moves a remote's consumer to stream sequence `next` (1 replays everything), dropping
     /// any delivered but unacknowledged messages. Returns the messages now pending.
     pub async fn reset_remote_consumer(&self, consumer_name: &str, next: u64) -> Result<u64, TransportError> {
@@ -416,7 +479,7 @@ impl Nats {
         let stream = self.stream(SYNC_STREAM).await?;
         stream
             .purge()
-            .filter(format!("crm.sync.{}.>", target.token()))
+            .filter(wire::target_filter(target))
             .await
             .map_err(|e| TransportError::request("purging a deleted set", e))?;
         Ok(())
@@ -461,9 +524,150 @@ impl Incoming {
 
 /// The remote upload a message carries or merged ([`crate::wire::UPLOAD_ORDER`]): its queue
 /// and number.
-pub fn upload_order(msg: &jetstream::Message) -> Option<(String, u64)> {
+fn upload_order(msg: &jetstream::Message) -> Option<(String, u64)> {
     let value = msg.headers.as_ref()?.get(crate::wire::UPLOAD_ORDER)?;
     crate::wire::parse_upload_order(value.as_str()).map(|(queue, n)| (queue.to_owned(), n))
+}
+
+/// An upload taken off `CRM_UP`, reduced to what the merger needs.
+#[derive(Debug, Clone)]
+pub struct Uploaded {
+    pub subject: String,
+    pub payload: bytes::Bytes,
+    /// Its remote queue and number in it ([`crate::wire::UPLOAD_ORDER`]; none from a remote
+    /// older than the header).
+    pub order: Option<(String, u64)>,
+}
+
+impl Uploaded {
+    fn from_message(msg: &jetstream::Message) -> Option<Uploaded> {
+        Some(Uploaded { subject: msg.subject.to_string(), payload: msg.payload.clone(), order: upload_order(msg) })
+    }
+}
+
+/// A consumer's messages, whatever the kind of consumer.
+type Messages = futures::stream::BoxStream<'static, Result<jetstream::Message, String>>;
+
+/// Opens a pull consumer's message stream: up to `max` messages a pull, with heartbeats, so a
+/// stream whose server went away ends with an error instead of waiting forever.
+async fn pull(consumer: &consumer::PullConsumer, max: usize) -> Result<Messages, consumer::StreamError> {
+    let messages = consumer
+        .stream()
+        .max_messages_per_batch(max)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await?;
+    Ok(messages.map_err(|e| e.to_string()).boxed())
+}
+
+/// Why [`Batches::next`] gave no batch: the loop reading it starts again from its stored
+/// position.
+#[derive(Debug, thiserror::Error)]
+pub enum Interrupted {
+    /// The client reconnected: the consumer may have lost its place on the server, so start
+    /// afresh at once instead of waiting for a heartbeat to time out.
+    #[error("reconnected to NATS; reading on from the stored position")]
+    Reconnected,
+    #[error("the consumer on {0} ended")]
+    Ended(&'static str),
+    #[error("reading {stream}: {detail}")]
+    Failed { stream: &'static str, detail: String },
+}
+
+/// The one way every loop reads a stream: batch by batch ([`next_batch`]), until shutdown or a
+/// reconnect, acknowledging by place in the last batch once it is committed.
+pub struct Batches<T> {
+    stream: &'static str,
+    messages: Messages,
+    read: fn(&jetstream::Message) -> Option<T>,
+    max: usize,
+    shutdown: watch::Receiver<bool>,
+    /// Watched for reconnects, unless the reader goes on through them.
+    connections: Option<watch::Receiver<u64>>,
+    /// The messages of the last batch, in the order of what [`Batches::next`] returned.
+    delivered: Vec<jetstream::Message>,
+}
+
+impl<T> Batches<T> {
+    fn new(
+        nats: &Nats,
+        stream: &'static str,
+        messages: Messages,
+        read: fn(&jetstream::Message) -> Option<T>,
+        max: usize,
+        shutdown: watch::Receiver<bool>,
+    ) -> Batches<T> {
+        let mut connections = nats.connections.clone();
+        connections.mark_unchanged();
+        Batches { stream, messages, read, max, shutdown, connections: Some(connections), delivered: Vec::new() }
+    }
+
+    /// Reads on through reconnects instead of stopping at each: for a reader that cannot start
+    /// again from a stored position (the main's offline rebuild), on an ordered consumer, which
+    /// goes on by itself from the last message delivered. (Stopping would drop the messages of
+    /// a batch half taken.)
+    pub fn through_reconnects(mut self) -> Batches<T> {
+        self.connections = None;
+        self
+    }
+
+    /// The next batch, or `None` once the service shuts down.
+    pub async fn next(&mut self) -> Result<Option<Vec<T>>, Interrupted> {
+        let batch = tokio::select! {
+            b = next_batch(&mut self.messages, self.max) => b,
+            _ = self.shutdown.changed() => return Ok(None),
+            () = reconnected(&mut self.connections) => return Err(Interrupted::Reconnected),
+        };
+        let messages = match batch {
+            None => return Err(Interrupted::Ended(self.stream)),
+            Some(Err(detail)) => return Err(Interrupted::Failed { stream: self.stream, detail }),
+            Some(Ok(messages)) => messages,
+        };
+        self.delivered.clear();
+        let mut batch = Vec::with_capacity(messages.len());
+        for msg in messages {
+            if let Some(item) = (self.read)(&msg) {
+                batch.push(item);
+                self.delivered.push(msg);
+            }
+        }
+        Ok(Some(batch))
+    }
+
+    /// Acknowledges the first `n` messages of the last batch with one ack of the `n`th, which
+    /// covers the earlier ones on a consumer that acknowledges all (a remote's).
+    pub async fn ack_first(&mut self, n: usize) {
+        if let Some(last) = n.checked_sub(1) {
+            self.ack_each([last]).await;
+        }
+    }
+
+    /// Acknowledges each of these messages of the last batch, by place.
+    pub fn ack_each(&mut self, places: impl IntoIterator<Item = usize>) -> impl Future<Output = ()> + Send + '_ {
+        // Taken out of the iterator first, so that the future holds no closure of the caller's.
+        let places: Vec<usize> = places.into_iter().collect();
+        async move {
+            for msg in places.into_iter().filter_map(|i| self.delivered.get(i)) {
+                if let Err(e) = msg.ack().await {
+                    // What was committed and not acknowledged comes again, and is recognised (by
+                    // its version, or its number in its upload queue).
+                    tracing::warn!("acknowledging a message of {} failed: {e}", self.stream);
+                }
+            }
+        }
+    }
+}
+
+/// Returns when the client has connected again (at once if it is gone); never without
+/// `connections`.
+async fn reconnected(connections: &mut Option<watch::Receiver<u64>>) {
+    match connections {
+        Some(connections) => {
+            let _ = connections.changed().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Waits for one message, then takes whatever else is already there, up to `max`: batches
@@ -471,11 +675,7 @@ pub fn upload_order(msg: &jetstream::Message) -> Option<(String, u64)> {
 /// single change stays that of one message. While the server says more messages are pending
 /// for this consumer, it also waits (briefly) for them: during a rebuild or a catch-up, large
 /// transactions are what makes applying cheap.
-pub async fn next_batch<S, E>(messages: &mut S, max: usize) -> Option<Result<Vec<jetstream::Message>, E>>
-where
-    S: futures::Stream<Item = Result<jetstream::Message, E>> + Unpin,
-{
-    use futures::{FutureExt, StreamExt};
+async fn next_batch(messages: &mut Messages, max: usize) -> Option<Result<Vec<jetstream::Message>, String>> {
     let pending = |m: &jetstream::Message| m.info().map(|i| i.pending).unwrap_or(0);
     let first = match messages.next().await? {
         Ok(m) => m,

@@ -246,6 +246,18 @@ pub fn subject_record(subject: &str) -> Option<(Kind, &str)> {
     Some((kind, id))
 }
 
+/// Every subject of `CRM_EVENTS`: the stream's subjects and the projector's filter.
+pub const EVENTS_ALL: &str = "crm.evt.>";
+/// Every subject of `CRM_SYNC`.
+pub const SYNC_ALL: &str = "crm.sync.>";
+/// Every subject of `CRM_UP`: the stream's subjects and the merger's filter.
+pub const UP_ALL: &str = "crm.up.>";
+
+/// Every subject of one target on `CRM_SYNC` (to purge a deleted set, or to read one set).
+pub fn target_filter(target: &Target) -> String {
+    format!("crm.sync.{}.>", target.token())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,5 +321,6 @@ mod tests {
         assert_eq!(subject_record(&s), Some((Kind::Note, "n1")));
         assert_eq!(up_remote(&up_subject("r1", Kind::Note, "n1")), Some("r1"));
         assert!(reject_subject("r1", Kind::Note, "n1").starts_with("crm.sync.~r1."));
+        assert_eq!(target_filter(&Target::Subscriptions("r1".into())), "crm.sync.~r1.>");
     }
 }

@@ -210,7 +210,8 @@ async fn measure_rebuild(
         let (s, p) = timed_rebuild(http, &service.base, contacts).await?;
         secs.push(s);
         p99.push(p);
-        let (c, messages) = raw_consume(nats, &format!("crm.sync.{set}.>")).await?;
+        let (c, messages) =
+            raw_consume(nats, &crmsync::wire::target_filter(&crmsync::wire::Target::Set(set.to_owned()))).await?;
         consume.push(c);
         insert.push(raw_redb_insert(scratch, &messages)?);
     }

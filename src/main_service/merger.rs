@@ -11,8 +11,8 @@
 //! changes nothing (the same stamps are already held).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 
+use futures::FutureExt;
 use tokio::sync::watch;
 
 use super::{Decision, Main};
@@ -21,43 +21,22 @@ use crate::merge::{self, Facts, Plan};
 use crate::model::{self, Kind};
 use crate::routing::{Basis, RoutingConfig, SetSpec, TargetDef};
 use crate::store::{LogEntry, Parked, Stored};
-use crate::transport;
+use crate::supervise::{Stop, supervise};
+// An upload to merge: taken off `CRM_UP`, or out of the parked table.
+use crate::transport::Uploaded as Upload;
 use crate::wire::{self, Decoded, Envelope, Op};
 
-pub(super) async fn run(main: Main, mut shutdown: watch::Receiver<bool>) {
-    loop {
-        let result = merge_loop(&main, &mut shutdown).await;
-        if *shutdown.borrow() {
-            return;
-        }
-        if let Err(e) = result {
-            tracing::warn!("merger restarting: {e:#}");
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = shutdown.changed() => return,
-        }
-    }
+pub(super) async fn run(mut main: Main, shutdown: watch::Receiver<bool>) {
+    let _ = supervise("merger", shutdown, &mut main, |main, shutdown| {
+        async move { merge_loop(main, shutdown).await.map_err(Stop::from) }.boxed()
+    })
+    .await;
 }
 
 /// Uploads taken off the queue at most at once.
 const MERGE_BATCH: usize = 256;
 /// Parked uploads merged at once when the upload they waited for has come.
 const UNPARK_BATCH: usize = 256;
-
-/// An upload to merge: taken off `CRM_UP` or out of the parked table.
-struct Upload {
-    subject: String,
-    payload: bytes::Bytes,
-    /// Its remote queue and number in it (none from a remote older than the header).
-    order: Option<(String, u64)>,
-}
-
-impl Upload {
-    fn from_message(msg: &async_nats::jetstream::Message) -> Upload {
-        Upload { subject: msg.subject.to_string(), payload: msg.payload.clone(), order: transport::upload_order(msg) }
-    }
-}
 
 use crate::store::next_upload_key as next_key;
 
@@ -72,52 +51,20 @@ struct Sorted {
     repeated: Vec<usize>,
 }
 
-async fn merge_loop(main: &Main, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
+async fn merge_loop(main: &Main, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     // The merge positions come with the merged changes: after a restart the projector must
     // have applied all of them before the merger reads where each queue stands.
     main.catch_up().await?;
-    let consumer = main.inner.nats.merger_consumer().await?;
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(MERGE_BATCH)
-        .heartbeat(Duration::from_secs(5))
-        .expires(Duration::from_secs(30))
-        .messages()
-        .await?;
-    let mut connections = main.inner.nats.connections.clone();
-    connections.mark_unchanged();
+    let mut uploads = main.inner.nats.uploads(MERGE_BATCH, shutdown).await?;
     // The next number expected from each upload queue, as committed: read afresh at every
     // start, because a failed batch may have advanced it here but not on disk.
     let mut next: BTreeMap<String, u64> = BTreeMap::new();
     // The queues with parked uploads: after each batch, those that can go on are merged.
     let mut parked: BTreeSet<String> = main.inner.store.parked_queues()?;
-    loop {
-        let batch = tokio::select! {
-            _ = shutdown.changed() => return Ok(()),
-            _ = connections.changed() => anyhow::bail!("reconnected to NATS"),
-            b = transport::next_batch(&mut messages, MERGE_BATCH) => b,
-        };
-        let batch = match batch {
-            None => anyhow::bail!("the upload consumer ended"),
-            Some(Err(e)) => anyhow::bail!("reading CRM_UP: {e}"),
-            Some(Ok(batch)) => batch,
-        };
-        let sorted = sort_batch(&main.inner.store, &mut next, batch.iter().map(Upload::from_message))?;
-        if !sorted.park.is_empty() {
-            main.inner.store.write(true, |t| {
-                for (_, u) in &sorted.park {
-                    let (queue, n) = u.order.as_ref().expect("only ordered uploads are parked");
-                    tracing::info!(
-                        queue,
-                        n,
-                        "an upload came before an earlier one of its queue; keeping it until that one is merged"
-                    );
-                    t.park(queue, *n, &Parked { subject: u.subject.clone(), payload: u.payload.to_vec() })?;
-                }
-                Ok(())
-            })?;
-            parked.extend(sorted.park.iter().filter_map(|(_, u)| u.order.as_ref().map(|(q, _)| q.clone())));
-        }
+    while let Some(batch) = uploads.next().await? {
+        let sorted = sort_batch(&main.inner.store, &mut next, batch.into_iter())?;
+        park(main, &sorted.park)?;
+        parked.extend(sorted.park.iter().filter_map(|(_, u)| u.order.as_ref().map(|(q, _)| q.clone())));
         let mut start = 0;
         while start < sorted.merge.len() {
             let end = start + wave_len(&sorted.merge[start..]);
@@ -126,10 +73,10 @@ async fn merge_loop(main: &Main, shutdown: &mut watch::Receiver<bool>) -> anyhow
                 // Some changed nothing (or were refused): no event records their place.
                 commit_order(main, wave.iter().map(|(_, u)| u))?;
             }
-            ack(wave.iter().map(|(i, _)| &batch[*i])).await;
+            uploads.ack_each(wave.iter().map(|(i, _)| *i)).await;
             start = end;
         }
-        ack(sorted.park.iter().map(|(i, _)| &batch[*i]).chain(sorted.repeated.iter().map(|i| &batch[*i]))).await;
+        uploads.ack_each(sorted.park.iter().map(|(i, _)| *i).chain(sorted.repeated.iter().copied())).await;
         // The uploads that waited for one merged now.
         for queue in parked.clone() {
             let from = match next.get(&queue) {
@@ -142,6 +89,28 @@ async fn merge_loop(main: &Main, shutdown: &mut watch::Receiver<bool>) -> anyhow
             }
         }
     }
+    Ok(())
+}
+
+/// Keeps, durably, uploads that came before an earlier one of their queue, until that one is
+/// merged.
+fn park(main: &Main, uploads: &[(usize, Upload)]) -> Result<(), ServiceError> {
+    if uploads.is_empty() {
+        return Ok(());
+    }
+    main.inner.store.write(true, |t| {
+        for (_, u) in uploads {
+            let (queue, n) = u.order.as_ref().expect("only ordered uploads are parked");
+            tracing::info!(
+                queue,
+                n,
+                "an upload came before an earlier one of its queue; keeping it until that one is merged"
+            );
+            t.park(queue, *n, &Parked { subject: u.subject.clone(), payload: u.payload.to_vec() })?;
+        }
+        Ok(())
+    })?;
+    Ok(())
 }
 
 /// Sorts uploads by their place in their queue against the next number expected of it,
@@ -205,16 +174,6 @@ fn commit_order<'a>(main: &Main, merged: impl Iterator<Item = &'a Upload>) -> Re
         Ok(())
     })?;
     Ok(())
-}
-
-async fn ack<'a>(messages: impl Iterator<Item = &'a async_nats::jetstream::Message>) {
-    for msg in messages {
-        if let Err(e) = msg.ack().await {
-            // Merged or parked; if the ack is lost the upload comes again and is recognised by
-            // its number.
-            tracing::warn!("acknowledging an upload failed: {e}");
-        }
-    }
 }
 
 /// Merges, one at a time and in order, the parked uploads of `queue` that follow its merged

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer;
+use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
@@ -25,7 +25,8 @@ use crate::hlc::Clock;
 use crate::model::{self, Field, Fields, Kind, Value};
 use crate::names;
 use crate::store::{APPLIED, DATABASE_ID, KeyEntry, Store, StoreError, Stored};
-use crate::transport::{self, Incoming, Nats, TransportError};
+use crate::supervise::{Stop, supervise};
+use crate::transport::{Incoming, Nats, TransportError};
 use crate::wire::{self, EVENTS_STREAM, Envelope, ORIGIN_MAIN, Op, PRODUCT, SCHEMA_MAJOR};
 
 /// How long a write waits for the projector before it reports the projection as behind.
@@ -124,14 +125,9 @@ impl Main {
             shutdown,
             tasks: Mutex::new(Vec::new()),
         });
-        let projector = tokio::spawn(run_projector(
-            store.clone(),
-            nats.clone(),
-            database_id,
-            applied_tx,
-            notify.clone(),
-            shutdown_rx.clone(),
-        ));
+        let projector =
+            Projector { store: store.clone(), nats: nats.clone(), database_id, applied_tx, notify: notify.clone() };
+        let projector = tokio::spawn(run_projector(projector, shutdown_rx.clone()));
         let publisher = tokio::spawn(publisher::run(store.clone(), nats, notify, shutdown_rx.clone()));
         let flusher = tokio::spawn(store.flush_periodically(shutdown_rx));
         inner.tasks.lock().unwrap().extend([projector, publisher, flusher]);
@@ -278,33 +274,10 @@ impl Main {
                 Decision::Upsert(fields) => (Op::Upsert, Some(fields)),
                 Decision::Delete => (Op::Delete, None),
             };
-            let envelope = Envelope {
-                product: PRODUCT.into(),
-                schema: SCHEMA_MAJOR,
-                db: self.inner.database_id.clone(),
-                event: names::new_id(),
-                kind,
-                id: id.to_owned(),
-                op,
-                version: known,
-                origin: origin.to_owned(),
-                record,
-                reason: None,
-            };
+            let envelope = self.envelope(origin, kind, id, known, op, record);
             let msg_id = key.unwrap_or(&envelope.event);
             match self.inner.nats.publish_event(subject.clone(), msg_id, known, envelope.encode(), key, upload).await {
-                Ok((seq, repeated)) => {
-                    let limit = if matches!(kind, Kind::Set | Kind::User | Kind::Remote) {
-                        CONFIG_APPLY_WAIT
-                    } else {
-                        APPLY_WAIT
-                    };
-                    self.wait_applied_for(seq, limit).await?;
-                    if repeated && let Some(entry) = self.key_entry(key)? {
-                        return Ok(Committed::Before(entry));
-                    }
-                    return Ok(Committed::Now(self.inner.store.get(kind, id)?));
-                }
+                Ok((seq, repeated)) => return self.read_back(kind, id, key, seq, repeated).await,
                 Err(TransportError::WrongLastSequence) => {
                     // Someone else changed the record: catch up with the stream and decide again.
                     self.catch_up().await?;
@@ -316,6 +289,42 @@ impl Main {
             "the {kind} {id} is being changed by another writer to CRM_EVENTS at the same time (is a second main \
              running on this database?); {MAX_ATTEMPTS} attempts lost the race. Nothing was changed; try again"
         )))
+    }
+
+    /// The event of a change to a record at version `known`, made at `origin`.
+    fn envelope(&self, origin: &str, kind: Kind, id: &str, known: u64, op: Op, record: Option<Fields>) -> Envelope {
+        Envelope {
+            product: PRODUCT.into(),
+            schema: SCHEMA_MAJOR,
+            db: self.inner.database_id.clone(),
+            event: names::new_id(),
+            kind,
+            id: id.to_owned(),
+            op,
+            version: known,
+            origin: origin.to_owned(),
+            record,
+            reason: None,
+        }
+    }
+
+    /// What a change published at `seq` committed, once the projector has applied it: the
+    /// record as it is now, or the change first committed with the same key (`repeated`: the
+    /// publish was a duplicate).
+    async fn read_back(
+        &self,
+        kind: Kind,
+        id: &str,
+        key: Option<&str>,
+        seq: u64,
+        repeated: bool,
+    ) -> Result<Committed, ServiceError> {
+        let limit = if matches!(kind, Kind::Set | Kind::User | Kind::Remote) { CONFIG_APPLY_WAIT } else { APPLY_WAIT };
+        self.wait_applied_for(seq, limit).await?;
+        if repeated && let Some(entry) = self.key_entry(key)? {
+            return Ok(Committed::Before(entry));
+        }
+        Ok(Committed::Now(self.inner.store.get(kind, id)?))
     }
 
     /// The change committed with an idempotency key, once applied.
@@ -625,89 +634,68 @@ pub struct RemoteRequest {
     pub nats_url: Option<String>,
 }
 
-/// The projector task: an ordered consumer on `CRM_EVENTS` from the stored position, applying
-/// batches, until shutdown. Any failure restarts it from the stored position.
-async fn run_projector(
+/// The projector task: `CRM_EVENTS` in order from the stored position, applied batch by batch,
+/// until shutdown. Any failure starts it again from the stored position.
+async fn run_projector(mut projector: Projector, shutdown: watch::Receiver<bool>) {
+    let _ = supervise("projector", shutdown, &mut projector, |p, shutdown| {
+        async move { project(p, shutdown).await.map_err(Stop::from) }.boxed()
+    })
+    .await;
+}
+
+/// What the projector needs, kept across its restarts.
+struct Projector {
     store: Store,
     nats: Nats,
     database_id: String,
     applied_tx: watch::Sender<u64>,
     notify: Arc<Notify>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let result = project(&store, &nats, &database_id, &applied_tx, &notify, &mut shutdown).await;
-        if *shutdown.borrow() {
-            return;
-        }
-        if let Err(e) = result {
-            tracing::warn!("projector restarting: {e:#}");
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
-            _ = shutdown.changed() => return,
-        }
-    }
 }
 
-async fn project(
-    store: &Store,
-    nats: &Nats,
-    database_id: &str,
-    applied_tx: &watch::Sender<u64>,
-    notify: &Notify,
-    shutdown: &mut watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let start = store.meta(APPLIED)? + 1;
+async fn project(p: &Projector, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let start = p.store.meta(APPLIED)? + 1;
     // Loaded afresh at every start: a batch that failed may have changed it half-way.
-    let state = Arc::new(Mutex::new(projector::RouterState::load(store)?));
-    let stream = nats.stream(EVENTS_STREAM).await?;
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: "crm.evt.>".into(),
-            deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: start },
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| TransportError::request("creating the projector's consumer", e))?;
-    let mut messages = consumer.messages().await.map_err(|e| TransportError::request("reading CRM_EVENTS", e))?;
-    let mut connections = nats.connections.clone();
-    connections.mark_unchanged();
+    let state = Arc::new(Mutex::new(projector::RouterState::load(&p.store)?));
+    let mut batches = p.nats.events(start, PROJECTOR_BATCH, shutdown).await?;
     let mut last_forget = std::time::Instant::now();
-    loop {
-        let batch = tokio::select! {
-            b = transport::next_batch(&mut messages, PROJECTOR_BATCH) => b,
-            _ = shutdown.changed() => return Ok(()),
-            _ = connections.changed() => anyhow::bail!("reconnected to NATS; reading on from the stored position"),
-        };
-        let batch = match batch {
-            None => anyhow::bail!("the events consumer ended"),
-            Some(Err(e)) => anyhow::bail!("reading CRM_EVENTS: {e}"),
-            Some(Ok(batch)) => batch,
-        };
-        let incoming: Vec<Incoming> = batch.iter().filter_map(Incoming::from_message).collect();
-        let (store2, state2, db) = (store.clone(), state.clone(), database_id.to_owned());
+    while let Some(incoming) = batches.next().await? {
         let forget_keys = last_forget.elapsed() >= KEY_FORGET_INTERVAL;
         if forget_keys {
             last_forget = std::time::Instant::now();
         }
-        let last = tokio::task::spawn_blocking(move || {
-            let mut state = state2.lock().unwrap();
-            // Large batches (a catch-up) commit durably: many non-durable commits in a row make
-            // redb's file grow, because pages are only freed by a durable commit.
-            let durable = incoming.len() >= crate::store::DURABLE_BATCH;
-            store2.write(durable, |t| {
-                let last = projector::apply_batch(t, &mut state, &db, &incoming)?;
-                if forget_keys {
-                    t.forget_keys(crate::hlc::wall_ms().saturating_sub(KEY_LIFETIME.as_millis() as u64))?;
-                }
-                Ok(last)
-            })
-        })
-        .await??;
-        applied_tx.send_replace(last);
-        notify.notify_one();
+        // Large batches (a catch-up) commit durably: many non-durable commits in a row make
+        // redb's file grow, because pages are only freed by a durable commit.
+        let durable = incoming.len() >= crate::store::DURABLE_BATCH;
+        let last = apply_events(&p.store, &state, &p.database_id, incoming, durable, forget_keys).await?;
+        p.applied_tx.send_replace(last);
+        p.notify.notify_one();
     }
+    Ok(())
+}
+
+/// Applies a batch of events in one transaction (forgetting expired idempotency keys in it
+/// when `forget_keys`), and returns the position applied.
+async fn apply_events(
+    store: &Store,
+    state: &Arc<Mutex<projector::RouterState>>,
+    database_id: &str,
+    incoming: Vec<Incoming>,
+    durable: bool,
+    forget_keys: bool,
+) -> anyhow::Result<u64> {
+    let (store, state, db) = (store.clone(), state.clone(), database_id.to_owned());
+    let last = tokio::task::spawn_blocking(move || {
+        let mut state = state.lock().unwrap();
+        store.write(durable, |t| {
+            let last = projector::apply_batch(t, &mut state, &db, &incoming)?;
+            if forget_keys {
+                t.forget_keys(crate::hlc::wall_ms().saturating_sub(KEY_LIFETIME.as_millis() as u64))?;
+            }
+            Ok(last)
+        })
+    })
+    .await??;
+    Ok(last)
 }
 
 /// Set when a damaged file lost the merge positions of the remotes' upload queues: the merger
@@ -779,37 +767,16 @@ pub async fn rebuild(config: &MainConfig, progress: impl Fn(u64, u64)) -> anyhow
     let applied = store.meta(APPLIED)?;
     let route_from = store.meta(projector::ROUTE_FROM)?.max(applied + 1);
     store.clear_projection(|t| t.set_meta(projector::ROUTE_FROM, route_from))?;
-    let stream = nats.stream(EVENTS_STREAM).await?;
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: "crm.evt.>".into(),
-            deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| TransportError::request("creating the rebuild consumer", e))?;
-    let mut messages = consumer.messages().await.map_err(|e| TransportError::request("reading CRM_EVENTS", e))?;
-    let mut state = projector::RouterState::default();
+    // Offline: nothing shuts the rebuild down but the process.
+    let (_running, shutdown) = watch::channel(false);
+    let mut batches = nats.events(1, PROJECTOR_BATCH, shutdown).await?.through_reconnects();
+    let state = Arc::new(Mutex::new(projector::RouterState::default()));
     let mut applied = 0u64;
     let mut done = 0u64;
     while applied < last {
-        let batch = match transport::next_batch(&mut messages, PROJECTOR_BATCH).await {
-            None => anyhow::bail!("the events consumer ended"),
-            Some(Err(e)) => anyhow::bail!("reading CRM_EVENTS: {e}"),
-            Some(Ok(batch)) => batch,
-        };
-        let incoming: Vec<Incoming> = batch.iter().filter_map(Incoming::from_message).collect();
+        let Some(incoming) = batches.next().await? else { anyhow::bail!("the rebuild was stopped") };
         done += incoming.len() as u64;
-        let s = store.clone();
-        let db = database_id.clone();
-        let (a, state_back) = tokio::task::spawn_blocking(move || {
-            let mut state = state;
-            let a = s.write(true, |t| projector::apply_batch(t, &mut state, &db, &incoming));
-            (a, state)
-        })
-        .await?;
-        state = state_back;
-        applied = a?;
+        applied = apply_events(&store, &state, &database_id, incoming, true, false).await?;
         progress(applied, last);
     }
     store.write(true, |_| Ok(()))?;

@@ -10,10 +10,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::{Inner, Remote};
+use crate::apply::HELD_LOCALLY;
 use crate::error::ServiceError;
 use crate::model::{self, Fields, Kind};
 use crate::names;
-use crate::apply::HELD_LOCALLY;
 use crate::store::{StoreError, Stored, Tables, Upload};
 use crate::wire::{self, Envelope, Op, PRODUCT, SCHEMA_MAJOR};
 

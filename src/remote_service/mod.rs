@@ -11,17 +11,20 @@ mod edit;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
+
+use futures::FutureExt;
 
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
+use crate::apply::{HELD_BY_SET, HELD_BY_SUBSCRIPTION};
 use crate::bundle::Bundle;
 use crate::error::ServiceError;
 use crate::hlc::Clock;
-use crate::apply::{HELD_BY_SET, HELD_BY_SUBSCRIPTION};
 use crate::main_service::counts_json;
 use crate::store::{APPLIED, DATABASE_ID, Store};
-use crate::transport::{self, Incoming, Nats, TransportError};
+use crate::supervise::{Stop, supervise};
+use crate::transport::{Incoming, Nats};
 use crate::wire::{self, Decoded, Op, PRODUCT, SCHEMA_MAJOR, Target};
 
 pub const SYNC_BATCH: usize = 4000;
@@ -150,7 +153,7 @@ struct Inner {
     upload_ready: Notify,
     /// Local edits on their way to the local writer.
     edits: mpsc::UnboundedSender<edit::Job>,
-    rebuild_tx: mpsc::Sender<oneshot::Sender<Result<u64, String>>>,
+    rebuild_tx: mpsc::Sender<RebuildRequest>,
     shutdown: watch::Sender<bool>,
     /// Ends when sync stops, with the reason if it was an error.
     done: Mutex<Option<tokio::task::JoinHandle<Result<(), String>>>>,
@@ -376,172 +379,143 @@ fn upload_queue(store: &Store) -> anyhow::Result<(String, u64)> {
     Ok((id, base))
 }
 
+/// A request to rebuild: answered with the number of messages to replay, or why it failed.
+type RebuildRequest = oneshot::Sender<Result<u64, String>>;
+
 struct Rebuild {
     started: Instant,
     done: u64,
     total: u64,
     /// Told the number of messages to replay once the consumer has been reset.
-    reply: Option<oneshot::Sender<Result<u64, String>>>,
+    reply: Option<RebuildRequest>,
 }
 
+/// The sync task: pulls, applies and acknowledges batches until shutdown, starting again from
+/// the stored position after a failure, a reconnect or a rebuild request. Returns the reason
+/// when it stops for good.
 async fn run_sync(
     inner: Arc<Inner>,
-    mut rebuild_rx: mpsc::Receiver<oneshot::Sender<Result<u64, String>>>,
-    mut shutdown: watch::Receiver<bool>,
+    rebuild_rx: mpsc::Receiver<RebuildRequest>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), String> {
-    let mut rebuild: Option<Rebuild> = None;
-    loop {
-        if *shutdown.borrow() {
-            return Ok(());
-        }
-        let result = sync(&inner, &mut rebuild_rx, &mut shutdown, &mut rebuild).await;
-        match result {
-            Ok(()) => return Ok(()),
-            Err(SyncStop::Fatal(msg)) => {
-                tracing::error!("sync stopped: {msg}");
-                inner.state.lock().unwrap().error = Some(msg.clone());
-                if let Some(reply) = rebuild.take().and_then(|r| r.reply) {
-                    let _ = reply.send(Err(msg.clone()));
-                }
-                return Err(msg);
-            }
-            Err(SyncStop::Restart) => continue,
-            Err(SyncStop::Retry(msg)) => {
-                tracing::warn!("sync interrupted, retrying: {msg}");
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = shutdown.changed() => return Ok(()),
+    let mut sync = SyncLoop { inner, rebuild_rx, rebuild: None };
+    let result = supervise("sync", shutdown, &mut sync, |sync, shutdown| sync.run(shutdown).boxed()).await;
+    if let Err(why) = &result {
+        sync.inner.state.lock().unwrap().error = Some(why.clone());
+        if let Some(reply) = sync.rebuild.take().and_then(|r| r.reply) {
+            let _ = reply.send(Err(why.clone()));
         }
     }
+    result
 }
 
-enum SyncStop {
-    /// Stop syncing: a message that does not belong here, or a broken store.
-    Fatal(String),
-    /// Try again from the stored position (NATS unreachable, consumer busy).
-    Retry(String),
-    /// Pull afresh at once from the stored position (a rebuild emptied the projection).
-    Restart,
+/// What the pull loop keeps across its runs: the rebuild requests, and the rebuild in progress.
+struct SyncLoop {
+    inner: Arc<Inner>,
+    rebuild_rx: mpsc::Receiver<RebuildRequest>,
+    rebuild: Option<Rebuild>,
 }
 
-impl From<TransportError> for SyncStop {
-    fn from(e: TransportError) -> SyncStop {
-        SyncStop::Retry(e.to_string())
-    }
+/// A store error stops sync, unless the file only cannot be written now (a full disk).
+fn store_stop(e: crate::store::StoreError) -> Stop {
+    if e.is_unwritable() { Stop::Retry(e.to_string()) } else { Stop::Fatal(e.to_string()) }
 }
 
-/// One run of the pull loop, from the stored position until an error, a rebuild or shutdown.
-///
-/// Every run starts by resetting the consumer to just after the last message this remote has
-/// committed (durably or not: a crash loses both the commit and the process, and the next
-/// process starts from the durable position). The consumer acknowledges all messages up to the one acked, so a message that
-/// was delivered but never applied (to a process that was killed, or to a pull loop that was
-/// dropped) must not be left pending behind newer ones: a later ack would cover it. The reset
-/// clears those deliveries and replays exactly from the stored position.
-async fn sync(
-    inner: &Arc<Inner>,
-    rebuild_rx: &mut mpsc::Receiver<oneshot::Sender<Result<u64, String>>>,
-    shutdown: &mut watch::Receiver<bool>,
-    rebuild: &mut Option<Rebuild>,
-) -> Result<(), SyncStop> {
-    let store = &inner.store;
-    // A file that cannot be written now (a full disk) is tried again; a damaged one stops sync.
-    let fatal = |e: crate::store::StoreError| {
-        if e.is_unwritable() { SyncStop::Retry(e.to_string()) } else { SyncStop::Fatal(e.to_string()) }
-    };
-    let applied = store.meta(APPLIED).map_err(fatal)?;
-    let pending = inner.nats.reset_remote_consumer(&inner.bundle.consumer, applied + 1).await?;
-    if let Some(r) = rebuild.as_mut()
-        && let Some(reply) = r.reply.take()
-    {
-        r.total = pending;
-        let _ = reply.send(Ok(pending));
-        let mut state = inner.state.lock().unwrap();
-        if pending == 0 {
-            state.rebuilding = None;
-            state.last_rebuild = Some(RebuildSummary { records: 0, seconds: r.started.elapsed().as_secs_f64() });
-            *rebuild = None;
-        } else {
-            state.rebuilding = Some(Progress { done: 0, total: pending });
+impl SyncLoop {
+    /// One run of the pull loop, from the stored position until an error, a rebuild or
+    /// shutdown.
+    ///
+    /// Every run starts by resetting the consumer to just after the last message this remote
+    /// has committed (durably or not: a crash loses both the commit and the process, and the
+    /// next process starts from the durable position). The consumer acknowledges all messages
+    /// up to the one acked, so a message that was delivered but never applied (to a process
+    /// that was killed, or to a pull loop that was dropped) must not be left pending behind
+    /// newer ones: a later ack would cover it. The reset clears those deliveries and replays
+    /// exactly from the stored position.
+    async fn run(&mut self, shutdown: watch::Receiver<bool>) -> Result<(), Stop> {
+        let inner = self.inner.clone();
+        let (nats, consumer) = (&inner.nats, &inner.bundle.consumer);
+        let applied = inner.store.meta(APPLIED).map_err(store_stop)?;
+        let pending = nats.reset_remote_consumer(consumer, applied + 1).await?;
+        self.rebuild_reset(pending);
+        let mut batches = nats.sync_messages(consumer, inner.batch, shutdown).await?;
+        loop {
+            let incoming = tokio::select! {
+                request = self.rebuild_rx.recv() => return self.start_rebuild(request),
+                next = batches.next() => match next? {
+                    Some(incoming) => incoming,
+                    None => return Ok(()),
+                },
+            };
+            let pending = incoming.last().map(|m| m.pending);
+            let applied = self.apply(incoming).await?;
+            // The batch is committed; an unacknowledged batch is replayed from the stored
+            // position on the next run and skipped by version.
+            batches.ack_first(applied.taken).await;
+            if let Some(foreign) = applied.foreign {
+                return Err(Stop::Fatal(foreign.to_string()));
+            }
+            let mut state = inner.state.lock().unwrap();
+            state.pending = pending;
+            progress(&mut self.rebuild, &mut state, applied.taken as u64, pending);
         }
     }
-    let consumer = inner.nats.remote_consumer(&inner.bundle.consumer).await?;
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(inner.batch)
-        .heartbeat(Duration::from_secs(5))
-        .expires(Duration::from_secs(30))
-        .messages()
-        .await
-        .map_err(|e| TransportError::request("pulling from the remote's consumer", e))?;
-    let mut connections = inner.nats.connections.clone();
-    connections.mark_unchanged();
-    loop {
-        let batch = tokio::select! {
-            _ = shutdown.changed() => return Ok(()),
-            _ = connections.changed() => return Err(SyncStop::Restart),
-            req = rebuild_rx.recv() => {
-                let Some(reply) = req else { return Ok(()) };
-                let started = Instant::now();
-                if let Err(e) = store.clear_projection(|_| Ok(())) {
-                    let _ = reply.send(Err(e.to_string()));
-                    return Err(fatal(e));
-                }
-                *rebuild = Some(Rebuild { started, done: 0, total: 0, reply: Some(reply) });
-                return Err(SyncStop::Restart);
-            }
-            b = transport::next_batch(&mut messages, inner.batch) => b,
-        };
-        let batch = match batch {
-            None => return Err(SyncStop::Retry("the consumer's message stream ended".into())),
-            Some(Err(e)) => return Err(SyncStop::Retry(format!("pulling messages: {e}"))),
-            Some(Ok(batch)) => batch,
-        };
-        let incoming: Vec<Incoming> = batch.iter().filter_map(Incoming::from_message).collect();
-        let pending = incoming.last().map(|m| m.pending);
+
+    /// Applies a batch with its position in one transaction.
+    async fn apply(&self, incoming: Vec<Incoming>) -> Result<apply::Applied, Stop> {
         tracing::debug!(
             messages = incoming.len(),
             first = incoming.first().map(|m| m.seq),
             last = incoming.last().map(|m| m.seq),
-            pending,
+            pending = incoming.last().map(|m| m.pending),
             "applying a batch"
         );
-        let refreshed = refresh_refused(inner, &incoming).await?;
-        let db = inner.bundle.database_id.clone();
-        let s = store.clone();
+        let refreshed = refresh_refused(&self.inner, &incoming).await?;
+        let db = self.inner.bundle.database_id.clone();
+        let store = self.inner.store.clone();
         // Large batches (a rebuild, a catch-up) commit durably: many non-durable commits in a
         // row make redb's file grow, because pages are only freed by a durable commit.
         let durable = incoming.len() >= crate::store::DURABLE_BATCH;
-        let applied = tokio::task::spawn_blocking(move || {
-            s.write(durable, |t| apply::apply_batch(t, &db, &incoming, &refreshed))
-        })
-        .await
-        .map_err(|e| SyncStop::Fatal(e.to_string()))?
-        .map_err(fatal)?;
-        if applied.taken > 0
-            && let Err(e) = batch[applied.taken - 1].ack().await
-        {
-            // The batch is committed; an unacknowledged batch is replayed from the stored
-            // position on the next run and skipped by version.
-            tracing::warn!("acknowledging a batch failed: {e}");
+        tokio::task::spawn_blocking(move || store.write(durable, |t| apply::apply_batch(t, &db, &incoming, &refreshed)))
+            .await
+            .map_err(|e| Stop::Fatal(e.to_string()))?
+            .map_err(store_stop)
+    }
+
+    /// Empties the projection for a rebuild, and restarts the loop to replay from the start.
+    /// (`None`: the service is going away.)
+    fn start_rebuild(&mut self, request: Option<RebuildRequest>) -> Result<(), Stop> {
+        let Some(reply) = request else { return Ok(()) };
+        let started = Instant::now();
+        if let Err(e) = self.inner.store.clear_projection(|_| Ok(())) {
+            let _ = reply.send(Err(e.to_string()));
+            return Err(store_stop(e));
         }
-        if let Some(foreign) = applied.foreign {
-            return Err(SyncStop::Fatal(foreign.to_string()));
-        }
-        let mut state = inner.state.lock().unwrap();
-        state.pending = pending;
-        if let Some(r) = rebuild.as_mut() {
-            r.done += applied.taken as u64;
-            state.rebuilding = Some(Progress { done: r.done.min(r.total), total: r.total });
-            if pending == Some(0) || r.done >= r.total {
-                state.rebuilding = None;
-                state.last_rebuild =
-                    Some(RebuildSummary { records: r.done, seconds: r.started.elapsed().as_secs_f64() });
-                *rebuild = None;
-            }
-        }
+        self.rebuild = Some(Rebuild { started, done: 0, total: 0, reply: Some(reply) });
+        Err(Stop::Restart("rebuilding from the start of CRM_SYNC".into()))
+    }
+
+    /// Once the consumer is reset for a rebuild just asked for: tells the caller how many
+    /// messages it replays.
+    fn rebuild_reset(&mut self, pending: u64) {
+        let Some(r) = self.rebuild.as_mut() else { return };
+        let Some(reply) = r.reply.take() else { return };
+        r.total = pending;
+        let _ = reply.send(Ok(pending));
+        progress(&mut self.rebuild, &mut self.inner.state.lock().unwrap(), 0, Some(pending));
+    }
+}
+
+/// Counts `taken` more messages of the rebuild in progress, if any, and ends it once nothing
+/// is pending.
+fn progress(rebuild: &mut Option<Rebuild>, state: &mut SyncState, taken: u64, pending: Option<u64>) {
+    let Some(r) = rebuild.as_mut() else { return };
+    r.done += taken;
+    state.rebuilding = Some(Progress { done: r.done.min(r.total), total: r.total });
+    if pending == Some(0) || r.done >= r.total {
+        state.rebuilding = None;
+        state.last_rebuild = Some(RebuildSummary { records: r.done, seconds: r.started.elapsed().as_secs_f64() });
+        *rebuild = None;
     }
 }
 
@@ -551,7 +525,7 @@ async fn sync(
 async fn refresh_refused(
     inner: &Inner,
     batch: &[Incoming],
-) -> Result<std::collections::BTreeMap<u64, crate::apply::Refreshed>, SyncStop> {
+) -> Result<std::collections::BTreeMap<u64, crate::apply::Refreshed>, Stop> {
     let mut out = std::collections::BTreeMap::new();
     for msg in batch.iter().filter(|m| m.subject.ends_with(".rejected")) {
         let Decoded::Ok(env) = wire::decode_checked(&msg.payload, &inner.bundle.database_id) else { continue };

@@ -25,7 +25,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use crate::model::{Fields, Kind, Value, names, text};
+use crate::model::{Fields, Kind, Patch, Value, names, text};
 use crate::query::Query;
 use crate::wire::{Op, Target};
 
@@ -257,6 +257,63 @@ impl SetSpec {
             users: names(fields, "users").to_vec(),
             query: text(fields, "query").filter(|q| !q.trim().is_empty()).map(str::to_owned),
         }
+    }
+}
+
+/// Why a set's definition is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SetError {
+    #[error("a set with `all` holds every record: it takes no users and no query")]
+    AllWithUsers,
+    #[error(
+        "a set holds either every record (`--all`) or what its users can access \
+         (`--users U1,U2`, narrowed by an optional `--query`): give one of them"
+    )]
+    NoUsers,
+    #[error(
+        "the query is empty: a set without a query holds every contact its users may access; for that, \
+         leave `query` out (`--no-query` with `set edit`, `\"query\": null` in a PATCH)"
+    )]
+    BlankQuery,
+    #[error("the query does not parse: {0}")]
+    Query(String),
+}
+
+impl SetSpec {
+    /// Checks a set's fields as a whole: either every record, or some users and an optional
+    /// query that parses. (That the users exist is the caller's to check: see
+    /// [`SetSpec::users`].)
+    pub fn check(fields: &Fields) -> Result<SetSpec, SetError> {
+        let spec = SetSpec::from_fields(fields);
+        if spec.all && (spec.query.is_some() || !spec.users.is_empty()) {
+            return Err(SetError::AllWithUsers);
+        }
+        if !spec.all && spec.users.is_empty() {
+            return Err(SetError::NoUsers);
+        }
+        // A blank query would be read as none (`from_fields` drops it): say so instead.
+        if text(fields, "query").is_some_and(|q| q.trim().is_empty()) {
+            return Err(SetError::BlankQuery);
+        }
+        if let Some(query) = &spec.query {
+            Query::parse(query).map_err(|e| SetError::Query(e.to_string()))?;
+        }
+        Ok(spec)
+    }
+
+    /// An edit of a set as it applies: choosing users or a query ends `all`, and `all` ends
+    /// users and query.
+    pub fn edit(mut patch: Patch) -> Patch {
+        let sets = |patch: &Patch, n: &str| patch.iter().any(|(f, v)| f == n && *v != Value::Null);
+        if sets(&patch, "users") || sets(&patch, "query") {
+            if !patch.iter().any(|(f, _)| f == "all") {
+                patch.push(("all".into(), Value::Null));
+            }
+        } else if patch.iter().any(|(f, v)| f == "all" && *v == Value::Bool(true)) {
+            patch.push(("users".into(), Value::Null));
+            patch.push(("query".into(), Value::Null));
+        }
+        patch
     }
 }
 
@@ -541,6 +598,40 @@ mod tests {
         // A target that did not exist before: everything it holds enters.
         let fresh = TargetChange { before: None, after: &a[0] };
         assert_eq!(fresh.decide(contact("c5", "NY").as_ref()), Some(Op::Upsert));
+    }
+
+    #[test]
+    fn the_rules_for_a_sets_definition() {
+        let list = |v: &[&str]| Value::List(v.iter().map(|s| s.to_string()).collect());
+        let cases: [(&str, Fields, Result<(), SetError>); 6] = [
+            ("users and a query", fields(&[("users", list(&["ann"])), ("query", s("state = NY"))]), Ok(())),
+            ("everything", fields(&[("all", Value::Bool(true))]), Ok(())),
+            (
+                "all and users",
+                fields(&[("all", Value::Bool(true)), ("users", list(&["ann"]))]),
+                Err(SetError::AllWithUsers),
+            ),
+            ("neither", fields(&[("description", s("x"))]), Err(SetError::NoUsers)),
+            ("a blank query", fields(&[("users", list(&["ann"])), ("query", s("  "))]), Err(SetError::BlankQuery)),
+            (
+                "a query that does not parse",
+                fields(&[("users", list(&["ann"])), ("query", s("state ="))]),
+                Err(SetError::Query(String::new())),
+            ),
+        ];
+        for (rule, set, want) in cases {
+            match (SetSpec::check(&set), want) {
+                (Err(SetError::Query(why)), Err(SetError::Query(_))) => {
+                    assert!(why.contains("expected"), "{rule}: {why}")
+                }
+                (got, want) => assert_eq!(got.map(|_| ()), want, "{rule}"),
+            }
+        }
+        // Choosing users ends `all`; choosing `all` ends users and query.
+        let users = SetSpec::edit(vec![("users".into(), list(&["ann"]))]);
+        assert!(users.contains(&("all".into(), Value::Null)));
+        let all = SetSpec::edit(vec![("all".into(), Value::Bool(true))]);
+        assert!(all.contains(&("users".into(), Value::Null)) && all.contains(&("query".into(), Value::Null)));
     }
 
     #[test]

@@ -8,7 +8,6 @@ use super::{Decision, Main, SetRequest};
 use crate::error::ServiceError;
 use crate::model::{self, Fields, Kind, Value};
 use crate::names;
-use crate::query::Query;
 use crate::routing::{RoutingConfig, SetSpec, TargetDef};
 use crate::store::Stored;
 use crate::wire::Target;
@@ -19,37 +18,13 @@ impl Main {
         Ok(super::projector::RouterState::load(self.store())?.config)
     }
 
-    /// Checks a set's fields as a whole: either every record, or some users (that exist) and
-    /// an optional query (that parses).
+    /// Checks a set's fields as a whole ([`SetSpec::check`]), and that its users exist.
     fn check_set(&self, fields: &Fields) -> Result<(), ServiceError> {
-        let spec = SetSpec::from_fields(fields);
-        if spec.all && (spec.query.is_some() || !spec.users.is_empty()) {
-            return Err(ServiceError::Invalid(
-                "a set with `all` holds every record: it takes no users and no query".into(),
-            ));
-        }
-        if !spec.all && spec.users.is_empty() {
-            return Err(ServiceError::Invalid(
-                "a set holds either every record (`--all`) or what its users can access \
-                 (`--users U1,U2`, narrowed by an optional `--query`): give one of them"
-                    .into(),
-            ));
-        }
+        let spec = SetSpec::check(fields).map_err(|e| ServiceError::Invalid(e.to_string()))?;
         for user in &spec.users {
             if self.store().get(Kind::User, user)?.is_none() {
                 return Err(ServiceError::MissingRef { field: "users".into(), kind: Kind::User, id: user.clone() });
             }
-        }
-        // A blank query would be read as none (`SetSpec` drops it): say so instead of storing it.
-        if model::text(fields, "query").is_some_and(|q| q.trim().is_empty()) {
-            return Err(ServiceError::Invalid(
-                "the query is empty: a set without a query holds every contact its users may access; for that, \
-                 leave `query` out (`--no-query` with `set edit`, `\"query\": null` in a PATCH)"
-                    .into(),
-            ));
-        }
-        if let Some(query) = &spec.query {
-            Query::parse(query).map_err(|e| ServiceError::Invalid(format!("the query does not parse: {e}")))?;
         }
         Ok(())
     }
@@ -97,17 +72,7 @@ impl Main {
             .commit(Kind::Set, name, |current| {
                 let current = current.ok_or_else(|| ServiceError::NotFound { kind: Kind::Set, id: name.to_owned() })?;
                 let mut fields = current.fields.clone();
-                // Choosing users or a query ends `all`, and `all` ends users and query.
-                let mut patch = input.patch.clone();
-                let sets = |n: &str| patch.iter().any(|(f, v)| f == n && *v != Value::Null);
-                if sets("users") || sets("query") {
-                    if !patch.iter().any(|(f, _)| f == "all") {
-                        patch.push(("all".into(), Value::Null));
-                    }
-                } else if patch.iter().any(|(f, v)| f == "all" && *v == Value::Bool(true)) {
-                    patch.push(("users".into(), Value::Null));
-                    patch.push(("query".into(), Value::Null));
-                }
+                let patch = SetSpec::edit(input.patch.clone());
                 if !crate::merge::apply_patch(&mut fields, &patch, stamp) {
                     return Ok(Decision::Unchanged);
                 }
@@ -210,9 +175,7 @@ impl Main {
                 kind: Kind::Contact,
                 id: id.clone(),
             })?;
-            let mut probe = def.clone();
-            probe.listed = Some([id.clone()].into());
-            if !probe.holds(Kind::Contact, id, &contact.fields) {
+            if !def.could_list(&contact.fields) {
                 return Err(ServiceError::Invalid(format!(
                     "contact {id} is not accessible to the users of remote {remote}'s set, so it cannot be subscribed there"
                 )));

@@ -81,6 +81,16 @@ impl DemoSize {
 pub fn generate(size: DemoSize, seed: u64) -> Vec<(Kind, J)> {
     let mut rng = Rng::new(seed);
     let mut out = Vec::new();
+    people(&mut rng, size, &mut out);
+    organizations(&mut rng, size, &mut out);
+    for i in 0..size.contacts {
+        contact(&mut rng, size, i, &mut out);
+    }
+    out
+}
+
+/// Teams and users.
+fn people(rng: &mut Rng, size: DemoSize, out: &mut Vec<(Kind, J)>) {
     for t in 0..3 {
         out.push((Kind::Team, json!({ "id": format!("team-{t}"), "name": (["Sales", "Support", "Field"][t]) })));
     }
@@ -97,6 +107,10 @@ pub fn generate(size: DemoSize, seed: u64) -> Vec<(Kind, J)> {
             }),
         ));
     }
+}
+
+/// Companies and groups.
+fn organizations(rng: &mut Rng, size: DemoSize, out: &mut Vec<(Kind, J)>) {
     for c in 0..size.companies {
         let (state, cities) = rng.pick(&STATES);
         out.push((
@@ -119,46 +133,47 @@ pub fn generate(size: DemoSize, seed: u64) -> Vec<(Kind, J)> {
             json!({ "id": format!("group-{g}"), "name": (["Customers", "Prospects", "Partners", "Press", "Suppliers"][g % 5]), "access": "public" }),
         ));
     }
-    for i in 0..size.contacts {
-        let (state, cities) = STATES[i % STATES.len()];
-        let company = rng.below(size.companies.max(1));
-        let first = rng.pick(&FIRST);
-        let last = rng.pick(&LAST);
-        let id = format!("contact-{i}");
+}
+
+/// Contact `i`, with a note and a group membership for some.
+fn contact(rng: &mut Rng, size: DemoSize, i: usize, out: &mut Vec<(Kind, J)>) {
+    let (state, cities) = STATES[i % STATES.len()];
+    let company = rng.below(size.companies.max(1));
+    let first = rng.pick(&FIRST);
+    let last = rng.pick(&LAST);
+    let id = format!("contact-{i}");
+    out.push((
+        Kind::Contact,
+        json!({
+            "id": id,
+            "first_name": first,
+            "last_name": last,
+            "company_id": format!("company-{company}"),
+            "title": rng.pick(&TITLES),
+            "phone": format!("+1 555 {:03} {:04}", rng.below(1000), rng.below(10_000)),
+            "email": format!("{}.{}{}@example.com", first.to_lowercase(), last.to_lowercase(), i),
+            "address1": format!("{} Main Street", 1 + rng.below(999)),
+            "city": rng.pick(cities),
+            "state": state,
+            "zip": format!("{:05}", rng.below(100_000)),
+            "country": "US",
+            "manager": format!("user-{}", rng.below(size.users.max(1))),
+            "access": "public",
+            "custom": { "source": (["web", "fair", "referral"][i % 3]) },
+        }),
+    ));
+    if size.note_every > 0 && i.is_multiple_of(size.note_every) {
         out.push((
-            Kind::Contact,
-            json!({
-                "id": id,
-                "first_name": first,
-                "last_name": last,
-                "company_id": format!("company-{company}"),
-                "title": rng.pick(&TITLES),
-                "phone": format!("+1 555 {:03} {:04}", rng.below(1000), rng.below(10_000)),
-                "email": format!("{}.{}{}@example.com", first.to_lowercase(), last.to_lowercase(), i),
-                "address1": format!("{} Main Street", 1 + rng.below(999)),
-                "city": rng.pick(cities),
-                "state": state,
-                "zip": format!("{:05}", rng.below(100_000)),
-                "country": "US",
-                "manager": format!("user-{}", rng.below(size.users.max(1))),
-                "access": "public",
-                "custom": { "source": (["web", "fair", "referral"][i % 3]) },
-            }),
+            Kind::Note,
+            json!({ "id": format!("note-{i}"), "contact_id": id, "text": format!("Met {first} about the {} order.", rng.pick(&INDUSTRIES).to_lowercase()) }),
         ));
-        if size.note_every > 0 && i % size.note_every == 0 {
-            out.push((
-                Kind::Note,
-                json!({ "id": format!("note-{i}"), "contact_id": id, "text": format!("Met {first} about the {} order.", rng.pick(&INDUSTRIES).to_lowercase()) }),
-            ));
-        }
-        if size.groups > 0 && i % 4 == 0 {
-            out.push((
-                Kind::Membership,
-                json!({ "id": format!("member-{i}"), "contact_id": id, "group_id": format!("group-{}", i % size.groups) }),
-            ));
-        }
     }
-    out
+    if size.groups > 0 && i.is_multiple_of(4) {
+        out.push((
+            Kind::Membership,
+            json!({ "id": format!("member-{i}"), "contact_id": id, "group_id": format!("group-{}", i % size.groups) }),
+        ));
+    }
 }
 
 #[cfg(test)]

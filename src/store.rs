@@ -295,17 +295,7 @@ impl Salvage {
                 out.unreadable.push(name);
             }
         };
-        read("meta", &mut out, &mut |txn, out| {
-            for item in txn.open_table(META)?.iter()? {
-                let (k, v) = item?;
-                out.meta.insert(k.value().to_owned(), v.value());
-            }
-            for item in txn.open_table(META_STR)?.iter()? {
-                let (k, v) = item?;
-                out.meta_str.insert(k.value().to_owned(), v.value().to_owned());
-            }
-            Ok(())
-        });
+        read("meta", &mut out, &mut Salvage::read_meta);
         read("uploads", &mut out, &mut |txn, out| {
             for item in txn.open_table(UPLOADS)?.iter()? {
                 out.uploads.push(decode_entry(item?, "upload")?);
@@ -336,6 +326,18 @@ impl Salvage {
             Ok(())
         });
         out
+    }
+
+    fn read_meta(txn: &ReadTransaction, out: &mut Salvage) -> Result<(), StoreError> {
+        for item in txn.open_table(META)?.iter()? {
+            let (k, v) = item?;
+            out.meta.insert(k.value().to_owned(), v.value());
+        }
+        for item in txn.open_table(META_STR)?.iter()? {
+            let (k, v) = item?;
+            out.meta_str.insert(k.value().to_owned(), v.value().to_owned());
+        }
+        Ok(())
     }
 
     /// Looks for queued uploads in the raw bytes of a file redb cannot read: each is stored as

@@ -643,68 +643,11 @@ pub fn parse_input(kind: Kind, body: &serde_json::Value, creating: bool) -> Resu
     refuse_nul(kind, map)?;
     let mut input = Input::default();
     for (name, v) in map {
-        if name == "id" {
-            if !creating {
-                return Err(InputError::ReadOnly("id"));
-            }
-            let serde_json::Value::String(id) = v else {
-                return Err(InputError::WrongType {
-                    kind,
-                    field: "id".into(),
-                    expected: "a string".into(),
-                    got: json_type(v),
-                });
-            };
-            names::check("id", id).map_err(|source| InputError::BadName { field: "id".into(), source })?;
-            input.id = Some(id.clone());
-            continue;
-        }
-        if name == "version" {
-            return Err(InputError::ReadOnly("version"));
-        }
-        if let Some(key) = name.strip_prefix(CUSTOM_PREFIX)
-            && kind.field("custom").is_some()
-        {
-            input.patch.push(custom_entry(kind, key, v)?);
-            continue;
-        }
-        let Some(spec) = kind.field(name) else {
-            return Err(InputError::UnknownField {
-                kind,
-                field: name.clone(),
-                known: kind.fields().iter().map(|f| f.name).collect::<Vec<_>>().join(", "),
-            });
-        };
-        if v.is_null() {
-            if spec.required {
-                return Err(InputError::Missing { kind, field: spec.name });
-            }
-            input.patch.push((name.clone(), Value::Null));
-            continue;
-        }
-        if spec.ty == FieldType::Custom {
-            let wrong =
-                || InputError::WrongType { kind, field: name.clone(), expected: spec.ty.describe(), got: json_type(v) };
-            let serde_json::Value::Object(m) = v else { return Err(wrong()) };
-            if m.len() > MAX_CUSTOM_FIELDS {
-                return Err(wrong());
-            }
-            for (key, value) in m {
-                input.patch.push(custom_entry(kind, key, value)?);
-            }
-            continue;
-        }
-        match spec.ty.check(v) {
-            Some(Ok(value)) => input.patch.push((name.clone(), value)),
-            Some(Err(source)) => return Err(InputError::BadName { field: name.clone(), source }),
-            None => {
-                return Err(InputError::WrongType {
-                    kind,
-                    field: name.clone(),
-                    expected: spec.ty.describe(),
-                    got: json_type(v),
-                });
-            }
+        match name.as_str() {
+            "id" if creating => input.id = Some(parse_id(kind, v)?),
+            "id" => return Err(InputError::ReadOnly("id")),
+            "version" => return Err(InputError::ReadOnly("version")),
+            _ => parse_field(kind, name, v, &mut input.patch)?,
         }
     }
     if creating {
@@ -715,6 +658,56 @@ pub fn parse_input(kind: Kind, body: &serde_json::Value, creating: bool) -> Resu
         }
     }
     Ok(input)
+}
+
+/// A client-chosen id of a new record.
+fn parse_id(kind: Kind, v: &serde_json::Value) -> Result<String, InputError> {
+    let serde_json::Value::String(id) = v else {
+        return Err(InputError::WrongType { kind, field: "id".into(), expected: "a string".into(), got: json_type(v) });
+    };
+    names::check("id", id).map_err(|source| InputError::BadName { field: "id".into(), source })?;
+    Ok(id.clone())
+}
+
+/// One field of an input body, added to `patch` (a custom map adds one entry per key).
+fn parse_field(kind: Kind, name: &str, v: &serde_json::Value, patch: &mut Patch) -> Result<(), InputError> {
+    if let Some(key) = name.strip_prefix(CUSTOM_PREFIX)
+        && kind.field("custom").is_some()
+    {
+        patch.push(custom_entry(kind, key, v)?);
+        return Ok(());
+    }
+    let Some(spec) = kind.field(name) else {
+        return Err(InputError::UnknownField {
+            kind,
+            field: name.to_owned(),
+            known: kind.fields().iter().map(|f| f.name).collect::<Vec<_>>().join(", "),
+        });
+    };
+    let wrong =
+        || InputError::WrongType { kind, field: name.to_owned(), expected: spec.ty.describe(), got: json_type(v) };
+    match (v, spec.ty) {
+        (serde_json::Value::Null, _) if spec.required => Err(InputError::Missing { kind, field: spec.name }),
+        (serde_json::Value::Null, _) => {
+            patch.push((name.to_owned(), Value::Null));
+            Ok(())
+        }
+        (serde_json::Value::Object(m), FieldType::Custom) if m.len() <= MAX_CUSTOM_FIELDS => {
+            for (key, value) in m {
+                patch.push(custom_entry(kind, key, value)?);
+            }
+            Ok(())
+        }
+        (_, FieldType::Custom) => Err(wrong()),
+        _ => match spec.ty.check(v) {
+            Some(Ok(value)) => {
+                patch.push((name.to_owned(), value));
+                Ok(())
+            }
+            Some(Err(source)) => Err(InputError::BadName { field: name.to_owned(), source }),
+            None => Err(wrong()),
+        },
+    }
 }
 
 /// Field names of custom fields start with this: `custom.source`.

@@ -314,21 +314,7 @@ fn recover(data_dir: &Path, bundle: &Bundle, reason: &str) -> anyhow::Result<Sto
         scanned = true;
     }
     let at_ms = crate::hlc::wall_ms();
-    let uploads_file = if salvage.uploads.is_empty() {
-        None
-    } else {
-        let file = data_dir.join(format!("uploads-salvaged-{at_ms}.json"));
-        let edits: Vec<serde_json::Value> = salvage
-            .uploads
-            .iter()
-            .map(|(n, u)| {
-                let edit = wire::Envelope::decode(&u.payload).map(|e| serde_json::to_value(e).unwrap_or_default());
-                serde_json::json!({ "queue_entry": n, "subject": u.subject, "event": u.event, "edit": edit.ok() })
-            })
-            .collect();
-        crate::files::write_private(&file, &serde_json::to_vec_pretty(&edits)?)?;
-        Some(file)
-    };
+    let uploads_file = write_salvaged(data_dir, &salvage, at_ms)?;
     let recovery = Recovery {
         at_ms,
         reason: reason.to_owned(),
@@ -353,6 +339,25 @@ fn recover(data_dir: &Path, bundle: &Bundle, reason: &str) -> anyhow::Result<Sto
         t.set_meta_str(RECOVERED, &serde_json::to_string(&recovery).unwrap_or_default())
     })?;
     Ok(store)
+}
+
+/// Writes the salvaged edits waiting for upload to `uploads-salvaged-<ms>.json` beside the
+/// store, for people to read; `None` when there are none.
+fn write_salvaged(data_dir: &Path, salvage: &crate::store::Salvage, at_ms: u64) -> anyhow::Result<Option<PathBuf>> {
+    if salvage.uploads.is_empty() {
+        return Ok(None);
+    }
+    let file = data_dir.join(format!("uploads-salvaged-{at_ms}.json"));
+    let edits: Vec<serde_json::Value> = salvage
+        .uploads
+        .iter()
+        .map(|(n, u)| {
+            let edit = wire::Envelope::decode(&u.payload).map(|e| serde_json::to_value(e).unwrap_or_default());
+            serde_json::json!({ "queue_entry": n, "subject": u.subject, "event": u.event, "edit": edit.ok() })
+        })
+        .collect();
+    crate::files::write_private(&file, &serde_json::to_vec_pretty(&edits)?)?;
+    Ok(Some(file))
 }
 
 /// Meta keys of a remote's upload queue: its id (a string) and the queue entry that is its

@@ -25,4 +25,4 @@ pub mod store;
 pub mod supervise;
 pub mod transport;
 
-pub use crmsync_core::{apply, bundle, date, hlc, merge, model, names, query, routing, schema, wire};
+pub use crmsync_core::{apply, bundle, date, hlc, merge, model, names, outgoing, query, routing, schema, wire};

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::apply::Held;
 use crate::model::{Fields, Kind};
+use crate::outgoing::{OutboxEntry, Upload};
 
 const CHILDREN: TableDefinition<ChildKey, ()> = TableDefinition::new("children");
 const GONE: TableDefinition<(u8, &str), u64> = TableDefinition::new("gone");
@@ -412,36 +413,6 @@ fn record_head(bytes: &[u8]) -> Option<(u64, u8)> {
     Some((u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?), *bytes.get(8)?))
 }
 
-/// One routed message waiting for its publish acknowledgements: the same payload goes to
-/// every subject listed (a record's state is the same in every target that holds it).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OutboxEntry {
-    /// The `CRM_EVENTS` sequence of the change that caused it; with the subject, the
-    /// message's `Nats-Msg-Id`.
-    pub seq: u64,
-    pub subjects: Vec<String>,
-    #[serde(with = "serde_bytes_compat")]
-    pub payload: Vec<u8>,
-    /// A delete or leave: expires from `CRM_SYNC` after the longest remote expiry.
-    pub tombstone: bool,
-}
-
-impl OutboxEntry {
-    pub fn msg_id(&self, subject: &str) -> String {
-        format!("{}:{subject}", self.seq)
-    }
-}
-
-/// An edit made at a remote, waiting to be published to `CRM_UP`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Upload {
-    /// The edit's event id: its `Nats-Msg-Id`.
-    pub event: String,
-    pub subject: String,
-    #[serde(with = "serde_bytes_compat")]
-    pub payload: Vec<u8>,
-}
-
 /// The change a client's `Idempotency-Key` committed: a repeated request answers with it
 /// instead of changing anything again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -465,7 +436,7 @@ impl KeyEntry {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Parked {
     pub subject: String,
-    #[serde(with = "serde_bytes_compat")]
+    #[serde(with = "crate::outgoing::payload_bytes")]
     pub payload: Vec<u8>,
 }
 
@@ -498,41 +469,8 @@ impl LogEntry {
 pub struct Quarantined {
     pub subject: String,
     pub error: String,
-    #[serde(with = "serde_bytes_compat")]
+    #[serde(with = "crate::outgoing::payload_bytes")]
     pub payload: Vec<u8>,
-}
-
-/// Stores byte vectors as MessagePack binary rather than as an array of integers.
-mod serde_bytes_compat {
-    use serde::{Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Vec<u8>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("bytes")
-            }
-            fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-                Ok(v)
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
-                let mut out = Vec::new();
-                while let Some(b) = seq.next_element::<u8>()? {
-                    out.push(b);
-                }
-                Ok(out)
-            }
-        }
-        d.deserialize_byte_buf(V)
-    }
 }
 
 /// redb's page cache. Its default (1 GiB) would let a remote of a million contacts grow far
@@ -1257,8 +1195,12 @@ impl<'txn> Tables<'txn> {
         Ok(())
     }
 
-    pub fn quarantine(&mut self, seq: u64, q: &Quarantined) -> Result<(), StoreError> {
-        self.quarantine.insert(seq, rmp_serde::to_vec(q).expect("quarantine entry encodes").as_slice())?;
+    /// Keeps the message at stream position `seq`, which cannot be applied, with why: the
+    /// projection goes on past it, and `status` shows it.
+    pub fn quarantine(&mut self, seq: u64, subject: &str, payload: &[u8], error: String) -> Result<(), StoreError> {
+        tracing::warn!(seq, subject, "quarantined a message: {error}");
+        let entry = Quarantined { subject: subject.to_owned(), error, payload: payload.to_vec() };
+        self.quarantine.insert(seq, rmp_serde::to_vec(&entry).expect("quarantine entry encodes").as_slice())?;
         Ok(())
     }
 

@@ -248,7 +248,7 @@ impl Nats {
     }
 
     /// Publishes routed messages in order, pipelined, and waits for every ack.
-    pub async fn publish_routed(&self, batch: &[crate::store::OutboxEntry]) -> Result<(), TransportError> {
+    pub async fn publish_routed(&self, batch: &[crate::outgoing::OutboxEntry]) -> Result<(), TransportError> {
         let ttl = format!("{}s", TOMBSTONE_TTL.as_secs());
         let mut messages = Vec::new();
         for entry in batch {
@@ -294,7 +294,7 @@ impl Nats {
     /// ack.
     pub async fn publish_uploads(
         &self,
-        uploads: &[(u64, crate::store::Upload)],
+        uploads: &[(u64, crate::outgoing::Upload)],
         order: impl Fn(u64) -> String,
     ) -> Result<(), TransportError> {
         let mut messages = Vec::with_capacity(uploads.len());

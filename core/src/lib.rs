@@ -8,6 +8,7 @@
 //! - [`merge`]: stamps, newest-stamp-wins merging, and what the main accepts from a remote;
 //! - [`routing`]: which targets hold a record, and what a change makes enter or leave them;
 //! - [`apply`]: what a remote does with a message from the main;
+//! - [`outgoing`]: routed messages and uploads waiting to be published;
 //! - [`wire`]: the envelope and subjects every message uses, and [`schema`] for its JSON
 //!   Schema documents; [`bundle`]: the file a remote is set up from.
 
@@ -18,6 +19,7 @@ pub mod hlc;
 pub mod merge;
 pub mod model;
 pub mod names;
+pub mod outgoing;
 pub mod query;
 pub mod routing;
 pub mod schema;

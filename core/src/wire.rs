@@ -95,6 +95,32 @@ impl Envelope {
         Ok(env)
     }
 
+    /// A new change, with a new event id: made at `origin` (`main`, or a remote's name) to
+    /// `kind` `id`, against `version` (0 for a new record), in the database `db`.
+    pub fn change(
+        db: &str,
+        origin: &str,
+        kind: Kind,
+        id: &str,
+        op: Op,
+        version: u64,
+        record: Option<Fields>,
+    ) -> Envelope {
+        Envelope {
+            product: PRODUCT.into(),
+            schema: SCHEMA_MAJOR,
+            db: db.to_owned(),
+            event: crate::names::new_id(),
+            kind,
+            id: id.to_owned(),
+            op,
+            version,
+            origin: origin.to_owned(),
+            record,
+            reason: None,
+        }
+    }
+
     /// The message the main routes to targets for a change this envelope made: the same
     /// database, change id and origin, about `kind` `id` at `version`.
     pub fn routed(&self, kind: Kind, id: &str, op: Op, version: u64, record: Option<Fields>) -> Envelope {

@@ -293,19 +293,7 @@ impl Main {
 
     /// The event of a change to a record at version `known`, made at `origin`.
     fn envelope(&self, origin: &str, kind: Kind, id: &str, known: u64, op: Op, record: Option<Fields>) -> Envelope {
-        Envelope {
-            product: PRODUCT.into(),
-            schema: SCHEMA_MAJOR,
-            db: self.inner.database_id.clone(),
-            event: names::new_id(),
-            kind,
-            id: id.to_owned(),
-            op,
-            version: known,
-            origin: origin.to_owned(),
-            record,
-            reason: None,
-        }
+        Envelope::change(&self.inner.database_id, origin, kind, id, op, known, record)
     }
 
     /// What a change published at `seq` committed, once the projector has applied it: the

@@ -7,8 +7,9 @@
 //! doubled.
 
 use crate::model::{Fields, Kind};
+use crate::outgoing::OutboxEntry;
 use crate::routing::{self, Basis, RoutingConfig, TargetChange, TargetDef};
-use crate::store::{APPLIED, KeyEntry, OutboxEntry, Quarantined, Store, StoreError, Stored, Tables};
+use crate::store::{APPLIED, KeyEntry, Store, StoreError, Stored, Tables};
 use crate::transport::Incoming;
 use crate::wire::{self, Decoded, Envelope, Op, Target};
 
@@ -65,21 +66,17 @@ pub fn apply_batch(
             }
             Decoded::Foreign(f) => {
                 tracing::error!(seq = msg.seq, subject = %msg.subject, "{f}");
-                quarantine(t, msg, f.to_string())?;
+                t.quarantine(msg.seq, &msg.subject, &msg.payload, f.to_string())?;
             }
             Decoded::Malformed(e) => {
                 tracing::error!(seq = msg.seq, subject = %msg.subject, "an event does not decode: {e}");
-                quarantine(t, msg, e)?;
+                t.quarantine(msg.seq, &msg.subject, &msg.payload, e)?;
             }
         }
         last = msg.seq;
     }
     t.set_meta(APPLIED, last)?;
     Ok(last)
-}
-
-pub fn quarantine(t: &mut Tables<'_>, msg: &Incoming, error: String) -> Result<(), StoreError> {
-    t.quarantine(msg.seq, &Quarantined { subject: msg.subject.clone(), error, payload: msg.payload.to_vec() })
 }
 
 fn apply_event(

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 
-use crate::store::{OutboxEntry, Store};
+use crate::outgoing::OutboxEntry;
+use crate::store::Store;
 use crate::transport::Nats;
 
 const BATCH: usize = 2000;

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::apply::{self, Action, Refreshed};
-use crate::store::{APPLIED, LogEntry, Quarantined, StoreError, Stored, Tables};
+use crate::store::{APPLIED, LogEntry, StoreError, Stored, Tables};
 use crate::transport::Incoming;
 use crate::wire::{self, Decoded, Envelope, Foreign, Op};
 
@@ -43,7 +43,7 @@ pub fn apply_batch(
             }
             Decoded::Ok(env) => {
                 let why = format!("a {} record does not belong on CRM_SYNC", env.kind);
-                quarantine(t, msg, why)?;
+                t.quarantine(msg.seq, &msg.subject, &msg.payload, why)?;
                 out.quarantined += 1;
             }
             Decoded::Foreign(f) => {
@@ -51,7 +51,7 @@ pub fn apply_batch(
                 break;
             }
             Decoded::Malformed(e) => {
-                quarantine(t, msg, format!("does not decode: {e}"))?;
+                t.quarantine(msg.seq, &msg.subject, &msg.payload, format!("does not decode: {e}"))?;
                 out.quarantined += 1;
             }
         }
@@ -113,11 +113,6 @@ fn take_back(t: &mut Tables<'_>, env: Envelope, refreshed: Option<&Refreshed>) -
         None if refreshed.deleted => t.delete(env.kind, &env.id, refreshed.version).map(|_| ()),
         None => t.remove(env.kind, &env.id, refreshed.version).map(|_| ()),
     }
-}
-
-fn quarantine(t: &mut Tables<'_>, msg: &Incoming, error: String) -> Result<(), StoreError> {
-    tracing::warn!(seq = msg.seq, subject = %msg.subject, "quarantined a message: {error}");
-    t.quarantine(msg.seq, &Quarantined { subject: msg.subject.clone(), error, payload: msg.payload.to_vec() })
 }
 
 #[cfg(test)]

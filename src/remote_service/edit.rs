@@ -14,8 +14,9 @@ use crate::apply::HELD_LOCALLY;
 use crate::error::ServiceError;
 use crate::model::{self, Fields, Kind};
 use crate::names;
-use crate::store::{StoreError, Stored, Tables, Upload};
-use crate::wire::{self, Envelope, Op, PRODUCT, SCHEMA_MAJOR};
+use crate::outgoing::Upload;
+use crate::store::{StoreError, Stored, Tables};
+use crate::wire::{self, Envelope, Op};
 
 /// Uploads published at once.
 const UPLOAD_BATCH: usize = 512;
@@ -305,19 +306,8 @@ fn queue(
     version: u64,
     fields: Option<&Fields>,
 ) -> Result<(), StoreError> {
-    let envelope = Envelope {
-        product: PRODUCT.into(),
-        schema: SCHEMA_MAJOR,
-        db: inner.bundle.database_id.clone(),
-        event: names::new_id(),
-        kind,
-        id: id.to_owned(),
-        op,
-        version,
-        origin: inner.bundle.remote.clone(),
-        record: fields.cloned(),
-        reason: None,
-    };
+    let bundle = &inner.bundle;
+    let envelope = Envelope::change(&bundle.database_id, &bundle.remote, kind, id, op, version, fields.cloned());
     t.push_upload(&Upload {
         subject: wire::up_subject(&inner.bundle.remote, kind, id),
         payload: envelope.encode(),

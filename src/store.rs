@@ -4,7 +4,7 @@
 //!
 //! | table | key | value |
 //! | --- | --- | --- |
-//! | one per [`Kind`] (`contact`, …) | record id | [`Stored`]: version and fields |
+//! | one per [`Kind`] (`contact`, …) | record id | [`Record`]: version and fields |
 //! | `children` | (contact id, kind code, child id) | () |
 //! | `gone` | (kind code, id) | version of the delete or leave; [`DELETED`] set for a delete, [`DELETED_HERE`] for one made at this remote and not yet answered |
 //! | `outbox` | sequence | [`OutboxEntry`]: a routed message not yet acknowledged by NATS |
@@ -31,7 +31,7 @@ use redb::{
 use serde::{Deserialize, Serialize};
 
 use crate::apply::Held;
-use crate::model::{Fields, Kind};
+use crate::model::{Fields, Kind, Record};
 use crate::outgoing::{OutboxEntry, Upload};
 
 const CHILDREN: TableDefinition<ChildKey, ()> = TableDefinition::new("children");
@@ -387,12 +387,11 @@ impl Salvage {
     }
 }
 
-/// A record as stored: the core's [`crate::model::Record`]. On disk: the version as 8
-/// big-endian bytes, the holders as one byte, then the fields as MessagePack, so the apply
-/// path reads the first two without decoding the record.
-pub use crate::model::Record as Stored;
+// A record is stored as the core's [`Record`]: the version as 8 big-endian bytes, the holders
+// as one byte, then the fields as MessagePack, so the apply path reads the first two without
+// decoding the record.
 
-fn encode_record(record: &Stored) -> Vec<u8> {
+fn encode_record(record: &Record) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(&record.version.to_be_bytes());
     out.push(record.holders);
@@ -400,12 +399,12 @@ fn encode_record(record: &Stored) -> Vec<u8> {
     out
 }
 
-fn decode_record(bytes: &[u8]) -> Result<Stored, StoreError> {
+fn decode_record(bytes: &[u8]) -> Result<Record, StoreError> {
     let corrupt = |detail: String| StoreError::Corrupt { what: "record", detail };
     let (version, holders) = record_head(bytes).ok_or_else(|| corrupt(format!("{} bytes", bytes.len())))?;
     let mut fields = rmp_serde::from_slice(&bytes[9..]).map_err(|e| corrupt(e.to_string()))?;
     crate::model::normalize(&mut fields);
-    Ok(Stored { version, holders, fields })
+    Ok(Record { version, holders, fields })
 }
 
 /// The version and the holders, without decoding the fields.
@@ -696,7 +695,7 @@ impl Store {
         Ok(self.db()?.begin_read()?)
     }
 
-    pub fn get(&self, kind: Kind, id: &str) -> Result<Option<Stored>, StoreError> {
+    pub fn get(&self, kind: Kind, id: &str) -> Result<Option<Record>, StoreError> {
         guard(&self.path, || {
             let txn = self.read_txn()?;
             let table = txn.open_table(records_table(kind))?;
@@ -705,7 +704,7 @@ impl Store {
     }
 
     /// A record and the version it is known at (held, or deleted at).
-    pub fn get_known(&self, kind: Kind, id: &str) -> Result<(Option<Stored>, u64), StoreError> {
+    pub fn get_known(&self, kind: Kind, id: &str) -> Result<(Option<Record>, u64), StoreError> {
         guard(&self.path, || {
             let txn = self.read_txn()?;
             let held = txn.open_table(records_table(kind))?.get(id)?.map(|v| decode_record(v.value())).transpose()?;
@@ -721,8 +720,8 @@ impl Store {
         kind: Kind,
         after: Option<&str>,
         limit: usize,
-        mut keep: impl FnMut(&str, &Stored) -> bool,
-    ) -> Result<Vec<(String, Stored)>, StoreError> {
+        mut keep: impl FnMut(&str, &Record) -> bool,
+    ) -> Result<Vec<(String, Record)>, StoreError> {
         let txn = self.read_txn()?;
         let table = txn.open_table(records_table(kind))?;
         let range = match after {
@@ -744,7 +743,7 @@ impl Store {
     }
 
     /// Every record of `kind`, for scans that must see all of them (routing a new set).
-    pub fn for_each(&self, kind: Kind, mut f: impl FnMut(&str, Stored)) -> Result<(), StoreError> {
+    pub fn for_each(&self, kind: Kind, mut f: impl FnMut(&str, Record)) -> Result<(), StoreError> {
         guard(&self.path, || {
             let txn = self.read_txn()?;
             let table = txn.open_table(records_table(kind))?;
@@ -974,7 +973,7 @@ impl<'txn> Tables<'txn> {
         })
     }
 
-    pub fn get(&self, kind: Kind, id: &str) -> Result<Option<Stored>, StoreError> {
+    pub fn get(&self, kind: Kind, id: &str) -> Result<Option<Record>, StoreError> {
         self.records[slot(kind)].get(id)?.map(|v| decode_record(v.value())).transpose()
     }
 
@@ -1043,7 +1042,7 @@ impl<'txn> Tables<'txn> {
         Ok(())
     }
 
-    pub fn put(&mut self, kind: Kind, id: &str, stored: &Stored) -> Result<(), StoreError> {
+    pub fn put(&mut self, kind: Kind, id: &str, stored: &Record) -> Result<(), StoreError> {
         if let Some(field) = kind.parent_field() {
             let new_parent = crate::model::text(&stored.fields, field);
             let old = self.get(kind, id)?;
@@ -1062,7 +1061,7 @@ impl<'txn> Tables<'txn> {
 
     /// Removes a record, remembering the version it went at so an older copy arriving later
     /// is not applied. Returns the record that was held.
-    pub fn remove(&mut self, kind: Kind, id: &str, version: u64) -> Result<Option<Stored>, StoreError> {
+    pub fn remove(&mut self, kind: Kind, id: &str, version: u64) -> Result<Option<Record>, StoreError> {
         let old = self.records[slot(kind)].remove(id)?.map(|v| decode_record(v.value())).transpose()?;
         if let Some(parent) =
             old.as_ref().and_then(|o| kind.parent_field().and_then(|f| crate::model::text(&o.fields, f)))
@@ -1077,7 +1076,7 @@ impl<'txn> Tables<'txn> {
 
     /// Removes a record that was deleted (not only left): like [`Tables::remove`], and marked
     /// so that [`Tables::was_deleted`] says so, also when it never had a version here.
-    pub fn delete(&mut self, kind: Kind, id: &str, version: u64) -> Result<Option<Stored>, StoreError> {
+    pub fn delete(&mut self, kind: Kind, id: &str, version: u64) -> Result<Option<Record>, StoreError> {
         let old = self.remove(kind, id, version)?;
         self.gone.insert((kind.code(), id), version | DELETED)?;
         Ok(old)
@@ -1085,7 +1084,7 @@ impl<'txn> Tables<'txn> {
 
     /// Up to `limit` records of `kind` after `after`, in id order: for scans that change other
     /// tables between pages, with memory bounded by the page.
-    fn page(&self, kind: Kind, after: Option<&str>, limit: usize) -> Result<Vec<(String, Stored)>, StoreError> {
+    fn page(&self, kind: Kind, after: Option<&str>, limit: usize) -> Result<Vec<(String, Record)>, StoreError> {
         let table = &self.records[slot(kind)];
         let range = match after {
             Some(after) => table.range::<&str>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))?,
@@ -1105,7 +1104,7 @@ impl<'txn> Tables<'txn> {
         &mut self,
         kind: Kind,
         page: usize,
-        mut f: impl FnMut(&mut Tables<'txn>, &str, &Stored) -> Result<(), StoreError>,
+        mut f: impl FnMut(&mut Tables<'txn>, &str, &Record) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let mut after: Option<String> = None;
         loop {
@@ -1121,7 +1120,7 @@ impl<'txn> Tables<'txn> {
     }
 
     /// Every record of `kind`, in id order.
-    pub fn for_each(&self, kind: Kind, mut f: impl FnMut(&str, Stored)) -> Result<(), StoreError> {
+    pub fn for_each(&self, kind: Kind, mut f: impl FnMut(&str, Record)) -> Result<(), StoreError> {
         for item in self.records[slot(kind)].iter()? {
             let (k, v) = item?;
             f(k.value(), decode_record(v.value())?);
@@ -1234,7 +1233,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("t.redb")).unwrap();
         let fields: Fields = [("city".to_string(), Field { value: Value::Str("Albany".into()), stamp: 3 })].into();
-        let stored = Stored { version: 42, holders: HELD_BY_SUBSCRIPTION, fields };
+        let stored = Record { version: 42, holders: HELD_BY_SUBSCRIPTION, fields };
         store.write(true, |t| t.put(Kind::Contact, "c1", &stored)).unwrap();
         assert_eq!(store.get(Kind::Contact, "c1").unwrap(), Some(stored));
         let known = store.write(false, |t| t.known(Kind::Contact, "c1")).unwrap();
@@ -1248,7 +1247,7 @@ mod tests {
         let (deleted, left, local) = store
             .write(true, |t| {
                 for id in ["deleted", "left", "local"] {
-                    t.put(Kind::Contact, id, &Stored::new(5, Fields::new()))?;
+                    t.put(Kind::Contact, id, &Record::new(5, Fields::new()))?;
                 }
                 t.delete(Kind::Contact, "deleted", 7)?;
                 t.remove(Kind::Contact, "left", 8)?;
@@ -1268,7 +1267,7 @@ mod tests {
                 let flags = [t.was_deleted(Kind::Contact, "deleted")?, t.was_deleted(Kind::Contact, "left")?];
                 let local = t.was_deleted(Kind::Contact, "local")?;
                 // The main creating the id again clears the mark.
-                t.put(Kind::Contact, "deleted", &Stored::new(9, Fields::new()))?;
+                t.put(Kind::Contact, "deleted", &Record::new(9, Fields::new()))?;
                 Ok((flags, local, t.was_deleted(Kind::Contact, "deleted")?))
             })
             .unwrap();
@@ -1282,7 +1281,7 @@ mod tests {
         let store = Store::open(&path).unwrap();
         store
             .write(true, |t| {
-                t.put(Kind::Contact, "c1", &Stored::new(1, Fields::new()))?;
+                t.put(Kind::Contact, "c1", &Record::new(1, Fields::new()))?;
                 t.set_meta(FORMAT_KEY, FORMAT + 1)
             })
             .unwrap();

@@ -17,10 +17,11 @@ use super::error::{ApiError, ApiResult, ok};
 use super::extract::{ApiPath, ApiQuery, idempotency_key, parse_body};
 use crate::error::ServiceError;
 use crate::main_service::Main;
+use crate::model::Record;
 use crate::model::{self, Kind};
 use crate::query::{Query, UnknownField};
 use crate::remote_service::Remote;
-use crate::store::{Store, Stored};
+use crate::store::Store;
 
 pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 10_000;
@@ -41,7 +42,7 @@ pub trait Records: Clone + Send + Sync + 'static {
         kind: Kind,
         body: &J,
         key: Option<&str>,
-    ) -> impl Future<Output = Result<(String, Stored), ServiceError>> + Send;
+    ) -> impl Future<Output = Result<(String, Record), ServiceError>> + Send;
 
     fn update(
         &self,
@@ -49,7 +50,7 @@ pub trait Records: Clone + Send + Sync + 'static {
         id: &str,
         body: &J,
         key: Option<&str>,
-    ) -> impl Future<Output = Result<Stored, ServiceError>> + Send;
+    ) -> impl Future<Output = Result<Record, ServiceError>> + Send;
 
     fn delete(&self, kind: Kind, id: &str, key: Option<&str>) -> impl Future<Output = Result<(), ServiceError>> + Send;
 }
@@ -65,11 +66,11 @@ impl Records for Main {
         Main::status(self).await
     }
 
-    async fn create(&self, kind: Kind, body: &J, key: Option<&str>) -> Result<(String, Stored), ServiceError> {
+    async fn create(&self, kind: Kind, body: &J, key: Option<&str>) -> Result<(String, Record), ServiceError> {
         self.create_keyed(kind, body, key).await
     }
 
-    async fn update(&self, kind: Kind, id: &str, body: &J, key: Option<&str>) -> Result<Stored, ServiceError> {
+    async fn update(&self, kind: Kind, id: &str, body: &J, key: Option<&str>) -> Result<Record, ServiceError> {
         self.update_keyed(kind, id, body, key).await
     }
 
@@ -90,11 +91,11 @@ impl Records for Remote {
         Remote::status(self).await
     }
 
-    async fn create(&self, kind: Kind, body: &J, key: Option<&str>) -> Result<(String, Stored), ServiceError> {
+    async fn create(&self, kind: Kind, body: &J, key: Option<&str>) -> Result<(String, Record), ServiceError> {
         self.create_keyed(kind, body, key.map(str::to_owned)).await
     }
 
-    async fn update(&self, kind: Kind, id: &str, body: &J, key: Option<&str>) -> Result<Stored, ServiceError> {
+    async fn update(&self, kind: Kind, id: &str, body: &J, key: Option<&str>) -> Result<Record, ServiceError> {
         self.update_keyed(kind, id, body, key.map(str::to_owned)).await
     }
 
@@ -173,7 +174,7 @@ fn collection(name: &str, allowed: &[Kind]) -> Result<Kind, ApiError> {
     })
 }
 
-pub(super) fn record_json(id: &str, stored: &Stored) -> J {
+pub(super) fn record_json(id: &str, stored: &Record) -> J {
     model::to_json(id, stored.version, &stored.fields)
 }
 

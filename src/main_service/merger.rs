@@ -18,9 +18,10 @@ use tokio::sync::watch;
 use super::{Decision, Main};
 use crate::error::ServiceError;
 use crate::merge::{self, Facts, Plan};
+use crate::model::Record;
 use crate::model::{self, Kind};
 use crate::routing::{Basis, RoutingConfig, SetSpec, TargetDef};
-use crate::store::{LogEntry, Parked, Stored};
+use crate::store::{LogEntry, Parked};
 use crate::supervise::{Stop, supervise};
 // An upload to merge: taken off `CRM_UP`, or out of the parked table.
 use crate::transport::Uploaded as Upload;
@@ -391,7 +392,7 @@ impl Main {
 
     /// A remote's record and its two targets (its set and its subscription list), built from
     /// what they depend on alone.
-    fn remote_targets(&self, remote: &str) -> Result<Option<(Stored, Vec<TargetDef>)>, ServiceError> {
+    fn remote_targets(&self, remote: &str) -> Result<Option<(Record, Vec<TargetDef>)>, ServiceError> {
         let store = &self.inner.store;
         let Some(record) = store.get(Kind::Remote, remote)? else { return Ok(None) };
         let mut config = RoutingConfig::default();

@@ -22,9 +22,10 @@ use tokio::sync::{Notify, watch};
 
 use crate::error::ServiceError;
 use crate::hlc::Clock;
+use crate::model::Record;
 use crate::model::{self, Field, Fields, Kind, Value};
 use crate::names;
-use crate::store::{APPLIED, DATABASE_ID, KeyEntry, Store, StoreError, Stored};
+use crate::store::{APPLIED, DATABASE_ID, KeyEntry, Store, StoreError};
 use crate::supervise::{Stop, supervise};
 use crate::transport::{Incoming, Nats, TransportError};
 use crate::wire::{self, EVENTS_STREAM, Envelope, ORIGIN_MAIN, Op, PRODUCT, SCHEMA_MAJOR};
@@ -212,8 +213,8 @@ impl Main {
         &self,
         kind: Kind,
         id: &str,
-        decide: impl Fn(Option<&Stored>) -> Result<Decision, ServiceError>,
-    ) -> Result<Option<Stored>, ServiceError> {
+        decide: impl Fn(Option<&Record>) -> Result<Decision, ServiceError>,
+    ) -> Result<Option<Record>, ServiceError> {
         self.commit_from(ORIGIN_MAIN, kind, id, decide).await
     }
 
@@ -223,8 +224,8 @@ impl Main {
         origin: &str,
         kind: Kind,
         id: &str,
-        decide: impl Fn(Option<&Stored>) -> Result<Decision, ServiceError>,
-    ) -> Result<Option<Stored>, ServiceError> {
+        decide: impl Fn(Option<&Record>) -> Result<Decision, ServiceError>,
+    ) -> Result<Option<Record>, ServiceError> {
         match self.commit_keyed(origin, kind, id, None, None, decide).await? {
             Committed::Now(stored) => Ok(stored),
             Committed::Before(entry) => Ok(self.inner.store.get(entry.kind, &entry.id)?),
@@ -242,7 +243,7 @@ impl Main {
         id: &str,
         key: Option<&str>,
         upload: Option<&str>,
-        decide: impl Fn(Option<&Stored>) -> Result<Decision, ServiceError>,
+        decide: impl Fn(Option<&Record>) -> Result<Decision, ServiceError>,
     ) -> Result<Committed, ServiceError> {
         if let Some(entry) = self.key_entry(key)? {
             return Ok(Committed::Before(entry));
@@ -349,7 +350,7 @@ impl Main {
         Ok(())
     }
 
-    pub async fn create(&self, kind: Kind, body: &serde_json::Value) -> Result<(String, Stored), ServiceError> {
+    pub async fn create(&self, kind: Kind, body: &serde_json::Value) -> Result<(String, Record), ServiceError> {
         self.create_keyed(kind, body, None).await
     }
 
@@ -360,7 +361,7 @@ impl Main {
         kind: Kind,
         body: &serde_json::Value,
         key: Option<&str>,
-    ) -> Result<(String, Stored), ServiceError> {
+    ) -> Result<(String, Record), ServiceError> {
         check_data_kind(kind)?;
         let input = model::parse_input(kind, body, true)?;
         self.check_refs(kind, &input.patch)?;
@@ -389,7 +390,7 @@ impl Main {
         Ok((id, stored))
     }
 
-    pub async fn update(&self, kind: Kind, id: &str, body: &serde_json::Value) -> Result<Stored, ServiceError> {
+    pub async fn update(&self, kind: Kind, id: &str, body: &serde_json::Value) -> Result<Record, ServiceError> {
         self.update_keyed(kind, id, body, None).await
     }
 
@@ -399,7 +400,7 @@ impl Main {
         id: &str,
         body: &serde_json::Value,
         key: Option<&str>,
-    ) -> Result<Stored, ServiceError> {
+    ) -> Result<Record, ServiceError> {
         check_data_kind(kind)?;
         let input = model::parse_input(kind, body, false)?;
         self.check_refs(kind, &input.patch)?;
@@ -571,7 +572,7 @@ impl Main {
 /// What a commit did: committed a change now, or found one committed before with the same
 /// idempotency key.
 enum Committed {
-    Now(Option<Stored>),
+    Now(Option<Record>),
     Before(KeyEntry),
 }
 
@@ -643,7 +644,7 @@ struct Projector {
 async fn project(p: &Projector, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     let start = p.store.meta(APPLIED)? + 1;
     // Loaded afresh at every start: a batch that failed may have changed it half-way.
-    let state = Arc::new(Mutex::new(projector::RouterState::load(&p.store)?));
+    let state = Arc::new(Mutex::new(projector::RoutingState::load(&p.store)?));
     let mut batches = p.nats.events(start, PROJECTOR_BATCH, shutdown).await?;
     let mut last_forget = std::time::Instant::now();
     while let Some(incoming) = batches.next().await? {
@@ -665,7 +666,7 @@ async fn project(p: &Projector, shutdown: watch::Receiver<bool>) -> anyhow::Resu
 /// when `forget_keys`), and returns the position applied.
 async fn apply_events(
     store: &Store,
-    state: &Arc<Mutex<projector::RouterState>>,
+    state: &Arc<Mutex<projector::RoutingState>>,
     database_id: &str,
     incoming: Vec<Incoming>,
     durable: bool,
@@ -758,7 +759,7 @@ pub async fn rebuild(config: &MainConfig, progress: impl Fn(u64, u64)) -> anyhow
     // Offline: nothing shuts the rebuild down but the process.
     let (_running, shutdown) = watch::channel(false);
     let mut batches = nats.events(1, PROJECTOR_BATCH, shutdown).await?.through_reconnects();
-    let state = Arc::new(Mutex::new(projector::RouterState::default()));
+    let state = Arc::new(Mutex::new(projector::RoutingState::default()));
     let mut applied = 0u64;
     let mut done = 0u64;
     while applied < last {

@@ -6,23 +6,24 @@
 //! delivers what is in the outbox with deterministic message ids, so nothing is lost or
 //! doubled.
 
+use crate::model::Record;
 use crate::model::{Fields, Kind};
 use crate::outgoing::OutboxEntry;
 use crate::routing::{self, Basis, RoutingConfig, TargetChange, TargetDef};
-use crate::store::{APPLIED, KeyEntry, Store, StoreError, Stored, Tables};
+use crate::store::{APPLIED, KeyEntry, Store, StoreError, Tables};
 use crate::transport::Incoming;
 use crate::wire::{self, Decoded, Envelope, Op, Target};
 
 /// The router's view of the configuration, kept in step with the set, user and remote records
 /// as the projector applies them.
 #[derive(Debug, Clone, Default)]
-pub struct RouterState {
+pub struct RoutingState {
     pub config: RoutingConfig,
     pub defs: Vec<TargetDef>,
 }
 
-impl RouterState {
-    pub fn load(store: &Store) -> Result<RouterState, StoreError> {
+impl RoutingState {
+    pub fn load(store: &Store) -> Result<RoutingState, StoreError> {
         let mut config = RoutingConfig::default();
         for kind in [Kind::Set, Kind::User, Kind::Remote] {
             store.for_each(kind, |id, stored| {
@@ -30,7 +31,7 @@ impl RouterState {
             })?;
         }
         let defs = config.target_defs();
-        Ok(RouterState { config, defs })
+        Ok(RoutingState { config, defs })
     }
 }
 
@@ -40,7 +41,7 @@ pub const ROUTE_FROM: &str = "route_from";
 /// Applies a batch of events.
 pub fn apply_batch(
     t: &mut Tables<'_>,
-    state: &mut RouterState,
+    state: &mut RoutingState,
     db_id: &str,
     batch: &[Incoming],
 ) -> Result<u64, StoreError> {
@@ -81,7 +82,7 @@ pub fn apply_batch(
 
 fn apply_event(
     t: &mut Tables<'_>,
-    state: &mut RouterState,
+    state: &mut RoutingState,
     seq: u64,
     env: Envelope,
     route: bool,
@@ -89,7 +90,7 @@ fn apply_event(
     let (kind, id) = (env.kind, env.id.as_str());
     let old = t.get(kind, id)?;
     let new = match env.op {
-        Op::Upsert => Some(Stored::new(seq, env.record.clone().unwrap_or_default())),
+        Op::Upsert => Some(Record::new(seq, env.record.clone().unwrap_or_default())),
         Op::Delete | Op::Leave => None,
         // Only ever sent on CRM_SYNC, to one remote: nothing to apply here.
         Op::Reject => return Ok(()),
@@ -114,7 +115,7 @@ fn apply_event(
 }
 
 /// The basis routing decides a record by, its contact read from the projection for a child.
-fn basis(t: &Tables<'_>, kind: Kind, id: &str, stored: Option<&Stored>) -> Result<Option<Basis>, StoreError> {
+fn basis(t: &Tables<'_>, kind: Kind, id: &str, stored: Option<&Record>) -> Result<Option<Basis>, StoreError> {
     let Some(stored) = stored else { return Ok(None) };
     Basis::of(kind, id, &stored.fields, |contact| Ok(t.get(Kind::Contact, contact)?.map(|c| c.fields)))
 }
@@ -125,8 +126,8 @@ fn route_record(
     defs: &[TargetDef],
     seq: u64,
     env: &Envelope,
-    old: Option<&Stored>,
-    new: Option<&Stored>,
+    old: Option<&Record>,
+    new: Option<&Record>,
 ) -> Result<(), StoreError> {
     let before = routing::targets_of(defs, basis(t, env.kind, &env.id, old)?.as_ref());
     let after = routing::targets_of(defs, basis(t, env.kind, &env.id, new)?.as_ref());
@@ -158,7 +159,7 @@ fn route_config_change(
 ) -> Result<(), StoreError> {
     let out = Outbox { cause: env, seq };
     for change in TargetChange::between(before, after) {
-        let route = |t: &mut Tables<'_>, kind: Kind, id: &str, stored: &Stored| -> Result<(), StoreError> {
+        let route = |t: &mut Tables<'_>, kind: Kind, id: &str, stored: &Record| -> Result<(), StoreError> {
             let op = change.decide(basis(t, kind, id, Some(stored))?.as_ref());
             match op {
                 Some(op) => out.push(t, std::slice::from_ref(&change.after.target), kind, id, op, Some(&stored.fields)),

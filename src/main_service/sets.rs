@@ -6,16 +6,16 @@ use serde_json::{Value as J, json};
 
 use super::{Decision, Main, SetRequest};
 use crate::error::ServiceError;
+use crate::model::Record;
 use crate::model::{self, Fields, Kind, Value};
 use crate::names;
 use crate::routing::{RoutingConfig, SetSpec, TargetDef};
-use crate::store::Stored;
 use crate::wire::Target;
 
 impl Main {
     /// The routing configuration as the projection holds it now.
     fn routing_config(&self) -> Result<RoutingConfig, ServiceError> {
-        Ok(super::projector::RouterState::load(self.store())?.config)
+        Ok(super::projector::RoutingState::load(self.store())?.config)
     }
 
     /// Checks a set's fields as a whole ([`SetSpec::check`]), and that its users exist.
@@ -30,7 +30,7 @@ impl Main {
     }
 
     /// Creates a sync set. Sets are events too, so a rebuilt main has them.
-    pub async fn create_set(&self, req: &SetRequest) -> Result<Stored, ServiceError> {
+    pub async fn create_set(&self, req: &SetRequest) -> Result<Record, ServiceError> {
         names::check("set name", &req.name)?;
         let mut body = serde_json::Map::new();
         if req.all {
@@ -52,7 +52,7 @@ impl Main {
         self.create_config(Kind::Set, &req.name, fields).await
     }
 
-    async fn create_config(&self, kind: Kind, id: &str, fields: Fields) -> Result<Stored, ServiceError> {
+    async fn create_config(&self, kind: Kind, id: &str, fields: Fields) -> Result<Record, ServiceError> {
         let stored = self
             .commit(kind, id, |current| {
                 if current.is_some() {
@@ -65,7 +65,7 @@ impl Main {
     }
 
     /// Changes a set's users, query, `all` or description; what it then gains or loses moves.
-    pub async fn edit_set(&self, name: &str, body: &J) -> Result<Stored, ServiceError> {
+    pub async fn edit_set(&self, name: &str, body: &J) -> Result<Record, ServiceError> {
         let input = model::parse_input(Kind::Set, body, false)?;
         let stamp = self.inner.clock.now();
         let stored = self
@@ -84,7 +84,7 @@ impl Main {
     }
 
     /// A new set with the same users and query as `from`.
-    pub async fn copy_set(&self, from: &str, to: &str) -> Result<Stored, ServiceError> {
+    pub async fn copy_set(&self, from: &str, to: &str) -> Result<Record, ServiceError> {
         names::check("set name", to)?;
         let source = self
             .store()

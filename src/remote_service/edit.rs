@@ -2,7 +2,7 @@
 //! never wait for the network) and queued for `CRM_UP` in the same durable transaction; the
 //! uploader publishes the queue in order whenever NATS is reachable, and forgets an edit only
 //! once `CRM_UP` has acknowledged it. The main merges each edit and routes the result back like
-//! any change; an edit it refuses comes back as a `reject` (see apply.rs).
+//! any change; an edit it refuses comes back as a `reject` (see projector.rs).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,10 +12,11 @@ use tokio::sync::watch;
 use super::{Inner, Remote};
 use crate::apply::HELD_LOCALLY;
 use crate::error::ServiceError;
+use crate::model::Record;
 use crate::model::{self, Fields, Kind};
 use crate::names;
 use crate::outgoing::Upload;
-use crate::store::{StoreError, Stored, Tables};
+use crate::store::{StoreError, Tables};
 use crate::wire::{self, Envelope, Op};
 
 /// Uploads published at once.
@@ -37,7 +38,7 @@ fn check_editable(kind: Kind) -> Result<(), ServiceError> {
 impl Remote {
     /// Creates a record here; it joins the main (and this remote's subscription list, if it is
     /// a contact) once uploaded and merged.
-    pub async fn create(&self, kind: Kind, body: &serde_json::Value) -> Result<(String, Stored), ServiceError> {
+    pub async fn create(&self, kind: Kind, body: &serde_json::Value) -> Result<(String, Record), ServiceError> {
         self.create_keyed(kind, body, None).await
     }
 
@@ -48,7 +49,7 @@ impl Remote {
         kind: Kind,
         body: &serde_json::Value,
         key: Option<String>,
-    ) -> Result<(String, Stored), ServiceError> {
+    ) -> Result<(String, Record), ServiceError> {
         check_editable(kind)?;
         let input = model::parse_input(kind, body, true)?;
         let id = input.id.clone().unwrap_or_else(names::new_id);
@@ -78,7 +79,7 @@ impl Remote {
             if let Err(e) = model::check_record(kind, &fields) {
                 return Ok(Err(e.into()));
             }
-            let stored = Stored { version: 0, holders: HELD_LOCALLY, fields };
+            let stored = Record { version: 0, holders: HELD_LOCALLY, fields };
             t.put(kind, &id2, &stored)?;
             queue(t, inner, kind, &id2, Op::Upsert, 0, Some(&stored.fields))?;
             remember(t, key.as_deref(), kind, &id2)?;
@@ -87,7 +88,7 @@ impl Remote {
         .await
     }
 
-    pub async fn update(&self, kind: Kind, id: &str, body: &serde_json::Value) -> Result<Stored, ServiceError> {
+    pub async fn update(&self, kind: Kind, id: &str, body: &serde_json::Value) -> Result<Record, ServiceError> {
         self.update_keyed(kind, id, body, None).await
     }
 
@@ -97,7 +98,7 @@ impl Remote {
         id: &str,
         body: &serde_json::Value,
         key: Option<String>,
-    ) -> Result<Stored, ServiceError> {
+    ) -> Result<Record, ServiceError> {
         check_editable(kind)?;
         let input = model::parse_input(kind, body, false)?;
         let stamp = self.inner.clock.now();
@@ -264,7 +265,7 @@ fn earlier(
     key: Option<&str>,
     kind: Kind,
     id: Option<&str>,
-) -> Result<Option<Result<(String, Option<Stored>), ServiceError>>, StoreError> {
+) -> Result<Option<Result<(String, Option<Record>), ServiceError>>, StoreError> {
     let Some(key) = key else { return Ok(None) };
     let Some(entry) = t.key_entry(key)? else { return Ok(None) };
     if entry.kind != kind || id.is_some_and(|id| id != entry.id) {

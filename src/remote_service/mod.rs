@@ -6,8 +6,8 @@
 //! point redelivers at most what was not committed, and redelivery is harmless: an envelope
 //! whose version is not newer than the one held is skipped.
 
-mod apply;
 mod edit;
+mod projector;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -467,7 +467,7 @@ impl SyncLoop {
     }
 
     /// Applies a batch with its position in one transaction.
-    async fn apply(&self, incoming: Vec<Incoming>) -> Result<apply::Applied, Stop> {
+    async fn apply(&self, incoming: Vec<Incoming>) -> Result<projector::Applied, Stop> {
         tracing::debug!(
             messages = incoming.len(),
             first = incoming.first().map(|m| m.seq),
@@ -481,10 +481,12 @@ impl SyncLoop {
         // Large batches (a rebuild, a catch-up) commit durably: many non-durable commits in a
         // row make redb's file grow, because pages are only freed by a durable commit.
         let durable = incoming.len() >= crate::store::DURABLE_BATCH;
-        tokio::task::spawn_blocking(move || store.write(durable, |t| apply::apply_batch(t, &db, &incoming, &refreshed)))
-            .await
-            .map_err(|e| Stop::Fatal(e.to_string()))?
-            .map_err(store_stop)
+        tokio::task::spawn_blocking(move || {
+            store.write(durable, |t| projector::apply_batch(t, &db, &incoming, &refreshed))
+        })
+        .await
+        .map_err(|e| Stop::Fatal(e.to_string()))?
+        .map_err(store_stop)
     }
 
     /// Empties the projection for a rebuild, and restarts the loop to replay from the start.

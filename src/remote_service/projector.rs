@@ -1,10 +1,11 @@
-//! Applying a batch of `CRM_SYNC` messages to a remote's projection. Pure of IO beyond the
-//! transaction it is given: no NATS, no clock.
+//! The remote's projector: applies a batch of `CRM_SYNC` messages to the remote's projection,
+//! carrying out the core's [`crate::apply::decide`] in the transaction it is given.
 
 use std::collections::BTreeMap;
 
 use crate::apply::{self, Action, Refreshed};
-use crate::store::{APPLIED, LogEntry, StoreError, Stored, Tables};
+use crate::model::Record;
+use crate::store::{APPLIED, LogEntry, StoreError, Tables};
 use crate::transport::Incoming;
 use crate::wire::{self, Decoded, Envelope, Foreign, Op};
 
@@ -77,7 +78,7 @@ fn apply_one(t: &mut Tables<'_>, bit: u8, env: Envelope) -> Result<bool, StoreEr
             {
                 fields = merged;
             }
-            t.put(kind, &env.id, &Stored { version: v, holders, fields })?;
+            t.put(kind, &env.id, &Record { version: v, holders, fields })?;
         }
         Action::SetHolders { holders } => t.set_holders(kind, &env.id, v, holders)?,
         Action::Remove => {

@@ -34,7 +34,7 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 /// Serves an API in the background until `stop` is sent.
 fn spawn_api(
     listener: tokio::net::TcpListener,
-    router: axum::Router,
+    router: http::Api,
 ) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {

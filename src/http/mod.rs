@@ -23,6 +23,9 @@ use std::future::Future;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 
+/// A service's HTTP API, ready to [`serve`].
+pub type Api = axum::Router;
+
 pub use error::ApiError;
 pub use extract::MAX_IDEMPOTENCY_KEY;
 pub use main_api::main_api;

@@ -19,7 +19,7 @@ const LONGEST_PAUSE: Duration = Duration::from_secs(5);
 const SETTLED: Duration = Duration::from_secs(30);
 
 /// Why a run of a loop ended before shutdown.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Stop {
     /// Start again at once, from the stored position (NATS reconnected, a rebuild emptied
     /// the projection): nothing failed.
@@ -92,5 +92,67 @@ pub async fn supervise<S: Send>(
             _ = shutdown.changed() => return Ok(()),
         }
         pause = (pause * 2).min(LONGEST_PAUSE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `supervise` over a loop that ends each run with the next of `ends` (then `Ok`),
+    /// on a paused clock; returns what it returned, how many runs it made, and the time
+    /// the pauses took.
+    async fn supervised(ends: Vec<Stop>) -> (Result<(), String>, usize, Duration) {
+        let (_tx, rx) = watch::channel(false);
+        let mut ends = ends.into_iter();
+        let mut runs = 0;
+        let start = tokio::time::Instant::now();
+        let result = supervise("test loop", rx, &mut runs, |runs, _| {
+            *runs += 1;
+            let end = ends.next();
+            Box::pin(async move { end.map_or(Ok(()), Err) })
+        })
+        .await;
+        (result, runs, start.elapsed())
+    }
+
+    fn retry() -> Stop {
+        Stop::Retry("NATS unreachable".into())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_are_retried_after_pauses_that_double_up_to_five_seconds() {
+        let (result, runs, paused) = supervised((0..6).map(|_| retry()).collect()).await;
+        assert_eq!((result, runs), (Ok(()), 7));
+        // 0.3 + 0.6 + 1.2 + 2.4 + 4.8 + 5 (the longest pause) seconds.
+        assert_eq!(paused, Duration::from_millis(300 + 600 + 1200 + 2400 + 4800 + 5000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reconnect_starts_the_loop_again_at_once() {
+        let (result, runs, paused) = supervised(vec![Stop::Restart("reconnected".into()); 3]).await;
+        assert_eq!((result, runs, paused), (Ok(()), 4, Duration::ZERO));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fatal_stop_is_not_retried_and_says_why() {
+        let (result, runs, _) = supervised(vec![retry(), Stop::Fatal("a message of another database".into())]).await;
+        assert_eq!((result, runs), (Err("a message of another database".into()), 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_ends_a_pause() {
+        let (tx, rx) = watch::channel(false);
+        let mut runs = 0;
+        let supervisor = supervise("test loop", rx, &mut runs, |runs, _| {
+            *runs += 1;
+            Box::pin(async { Err(retry()) })
+        });
+        let stop = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            tx.send(true).unwrap();
+        };
+        let (result, ()) = tokio::join!(supervisor, stop);
+        assert_eq!((result, runs), (Ok(()), 1), "stopped during the first pause, not run again");
     }
 }

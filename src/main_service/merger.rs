@@ -438,3 +438,33 @@ impl Main {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uploads(records: &[(Kind, &str)]) -> Vec<(usize, Upload)> {
+        let upload = |(kind, id): &(Kind, &str)| Upload {
+            subject: wire::up_subject("laptop", *kind, id),
+            payload: Default::default(),
+            order: None,
+        };
+        records.iter().map(upload).enumerate().collect()
+    }
+
+    #[test]
+    fn a_wave_merges_different_records_and_keeps_a_contact_before_its_notes() {
+        use Kind::{Company, Contact, Note};
+        type Case<'a> = (&'a str, &'a [(Kind, &'a str)], usize);
+        let cases: [Case; 5] = [
+            ("different contacts go together", &[(Contact, "a"), (Contact, "b"), (Company, "c")], 3),
+            ("a record edited twice waits for its first edit", &[(Contact, "a"), (Contact, "b"), (Contact, "a")], 2),
+            ("a note never goes with a contact", &[(Contact, "a"), (Note, "n1")], 1),
+            ("notes go together until a contact", &[(Note, "n1"), (Note, "n2"), (Contact, "a")], 2),
+            ("one upload is always a wave", &[(Note, "n1")], 1),
+        ];
+        for (rule, records, len) in cases {
+            assert_eq!(wave_len(&uploads(records)), len, "{rule}");
+        }
+    }
+}

@@ -871,6 +871,13 @@ pub fn refs(kind: Kind, patch: &Patch) -> impl Iterator<Item = (&str, Kind, &str
     })
 }
 
+/// How many records of each kind a site holds, as `status` shows them (routed kinds only).
+pub fn counts_json(counts: &BTreeMap<Kind, u64>) -> serde_json::Value {
+    serde_json::Value::Object(
+        counts.iter().filter(|(k, _)| k.is_routed()).map(|(k, n)| (k.as_str().to_owned(), (*n).into())).collect(),
+    )
+}
+
 /// A record as the API shows it: `id`, `version`, then every field that holds a value.
 pub fn to_json(id: &str, version: u64, fields: &Fields) -> serde_json::Value {
     let mut obj = serde_json::Map::with_capacity(fields.len() + 2);

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use serde_json::{Value as J, json};
 
 use super::BenchArgs;
-use super::raw::raw_publish;
+use super::raw::{commit_bodies, raw_publish};
 use super::report::{Figures, fmt_rate, median, pct, rate};
 use super::services::{Scratch, Service, fresh_nats, get, load, post};
 use crate::demo::{DemoSize, generate};
@@ -53,10 +53,6 @@ pub(super) async fn commit_figures(args: &BenchArgs, figures: &mut Figures) -> a
         );
     }
     Ok(())
-}
-
-pub(super) fn commit_bodies(changes: usize) -> Vec<J> {
-    (0..changes).map(|i| json!({ "id": format!("c{i}"), "first_name": "Bench", "last_name": format!("L{i}"), "city": "Albany", "state": "NY" })).collect()
 }
 
 /// Seconds for the main's write path (in this process) to commit `changes` new contacts, and

@@ -11,8 +11,6 @@ use crmsync::transport::Nats;
 use crmsync::wire::{Envelope, ORIGIN_MAIN, Op, PRODUCT, SCHEMA_MAJOR, SYNC_STREAM};
 use futures::StreamExt;
 
-use super::commit::commit_bodies;
-
 /// A bare ordered consumer reading `filter` from the start until nothing is pending.
 pub(super) async fn raw_consume(nats: &Nats, filter: &str) -> anyhow::Result<(f64, Vec<(String, bytes::Bytes)>)> {
     use async_nats::jetstream::consumer;
@@ -111,4 +109,9 @@ pub(super) async fn raw_publish(nats_server: &NatsServer, sets: usize, changes: 
     let start = Instant::now();
     nats.publish_pipelined(messages).await.map_err(|e| anyhow::anyhow!("raw publish: {e}"))?;
     Ok(start.elapsed().as_secs_f64())
+}
+
+/// The bodies of `changes` new contacts, as the commit figures write them.
+pub(super) fn commit_bodies(changes: usize) -> Vec<serde_json::Value> {
+    (0..changes).map(|i| serde_json::json!({ "id": format!("c{i}"), "first_name": "Bench", "last_name": format!("L{i}"), "city": "Albany", "state": "NY" })).collect()
 }

@@ -1,5 +1,5 @@
-//! The main: owner of the authoritative projection, writer of `CRM_EVENTS`, router to
-//! `CRM_SYNC`.
+//! The main: owner of the authoritative projection, writer of `CRM_EVENTS`, publisher of
+//! what routing sends to `CRM_SYNC`, merger of what remotes upload.
 //!
 //! A write is published to `CRM_EVENTS` first (with `Nats-Msg-Id` and
 //! `Nats-Expected-Last-Subject-Sequence`); the projector applies it from the stream, and the
@@ -11,7 +11,6 @@ mod projector;
 mod publisher;
 mod sets;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -551,7 +550,7 @@ impl Main {
             "schema": SCHEMA_MAJOR,
             "database_id": self.inner.database_id,
             "nats": { "url": self.inner.config.nats_url, "connected": self.inner.nats.is_connected() },
-            "counts": counts_json(&counts),
+            "counts": model::counts_json(&counts),
             "applied": applied,
             "stream_last": stream_last,
             "backlog": stream_last.map(|l| l.saturating_sub(applied)),
@@ -589,12 +588,6 @@ fn check_data_kind(kind: Kind) -> Result<(), ServiceError> {
     } else {
         Err(ServiceError::Invalid(format!("{} are changed through /v1/{}", kind.plural(), kind.plural())))
     }
-}
-
-pub fn counts_json(counts: &BTreeMap<Kind, u64>) -> serde_json::Value {
-    serde_json::Value::Object(
-        counts.iter().filter(|(k, _)| k.is_routed()).map(|(k, n)| (k.as_str().to_owned(), (*n).into())).collect(),
-    )
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

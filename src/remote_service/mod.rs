@@ -21,7 +21,6 @@ use crate::apply::{HELD_BY_SET, HELD_BY_SUBSCRIPTION};
 use crate::bundle::Bundle;
 use crate::error::ServiceError;
 use crate::hlc::Clock;
-use crate::main_service::counts_json;
 use crate::store::{APPLIED, DATABASE_ID, Store};
 use crate::supervise::{Stop, supervise};
 use crate::transport::{Incoming, Nats};
@@ -270,7 +269,7 @@ impl Remote {
             "remote": self.inner.bundle.remote,
             "set": self.inner.bundle.set,
             "nats": { "url": self.inner.nats_url, "connected": self.inner.nats.is_connected() },
-            "counts": counts_json(&counts),
+            "counts": crate::model::counts_json(&counts),
             "applied": store.meta(APPLIED)?,
             "backlog": backlog,
             "quarantined": quarantined,

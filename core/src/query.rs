@@ -280,16 +280,16 @@ struct Condition {
 /// A field, resolved at parse time so evaluation is one or two map look-ups.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum FieldRef {
-    /// A field of the contact, by its name in the field table.
-    Contact(&'static str),
-    /// A custom field of the contact, by its field name (`custom.NAME`).
+    /// A field of the record (a contact, for a set's query), by its name in the field table.
+    Named(&'static str),
+    /// A custom field of the record, by its field name (`custom.NAME`).
     Custom(Box<str>),
 }
 
 impl fmt::Display for FieldRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            FieldRef::Contact(name) => f.write_str(name),
+            FieldRef::Named(name) => f.write_str(name),
             FieldRef::Custom(name) => f.write_str(name),
         }
     }
@@ -407,7 +407,7 @@ impl Subject<'_> {
 impl Condition {
     fn matches(&self, fields: &Fields) -> bool {
         let value = match &self.field {
-            FieldRef::Contact(name) => fields.get(*name).map(|field| &field.value),
+            FieldRef::Named(name) => fields.get(*name).map(|field| &field.value),
             FieldRef::Custom(name) => {
                 let text = fields.get(&**name).and_then(|field| field.value.as_str()).unwrap_or("");
                 return self.operator.holds(Subject::Text(text));
@@ -861,7 +861,7 @@ fn field<'a>(input: &mut Input<'a>) -> ParseResult<'a, (FieldRef, &'a str)> {
             return Err(SyntaxError::cut_at(input, Expected::CustomDot));
         }
         _ => match queryable_fields().find(|spec| spec.name.eq_ignore_ascii_case(written)) {
-            Some(spec) => FieldRef::Contact(spec.name),
+            Some(spec) => FieldRef::Named(spec.name),
             None => return Err(SyntaxError::cut_at(start, Expected::Field)),
         },
     };
@@ -967,7 +967,7 @@ impl Query {
         let mut conditions = Vec::with_capacity(filters.len());
         for (name, value) in filters {
             let field = match kind.field(name) {
-                Some(spec) => FieldRef::Contact(spec.name),
+                Some(spec) => FieldRef::Named(spec.name),
                 None if crate::model::is_custom(name) && kind.field("custom").is_some() => {
                     FieldRef::Custom(name.as_str().into())
                 }
@@ -1489,10 +1489,10 @@ mod tests {
 
     fn fields_refs() -> impl Strategy<Value = FieldRef> {
         prop::sample::select(vec![
-            FieldRef::Contact("city"),
-            FieldRef::Contact("state"),
-            FieldRef::Contact("zip"),
-            FieldRef::Contact("access_users"),
+            FieldRef::Named("city"),
+            FieldRef::Named("state"),
+            FieldRef::Named("zip"),
+            FieldRef::Named("access_users"),
             FieldRef::Custom("custom.source".into()),
             FieldRef::Custom("custom.score".into()),
         ])

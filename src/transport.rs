@@ -481,8 +481,40 @@ impl Nats {
             .purge()
             .filter(wire::target_filter(target))
             .await
-            .map_err(|e| TransportError::request("purging a deleted set", e))?;
+            .map_err(|e| TransportError::request(format!("purging {}", wire::target_filter(target)), e))?;
         Ok(())
+    }
+
+    /// Halts delivery to a remote's consumer (NATS pauses it: its pulls get nothing) until
+    /// [`Nats::resume_remote_consumer`]. Takes effect at once, without a server restart.
+    pub async fn pause_remote_consumer(&self, consumer_name: &str) -> Result<(), TransportError> {
+        let until = async_nats::datetime::parse_rfc3339(PAUSED_UNTIL)
+            .map_err(|e| TransportError::request("reading the pause deadline", e))?;
+        self.stream(SYNC_STREAM)
+            .await?
+            .pause_consumer(consumer_name, until)
+            .await
+            .map_err(|e| TransportError::request(format!("pausing consumer {consumer_name}"), e))?;
+        Ok(())
+    }
+
+    pub async fn resume_remote_consumer(&self, consumer_name: &str) -> Result<(), TransportError> {
+        self.stream(SYNC_STREAM)
+            .await?
+            .resume_consumer(consumer_name)
+            .await
+            .map_err(|e| TransportError::request(format!("resuming consumer {consumer_name}"), e))?;
+        Ok(())
+    }
+
+    /// Deletes a remote's consumer; one already gone is not an error.
+    pub async fn delete_remote_consumer(&self, consumer_name: &str) -> Result<(), TransportError> {
+        let stream = self.stream(SYNC_STREAM).await?;
+        match stream.delete_consumer(consumer_name).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("not found") => Ok(()),
+            Err(e) => Err(TransportError::request(format!("deleting consumer {consumer_name}"), e)),
+        }
     }
 
     /// Messages waiting for a remote: not yet delivered plus delivered but unacknowledged.
@@ -493,6 +525,9 @@ impl Nats {
         Ok(info.num_pending + info.num_ack_pending as u64)
     }
 }
+
+/// How long a halted remote's consumer stays paused: until it is resumed.
+const PAUSED_UNTIL: &str = "2999-12-31T00:00:00Z";
 
 /// A message taken off a stream, reduced to what the projections need.
 #[derive(Debug, Clone)]

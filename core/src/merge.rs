@@ -133,8 +133,10 @@ pub fn judge(remote: &str, env: &Envelope, facts: &Facts) -> Result<Plan, Refusa
     let Some(remote_fields) = &facts.remote else {
         return refuse(format!("there is no remote {remote:?} at this main"));
     };
-    if matches!(remote_fields.get("enabled").map(|f| &f.value), Some(Value::Bool(false))) {
-        return refuse(format!("remote {remote} is disabled at the main"));
+    if model::remote_halted(remote_fields) {
+        // The merger keeps a halted remote's numbered uploads until it is resumed; only one
+        // that carries no place in its queue comes here.
+        return refuse(format!("remote {remote} is halted at the main"));
     }
     let held = facts.exists && held_by(&facts.targets, facts.held_basis.as_ref());
     let not_held = || {
@@ -397,7 +399,7 @@ mod tests {
                     refused("there is no remote \"laptop\""),
                 ),
                 (
-                    "a disabled remote",
+                    "a halted remote",
                     edit("c1", 3, &ny),
                     {
                         let mut facts = held(Kind::Contact, "c1", ny.clone());
@@ -405,7 +407,7 @@ mod tests {
                         remote.insert("enabled".into(), Field { value: Value::Bool(false), stamp: 9 });
                         facts
                     },
-                    refused("remote laptop is disabled at the main"),
+                    refused("remote laptop is halted at the main"),
                 ),
                 (
                     "fields the kind does not have",

@@ -871,6 +871,12 @@ pub fn refs(kind: Kind, patch: &Patch) -> impl Iterator<Item = (&str, Kind, &str
     })
 }
 
+/// Whether a remote's record says it is halted at the main (`enabled` false): it receives
+/// nothing, and its uploads wait at the main until it is resumed.
+pub fn remote_halted(fields: &Fields) -> bool {
+    matches!(fields.get("enabled").map(|f| &f.value), Some(Value::Bool(false)))
+}
+
 /// How many records of each kind a site holds, as `status` shows them (routed kinds only).
 pub fn counts_json(counts: &BTreeMap<Kind, u64>) -> serde_json::Value {
     serde_json::Value::Object(

@@ -147,13 +147,20 @@ pub enum RemoteCommand {
         #[arg(long)]
         nats_url: Option<String>,
     },
-    /// List the remotes registered at the main, with their backlogs.
+    /// List the remotes registered at the main, with their states and backlogs.
     List {
         #[command(flatten)]
         page: PageArgs,
     },
-    /// Show one remote, with its backlog.
+    /// Show one remote, with its state and backlog.
     Show { name: String },
+    /// Halt a remote: it receives nothing, and its uploads wait at the main until resumed.
+    Halt { name: String },
+    /// Resume a halted remote: what waited for it, both ways, flows again.
+    Resume { name: String },
+    /// Delete a remote: its consumer, its subscription list and its record; its bundle stops
+    /// syncing.
+    Delete { name: String },
     /// Set up a remote's data directory from its bundle.
     Init {
         #[arg(long)]

@@ -121,6 +121,15 @@ async fn remote(client: &Client, cmd: RemoteCommand, as_json: bool) -> Result<()
         RemoteCommand::Show { name } => {
             print_record(Kind::Remote, &client.get(&format!("/v1/remotes/{name}"), &[]).await?, as_json)
         }
+        RemoteCommand::Halt { name } => {
+            print_record(Kind::Remote, &client.post(&format!("/v1/remotes/{name}/halt"), &json!({})).await?, as_json)
+        }
+        RemoteCommand::Resume { name } => {
+            print_record(Kind::Remote, &client.post(&format!("/v1/remotes/{name}/resume"), &json!({})).await?, as_json)
+        }
+        RemoteCommand::Delete { name } => {
+            delete(client, &format!("/v1/remotes/{name}"), &format!("remote {name}"), as_json).await?
+        }
         other => unreachable!("{other:?} runs locally, not through the API"),
     }
     Ok(())

@@ -14,7 +14,7 @@ use super::extract::{ApiPath, ApiQuery, parse_body, parse_typed};
 use super::records::{MAX_LIMIT, get_record, list_records, record_json};
 use crate::error::ServiceError;
 use crate::main_service::{Main, RemoteRequest, SetRequest};
-use crate::model::Kind;
+use crate::model::{Kind, Record};
 
 /// The main's API: its record endpoints (every kind reads, data kinds write) and these.
 pub fn main_api(main: Main) -> Router {
@@ -25,7 +25,9 @@ pub fn main_api(main: Main) -> Router {
         .route("/v1/sets/{name}/preview", get(preview_set))
         .route("/v1/remotes/{name}/subscriptions", get(list_subscriptions).post(change_subscriptions))
         .route("/v1/remotes", get(list_remotes).post(create_remote))
-        .route("/v1/remotes/{name}", get(show_remote))
+        .route("/v1/remotes/{name}", get(show_remote).delete(delete_remote))
+        .route("/v1/remotes/{name}/halt", post(halt_remote))
+        .route("/v1/remotes/{name}/resume", post(resume_remote))
         .route("/v1/rebuild", post(main_rebuild));
     super::api(main, own)
 }
@@ -123,7 +125,7 @@ async fn create_remote(State(main): State<Main>, body: Result<Bytes, BytesReject
     ok(StatusCode::CREATED, serde_json::to_value(bundle).unwrap_or_default())
 }
 
-/// The remotes, each as `show_remote` shows it: its fields and the messages waiting for it.
+/// The remotes, each as `show_remote` shows it.
 async fn list_remotes(State(main): State<Main>, ApiQuery(q): ApiQuery) -> ApiResult {
     let mut page = list_records(main.store().clone(), Kind::Remote, q).await?;
     if let Some(items) = page["items"].as_array_mut() {
@@ -132,6 +134,8 @@ async fn list_remotes(State(main): State<Main>, ApiQuery(q): ApiQuery) -> ApiRes
         )
         .await;
         for (item, backlog) in items.iter_mut().zip(backlogs) {
+            let halted = item["enabled"] == json!(false);
+            item["state"] = state(halted).into();
             item["backlog"] = backlog.into();
         }
     }
@@ -142,9 +146,35 @@ async fn show_remote(State(main): State<Main>, ApiPath(name): ApiPath<String>) -
     let Some(stored) = main.store().get(Kind::Remote, &name)? else {
         return Err(ServiceError::NotFound { kind: Kind::Remote, id: name }.into());
     };
-    let mut body = record_json(&name, &stored);
-    body["backlog"] = main.remote_backlog(&name).await.into();
-    ok(StatusCode::OK, body)
+    ok(StatusCode::OK, remote_json(&main, &name, &stored).await)
+}
+
+async fn halt_remote(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
+    let stored = main.halt_remote(&name).await?;
+    ok(StatusCode::OK, remote_json(&main, &name, &stored).await)
+}
+
+async fn resume_remote(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
+    let stored = main.resume_remote(&name).await?;
+    ok(StatusCode::OK, remote_json(&main, &name, &stored).await)
+}
+
+async fn delete_remote(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
+    main.delete_remote(&name).await?;
+    ok(StatusCode::OK, json!({ "deleted": name }))
+}
+
+/// A remote as the API shows it: its fields, its state (`active` or `halted`) and the
+/// messages waiting for it (its backlog).
+async fn remote_json(main: &Main, name: &str, stored: &Record) -> serde_json::Value {
+    let mut body = record_json(name, stored);
+    body["state"] = state(crate::model::remote_halted(&stored.fields)).into();
+    body["backlog"] = main.remote_backlog(name).await.into();
+    body
+}
+
+fn state(halted: bool) -> &'static str {
+    if halted { "halted" } else { "active" }
 }
 
 async fn main_rebuild() -> ApiError {

@@ -1,6 +1,7 @@
 //! The merger: takes the edits remotes upload off the `CRM_UP` work queue, one at a time and
-//! in order, and merges each into the main. An edit is checked (it belongs to this database,
-//! its remote exists and is enabled, the record is one the remote holds or a new one its users
+//! in order, and merges each into the main. The uploads of a halted remote wait, parked in the
+//! main's store, until it is resumed. An edit is checked (it belongs to this database,
+//! its remote exists, the record is one the remote holds or a new one its users
 //! may access, its fields are valid), then merged with the main's record, newest stamp winning
 //! (field by field for contacts, companies and groups), and committed to `CRM_EVENTS` like any
 //! change: the router sends the result back to every target that holds the record. An edit
@@ -29,9 +30,24 @@ use crate::wire::{self, Decoded, Envelope, Op};
 
 pub(super) async fn run(mut main: Main, shutdown: watch::Receiver<bool>) {
     let _ = supervise("merger", shutdown, &mut main, |main, shutdown| {
-        async move { merge_loop(main, shutdown).await.map_err(Stop::from) }.boxed()
+        async move {
+            match merge_loop(main, shutdown).await {
+                Ok(Ended::Shutdown) => Ok(()),
+                // Its uploads waited at the main: start again, which merges them first.
+                Ok(Ended::Resumed) => Err(Stop::Restart("a halted remote was resumed".into())),
+                Err(e) => Err(Stop::from(e)),
+            }
+        }
+        .boxed()
     })
     .await;
+}
+
+/// Why a run of the merger ended without an error.
+enum Ended {
+    Shutdown,
+    /// A halted remote was resumed: its parked uploads can go on.
+    Resumed,
 }
 
 /// Uploads taken off the queue at most at once.
@@ -52,18 +68,30 @@ struct Sorted {
     repeated: Vec<usize>,
 }
 
-async fn merge_loop(main: &Main, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+async fn merge_loop(main: &Main, shutdown: watch::Receiver<bool>) -> anyhow::Result<Ended> {
     // The merge positions come with the merged changes: after a restart the projector must
     // have applied all of them before the merger reads where each queue stands.
     main.catch_up().await?;
+    let mut resumed = main.inner.resumed.subscribe();
+    resumed.mark_unchanged();
     let mut uploads = main.inner.nats.uploads(MERGE_BATCH, shutdown).await?;
     // The next number expected from each upload queue, as committed: read afresh at every
     // start, because a failed batch may have advanced it here but not on disk.
     let mut next: BTreeMap<String, u64> = BTreeMap::new();
-    // The queues with parked uploads: after each batch, those that can go on are merged.
+    // The queues with parked uploads: those that can go on are merged at start and after
+    // each batch.
     let mut parked: BTreeSet<String> = main.inner.store.parked_queues()?;
-    while let Some(batch) = uploads.next().await? {
-        let sorted = sort_batch(&main.inner.store, &mut next, batch.into_iter())?;
+    unpark_all(main, &mut parked, &mut next).await?;
+    loop {
+        let batch = tokio::select! {
+            batch = uploads.next() => match batch? {
+                Some(batch) => batch,
+                None => return Ok(Ended::Shutdown),
+            },
+            _ = resumed.changed() => return Ok(Ended::Resumed),
+        };
+        let halted = Halted::of(main, &batch)?;
+        let sorted = sort_batch(&main.inner.store, &mut next, &halted, batch.into_iter())?;
         park(main, &sorted.park)?;
         parked.extend(sorted.park.iter().filter_map(|(_, u)| u.order.as_ref().map(|(q, _)| q.clone())));
         let mut start = 0;
@@ -78,23 +106,65 @@ async fn merge_loop(main: &Main, shutdown: watch::Receiver<bool>) -> anyhow::Res
             start = end;
         }
         uploads.ack_each(sorted.park.iter().map(|(i, _)| *i).chain(sorted.repeated.iter().copied())).await;
-        // The uploads that waited for one merged now.
-        for queue in parked.clone() {
-            let from = match next.get(&queue) {
-                Some(n) => *n,
-                None => main.inner.store.meta(&next_key(&queue))?,
-            };
-            unpark(main, &queue, from, &mut next).await?;
-            if main.inner.store.parked(&queue, 0, 1)?.is_empty() {
-                parked.remove(&queue);
-            }
+        unpark_all(main, &mut parked, &mut next).await?;
+    }
+}
+
+/// Merges the parked uploads of every queue that can go on: those that waited for one merged
+/// since, or for their remote to be resumed. A halted remote's stay parked.
+async fn unpark_all(
+    main: &Main,
+    parked: &mut BTreeSet<String>,
+    next: &mut BTreeMap<String, u64>,
+) -> anyhow::Result<()> {
+    for queue in parked.clone() {
+        let head = main.inner.store.parked(&queue, 0, 1)?;
+        let Some((_, first)) = head.first() else {
+            parked.remove(&queue);
+            continue;
+        };
+        if Halted::remote(main, wire::up_remote(&first.subject).unwrap_or_default())? {
+            continue;
+        }
+        let from = match next.get(&queue) {
+            Some(n) => *n,
+            None => main.inner.store.meta(&next_key(&queue))?,
+        };
+        unpark(main, &queue, from, next).await?;
+        if main.inner.store.parked(&queue, 0, 1)?.is_empty() {
+            parked.remove(&queue);
         }
     }
     Ok(())
 }
 
+/// The remotes of a batch's uploads that are halted at the main: their uploads wait, parked,
+/// until they are resumed.
+struct Halted(BTreeSet<String>);
+
+impl Halted {
+    fn of(main: &Main, batch: &[Upload]) -> Result<Halted, ServiceError> {
+        let remotes: BTreeSet<&str> = batch.iter().filter_map(|u| wire::up_remote(&u.subject)).collect();
+        let mut halted = BTreeSet::new();
+        for remote in remotes {
+            if Halted::remote(main, remote)? {
+                halted.insert(remote.to_owned());
+            }
+        }
+        Ok(Halted(halted))
+    }
+
+    fn remote(main: &Main, remote: &str) -> Result<bool, ServiceError> {
+        Ok(main.inner.store.get(Kind::Remote, remote)?.is_some_and(|r| model::remote_halted(&r.fields)))
+    }
+
+    fn holds(&self, upload: &Upload) -> bool {
+        wire::up_remote(&upload.subject).is_some_and(|r| self.0.contains(r))
+    }
+}
+
 /// Keeps, durably, uploads that came before an earlier one of their queue, until that one is
-/// merged.
+/// merged, and the uploads of a halted remote, until it is resumed.
 fn park(main: &Main, uploads: &[(usize, Upload)]) -> Result<(), ServiceError> {
     if uploads.is_empty() {
         return Ok(());
@@ -102,11 +172,7 @@ fn park(main: &Main, uploads: &[(usize, Upload)]) -> Result<(), ServiceError> {
     main.inner.store.write(true, |t| {
         for (_, u) in uploads {
             let (queue, n) = u.order.as_ref().expect("only ordered uploads are parked");
-            tracing::info!(
-                queue,
-                n,
-                "an upload came before an earlier one of its queue; keeping it until that one is merged"
-            );
+            tracing::info!(queue, n, "keeping an upload until the one before it is merged, or its remote resumed");
             t.park(queue, *n, &Parked { subject: u.subject.clone(), payload: u.payload.to_vec() })?;
         }
         Ok(())
@@ -119,6 +185,7 @@ fn park(main: &Main, uploads: &[(usize, Upload)]) -> Result<(), ServiceError> {
 fn sort_batch(
     store: &crate::store::Store,
     next: &mut BTreeMap<String, u64>,
+    halted: &Halted,
     uploads: impl Iterator<Item = Upload>,
 ) -> Result<Sorted, ServiceError> {
     let mut sorted = Sorted::default();
@@ -131,6 +198,11 @@ fn sort_batch(
             continue;
         };
         let stored = || -> Result<u64, ServiceError> { Ok(store.meta_opt(&next_key(queue))?.unwrap_or(0)) };
+        if halted.holds(&upload) {
+            // Its remote is halted: it waits, whatever its place, and nothing advances.
+            sorted.park.push((i, upload));
+            continue;
+        }
         let mut expected = match next.get(queue) {
             Some(e) => *e,
             None => {

@@ -9,6 +9,7 @@
 mod merger;
 mod projector;
 mod publisher;
+mod remotes;
 mod sets;
 
 use std::path::PathBuf;
@@ -71,6 +72,8 @@ struct Inner {
     /// PATCHes of different fields of one record never lose a race against each other.
     record_locks: Vec<tokio::sync::Mutex<()>>,
     shutdown: watch::Sender<bool>,
+    /// Changes when a halted remote is resumed, so the merger merges the uploads it kept.
+    resumed: watch::Sender<u64>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -123,6 +126,7 @@ impl Main {
             applied,
             record_locks: (0..RECORD_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
             shutdown,
+            resumed: watch::channel(0).0,
             tasks: Mutex::new(Vec::new()),
         });
         let projector =
@@ -556,8 +560,9 @@ impl Main {
             "backlog": stream_last.map(|l| l.saturating_sub(applied)),
             "outbox": self.inner.store.outbox_len()?,
             "uploads_waiting": nats.for_status(nats.uploads_waiting()).await,
-            // Uploads that reached the main before an earlier upload of the same remote: they
-            // are merged as soon as that one arrives (the remote sends it again by itself).
+            // Uploads kept at the main: of a halted remote, until it is resumed, or that came
+            // before an earlier upload of the same remote, until that one arrives (the remote
+            // sends it again by itself).
             "uploads_parked": self.inner.store.parked_len()?,
             "refused": refused,
             "sync_log": log.iter().map(|(_, e)| e.to_json()).collect::<Vec<_>>(),

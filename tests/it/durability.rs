@@ -10,7 +10,7 @@ use crmsync::wire::{self, Envelope, Op};
 use futures::StreamExt;
 use serde_json::{Value as J, json};
 
-use crate::harness::{Api, Env, Stop, main_process, snapshot, stop, wait_converged, wait_for_status};
+use crate::harness::{Api, Env, Stop, cli, main_process, snapshot, stop, wait_converged, wait_for_status};
 
 /// A remote makes 600 contacts, then a note on each even one and deletes each odd one, all
 /// while the main is down; the main then starts and is stopped `stops.len()` times, each time
@@ -238,17 +238,6 @@ async fn writers_racing_on_one_contact_never_lose_a_change_nor_get_a_409() {
     remote.stop().await;
 }
 
-/// Runs the command line against an API and returns its exit code and stdout.
-async fn cli(api: &Api, args: &[&str]) -> (i32, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
-        .args(["--api", &api.base])
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_custom_field_is_edited_and_merged_on_its_own() {
     let env = Env::start().await;
@@ -274,7 +263,7 @@ async fn each_custom_field_is_edited_and_merged_on_its_own() {
     // The command line: `custom.c=3` changes c alone, `custom.a=` clears a alone.
     assert_eq!(cli(&env.api, &["contact", "edit", "c", "custom.c=3"]).await.0, 0);
     assert_eq!(cli(&env.api, &["contact", "edit", "c", "custom.a="]).await.0, 0);
-    let (code, out) = cli(&env.api, &["--json", "contact", "show", "c"]).await;
+    let (code, out, _) = cli(&env.api, &["--json", "contact", "show", "c"]).await;
     assert_eq!(code, 0, "{out}");
     let shown: J = serde_json::from_str(&out).unwrap();
     assert_eq!(shown["custom"], json!({ "b": "remote", "c": "3" }), "{shown}");

@@ -323,3 +323,15 @@ pub async fn stop(child: &mut tokio::process::Child, how: Stop) {
     }
     child.wait().await.unwrap();
 }
+
+/// Runs the command line against a service's API: (exit code, stdout, stderr).
+pub async fn cli(api: &Api, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
+        .args(["--api", &api.base])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    (out.status.code().unwrap_or(-1), text(out.stdout), text(out.stderr))
+}

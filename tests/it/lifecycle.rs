@@ -1,0 +1,108 @@
+//! The remote lifecycle an administrator runs at the main: halt, resume, delete.
+
+use std::time::Duration;
+
+use crmsync::main_service::RemoteRequest;
+use crmsync::model::Kind;
+use serde_json::{Value as J, json};
+
+use crate::harness::{Env, cli, seed_contacts, wait_converged, wait_for};
+
+fn city(store: &crmsync::store::Store, id: &str) -> Option<String> {
+    let record = store.get(Kind::Contact, id).unwrap()?;
+    crmsync::model::text(&record.fields, "city").map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halted_remote_receives_nothing_and_its_uploads_wait_until_it_is_resumed() {
+    let env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let laptop = env.remote("laptop", "everyone").await;
+    let branch = env.remote("branch", "everyone").await;
+    seed_contacts(env.main(), 6, "c").await;
+    wait_converged(env.main(), laptop.remote.store()).await;
+
+    let (code, out, err) = cli(&env.api, &["--json", "remote", "halt", "laptop"]).await;
+    assert_eq!(code, 0, "{err}");
+    let shown: J = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["state"], "halted", "{shown}");
+
+    // A change at the main reaches the other remote, not the halted one.
+    env.main().update(Kind::Contact, "c0", &json!({ "city": "Troy" })).await.unwrap();
+    wait_for("the other remote gets the main's change", Duration::from_secs(30), || async {
+        city(branch.remote.store(), "c0").as_deref() == Some("Troy")
+    })
+    .await;
+    // An edit at the halted remote leaves it (CRM_UP has it) and waits at the main.
+    let (status, body) = laptop.api.patch("/v1/contacts/c1", &json!({ "city": "Utica" })).await;
+    assert_eq!(status, 200, "{body}");
+    wait_for("the main keeps the halted remote's upload", Duration::from_secs(30), || async {
+        env.api.status().await["uploads_parked"] == 1 && laptop.api.status().await["uploads"]["waiting"] == 0
+    })
+    .await;
+    let (_, shown) = env.api.get("/v1/remotes/laptop").await;
+    assert_eq!((shown["state"].as_str(), shown["backlog"].as_u64()), (Some("halted"), Some(1)), "{shown}");
+    assert_eq!(city(laptop.remote.store(), "c0").as_deref(), Some("Albany"), "the halted remote received nothing");
+    assert_eq!(city(env.main().store(), "c1").as_deref(), Some("Albany"), "its upload was not merged");
+    let (_, list) = env.api.get("/v1/remotes").await;
+    let states: Vec<(&str, &str)> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["id"].as_str().unwrap(), r["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(states, [("branch", "active"), ("laptop", "halted")]);
+
+    // Resumed: both ways flow, nothing lost.
+    let (code, out, err) = cli(&env.api, &["remote", "resume", "laptop"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("active"), "{out}");
+    for (what, store) in [("the main", env.main().store()), ("the other remote", branch.remote.store())] {
+        wait_for(&format!("{what} gets the resumed remote's edit"), Duration::from_secs(30), || async {
+            city(store, "c1").as_deref() == Some("Utica")
+        })
+        .await;
+    }
+    wait_converged(env.main(), laptop.remote.store()).await;
+    assert_eq!(env.api.status().await["uploads_parked"], 0);
+    laptop.stop().await;
+    branch.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_remote_loses_its_consumer_and_its_name_can_be_used_again() {
+    let env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let laptop = env.remote("laptop", "everyone").await;
+    seed_contacts(env.main(), 3, "c").await;
+    wait_converged(env.main(), laptop.remote.store()).await;
+    laptop.stop().await;
+
+    let (code, out, err) = cli(&env.api, &["remote", "delete", "laptop"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("deleted remote laptop"), "{out}");
+    // The server no longer has its consumer; the main no longer knows it.
+    let nats = env.main_nats().await;
+    let stream = nats.js.get_stream("CRM_SYNC").await.unwrap();
+    assert!(
+        stream
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&crmsync::bundle::consumer_name("laptop"))
+            .await
+            .is_err()
+    );
+    assert_eq!(env.api.get("/v1/remotes/laptop").await.0, 404);
+    let (code, _, err) = cli(&env.api, &["remote", "delete", "laptop"]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("no remote"), "{err}");
+
+    // The name is free again: a new remote of that name syncs from scratch.
+    let request = RemoteRequest { name: "laptop".into(), set: "everyone".into(), ..Default::default() };
+    let bundle = env.main().create_remote(&request).await.unwrap();
+    let bundle_file = env.dir.path().join("again.bundle.json");
+    std::fs::write(&bundle_file, serde_json::to_vec(&bundle).unwrap()).unwrap();
+    let again = env.dir.path().join("again");
+    crmsync::remote_service::init(&bundle_file, &again).unwrap();
+    let laptop = env.start_remote(&again).await;
+    wait_converged(env.main(), laptop.remote.store()).await;
+    laptop.stop().await;
+}

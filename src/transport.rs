@@ -488,22 +488,42 @@ impl Nats {
     /// Halts delivery to a remote's consumer (NATS pauses it: its pulls get nothing) until
     /// [`Nats::resume_remote_consumer`]. Takes effect at once, without a server restart.
     pub async fn pause_remote_consumer(&self, consumer_name: &str) -> Result<(), TransportError> {
-        let until = async_nats::datetime::parse_rfc3339(PAUSED_UNTIL)
-            .map_err(|e| TransportError::request("reading the pause deadline", e))?;
-        self.stream(SYNC_STREAM)
-            .await?
-            .pause_consumer(consumer_name, until)
-            .await
-            .map_err(|e| TransportError::request(format!("pausing consumer {consumer_name}"), e))?;
-        Ok(())
+        self.pause(SYNC_STREAM, consumer_name, true).await
     }
 
     pub async fn resume_remote_consumer(&self, consumer_name: &str) -> Result<(), TransportError> {
-        self.stream(SYNC_STREAM)
+        self.pause(SYNC_STREAM, consumer_name, false).await
+    }
+
+    /// Stops (`false`) or restarts (`true`) the merging of uploads: the merger's consumer is
+    /// paused, so uploads wait in `CRM_UP`. Kept by the server, across restarts of the main.
+    pub async fn accept_uploads(&self, accept: bool) -> Result<(), TransportError> {
+        self.pause(UP_STREAM, MERGER, !accept).await
+    }
+
+    /// Whether uploads are merged: the merger's consumer is not paused.
+    pub async fn accepting_uploads(&self) -> Result<bool, TransportError> {
+        let mut consumer: consumer::PullConsumer = self
+            .stream(UP_STREAM)
             .await?
-            .resume_consumer(consumer_name)
+            .get_consumer(MERGER)
             .await
-            .map_err(|e| TransportError::request(format!("resuming consumer {consumer_name}"), e))?;
+            .map_err(|e| TransportError::request("opening the merger's consumer", e))?;
+        let info = consumer.info().await.map_err(|e| TransportError::request("reading the merger's consumer", e))?;
+        Ok(!info.paused)
+    }
+
+    async fn pause(&self, stream: &str, consumer_name: &str, pause: bool) -> Result<(), TransportError> {
+        let doing = if pause { "pausing" } else { "resuming" };
+        let stream = self.stream(stream).await?;
+        let result = if pause {
+            let until = async_nats::datetime::parse_rfc3339(PAUSED_UNTIL)
+                .map_err(|e| TransportError::request("reading the pause deadline", e))?;
+            stream.pause_consumer(consumer_name, until).await
+        } else {
+            stream.resume_consumer(consumer_name).await
+        };
+        result.map_err(|e| TransportError::request(format!("{doing} consumer {consumer_name}"), e))?;
         Ok(())
     }
 
@@ -526,7 +546,7 @@ impl Nats {
     }
 }
 
-/// How long a halted remote's consumer stays paused: until it is resumed.
+/// How long a paused consumer stays paused: until it is resumed.
 const PAUSED_UNTIL: &str = "2999-12-31T00:00:00Z";
 
 /// A message taken off a stream, reduced to what the projections need.

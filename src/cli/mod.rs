@@ -111,7 +111,7 @@ pub struct NatsArg {
 
 #[derive(Debug, Subcommand)]
 pub enum MainCommand {
-    /// Run the main service: API, projector, router.
+    /// Run the main service: API, projector, outbox publisher, merger.
     Serve {
         #[command(flatten)]
         nats: NatsArg,
@@ -127,6 +127,18 @@ pub enum MainCommand {
         #[arg(long, default_value = "crmsync-data/main")]
         data: PathBuf,
     },
+    /// Stop (off) or restart (on) merging what remotes upload; while off, uploads wait in
+    /// CRM_UP and nothing is lost. (A client of the main behind --api.)
+    AcceptSyncs {
+        #[arg(value_enum)]
+        state: OnOff,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Debug, Subcommand)]
@@ -321,7 +333,7 @@ pub async fn run(cli: Cli) -> i32 {
     let result = match cli.command {
         Command::Up(args) => services::up(args).await,
         Command::Bench(args) => crate::bench::run(args, cli.json).await,
-        Command::Main(cmd) => services::main(cmd).await,
+        Command::Main(cmd) if !matches!(cmd, MainCommand::AcceptSyncs { .. }) => services::main(cmd).await,
         Command::Remote(RemoteCommand::Init { bundle, data }) => services::remote_init(&bundle, &data, cli.json),
         Command::Remote(RemoteCommand::Serve { data, listen, nats, batch }) => {
             services::remote_serve(RemoteConfig { data_dir: data, nats_url: nats, batch }, listen).await

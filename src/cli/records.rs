@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::{Value as J, json};
 
 use super::client::{Client, ClientError};
-use super::{Command, RecordCommand, RemoteCommand, SetCommand, SetSpecArgs, SubscriptionCommand};
+use super::{Command, MainCommand, OnOff, RecordCommand, RemoteCommand, SetCommand, SetSpecArgs, SubscriptionCommand};
 use crmsync::model::{FieldType, Kind};
 
 pub async fn run(client: &Client, command: Command, as_json: bool) -> Result<(), ClientError> {
@@ -18,6 +18,17 @@ pub async fn run(client: &Client, command: Command, as_json: bool) -> Result<(),
         Command::Set(cmd) => set(client, cmd, as_json).await?,
         Command::Subscription(cmd) => subscription(client, cmd, as_json).await?,
         Command::Remote(cmd) => remote(client, cmd, as_json).await?,
+        Command::Main(MainCommand::AcceptSyncs { state }) => {
+            let body = json!({ "accept": state == OnOff::On });
+            let answer = client.post("/v1/accept-syncs", &body).await?;
+            if as_json {
+                println!("{answer}");
+            } else if answer["accepting_syncs"] == json!(true) {
+                println!("the main accepts synchronizations: uploads are merged");
+            } else {
+                println!("the main does not accept synchronizations: uploads wait in CRM_UP until `accept-syncs on`");
+            }
+        }
         Command::Contact(cmd) => record(client, Kind::Contact, cmd, as_json).await?,
         Command::Company(cmd) => record(client, Kind::Company, cmd, as_json).await?,
         Command::Group(cmd) => record(client, Kind::Group, cmd, as_json).await?,

@@ -72,6 +72,7 @@ pub async fn main(cmd: MainCommand) -> anyhow::Result<()> {
             println!("rebuilt the main's projection from {events} events in {:.2} s", started.elapsed().as_secs_f64());
             Ok(())
         }
+        MainCommand::AcceptSyncs { .. } => unreachable!("accept-syncs is a client of the main's API"),
     }
 }
 

@@ -28,6 +28,7 @@ pub fn main_api(main: Main) -> Router {
         .route("/v1/remotes/{name}", get(show_remote).delete(delete_remote))
         .route("/v1/remotes/{name}/halt", post(halt_remote))
         .route("/v1/remotes/{name}/resume", post(resume_remote))
+        .route("/v1/accept-syncs", post(accept_syncs))
         .route("/v1/rebuild", post(main_rebuild));
     super::api(main, own)
 }
@@ -175,6 +176,17 @@ async fn remote_json(main: &Main, name: &str, stored: &Record) -> serde_json::Va
 
 fn state(halted: bool) -> &'static str {
     if halted { "halted" } else { "active" }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AcceptSyncs {
+    accept: bool,
+}
+
+async fn accept_syncs(State(main): State<Main>, body: Result<Bytes, BytesRejection>) -> ApiResult {
+    let req: AcceptSyncs = parse_typed(body)?;
+    ok(StatusCode::OK, json!({ "accepting_syncs": main.accept_syncs(req.accept).await? }))
 }
 
 async fn main_rebuild() -> ApiError {

@@ -560,6 +560,7 @@ impl Main {
             "backlog": stream_last.map(|l| l.saturating_sub(applied)),
             "outbox": self.inner.store.outbox_len()?,
             "uploads_waiting": nats.for_status(nats.uploads_waiting()).await,
+            "accepting_syncs": nats.for_status(nats.accepting_uploads()).await,
             // Uploads kept at the main: of a halted remote, until it is resumed, or that came
             // before an earlier upload of the same remote, until that one arrives (the remote
             // sends it again by itself).

@@ -6,6 +6,8 @@
 //!   merging them.
 //! - **Resume**: the consumer delivers again from where the remote stands, and the merger
 //!   merges the uploads it kept, in order, before any that come after.
+//! - **Accept syncs off/on**: the merger's consumer is paused or resumed; uploads wait in
+//!   `CRM_UP` meanwhile.
 //! - **Delete**: the consumer, the subjects of the remote's subscription list and its record
 //!   go; its bundle no longer syncs, and uploads still coming from it are refused.
 
@@ -48,6 +50,14 @@ impl Main {
         self.inner.nats.purge_target(&Target::Subscriptions(name.to_owned())).await?;
         tracing::info!(remote = name, "deleted");
         Ok(())
+    }
+
+    /// Starts (`true`) or stops (`false`) merging what remotes upload; while stopped, uploads
+    /// wait in `CRM_UP`. The server keeps the setting, across restarts of the main.
+    pub async fn accept_syncs(&self, accept: bool) -> Result<bool, ServiceError> {
+        self.inner.nats.accept_uploads(accept).await?;
+        tracing::info!("{} synchronizations", if accept { "accepting" } else { "no longer accepting" });
+        Ok(self.inner.nats.accepting_uploads().await?)
     }
 
     async fn set_halted(&self, name: &str, halted: bool) -> Result<Record, ServiceError> {

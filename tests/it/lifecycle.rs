@@ -106,3 +106,39 @@ async fn a_deleted_remote_loses_its_consumer_and_its_name_can_be_used_again() {
     wait_converged(env.main(), laptop.remote.store()).await;
     laptop.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_main_does_not_accept_syncs_uploads_wait_in_crm_up_also_across_a_restart() {
+    let mut env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let laptop = env.remote("laptop", "everyone").await;
+    seed_contacts(env.main(), 3, "c").await;
+    wait_converged(env.main(), laptop.remote.store()).await;
+    assert_eq!(env.api.status().await["accepting_syncs"], true);
+
+    let (code, out, err) = cli(&env.api, &["main", "accept-syncs", "off"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("does not accept"), "{out}");
+    let (status, body) = laptop.api.patch("/v1/contacts/c1", &json!({ "city": "Utica" })).await;
+    assert_eq!(status, 200, "{body}");
+    wait_for("the upload waits in CRM_UP", Duration::from_secs(30), || async {
+        let status = env.api.status().await;
+        status["uploads_waiting"] == 1 && status["accepting_syncs"] == false
+    })
+    .await;
+    // The setting is the server's: a restarted main still does not merge.
+    env.stop_main().await;
+    env.restart_main().await;
+    assert_eq!(env.api.status().await["accepting_syncs"], false);
+    assert_eq!(city(env.main().store(), "c1").as_deref(), Some("Albany"), "nothing was merged");
+
+    let (code, out, err) = cli(&env.api, &["--json", "main", "accept-syncs", "on"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(serde_json::from_str::<J>(&out).unwrap()["accepting_syncs"], true, "{out}");
+    wait_for("the upload is merged", Duration::from_secs(30), || async {
+        city(env.main().store(), "c1").as_deref() == Some("Utica")
+    })
+    .await;
+    assert_eq!(env.api.status().await["uploads_waiting"], 0);
+    laptop.stop().await;
+}

@@ -82,9 +82,10 @@ impl Nats {
             .name(name)
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(5))
-            // Retry quickly: the server is usually on the same host or network, and every
-            // second without a connection is a second of writes refused.
-            .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 100).min(1000)))
+            // The first attempt at once, then retry quickly: the server is usually on the same
+            // host or network, and every second without a connection is a second of writes
+            // refused.
+            .reconnect_delay_callback(reconnect_delay)
             .event_callback(move |event| {
                 let tx = tx.clone();
                 async move {
@@ -494,6 +495,12 @@ impl Nats {
     }
 }
 
+/// The pause before connection attempt `attempts` (counted from 1 since the last connection):
+/// none before the first, then 100 ms more for each failed one, up to a second.
+fn reconnect_delay(attempts: usize) -> Duration {
+    Duration::from_millis((attempts.saturating_sub(1) as u64 * 100).min(1000))
+}
+
 /// A message taken off a stream, reduced to what the projections need.
 #[derive(Debug, Clone)]
 pub struct Incoming {
@@ -706,3 +713,14 @@ async fn next_batch(messages: &mut Messages, max: usize) -> Option<Result<Vec<je
 
 /// How long a batch waits for messages the server said were pending.
 const BATCH_WAIT: Duration = Duration::from_millis(20);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_connection_attempt_is_made_at_once_and_later_ones_back_off_to_a_second() {
+        let delays: Vec<u128> = [1, 2, 3, 11, 12, 100].map(|n| reconnect_delay(n).as_millis()).to_vec();
+        assert_eq!(delays, [0, 100, 200, 1000, 1000, 1000]);
+    }
+}

@@ -8,6 +8,7 @@ mod bench;
 mod durability;
 mod edits;
 mod hostile;
+mod offline;
 mod pipeline;
 mod rebuild;
 mod resilience;

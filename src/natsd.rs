@@ -98,6 +98,11 @@ impl NatsServer {
         Ok(server)
     }
 
+    /// The server's process id while it runs (to pause it, as a test of a server that hangs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }

@@ -55,6 +55,13 @@ impl From<anyhow::Error> for Stop {
     }
 }
 
+/// Returns once the service shuts down (at once if it has): what a task selects on to drop
+/// whatever it waits for, NATS included, when it must stop.
+pub async fn shut_down(shutdown: &mut watch::Receiver<bool>) {
+    // An error: the sender is gone, which means shutdown too.
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
 /// Runs `run` (given `state` and a receiver of the shutdown signal) until it returns `Ok` (it
 /// saw the shutdown, or has nothing more to do), the service shuts down, or it stops with
 /// [`Stop::Fatal`], whose reason is returned. `name` names the loop in the log.

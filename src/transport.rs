@@ -1,6 +1,8 @@
 //! NATS JetStream: the only module that knows async-nats. Streams, consumers, publishing.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -71,42 +73,94 @@ pub struct Nats {
     /// start afresh at once instead of waiting for a heartbeat to time out.
     pub connections: tokio::sync::watch::Receiver<u64>,
     pub url: String,
+    /// When the connection was lost (or, for a client that started without one, when it
+    /// started), in milliseconds since the epoch; 0 while connected.
+    offline_since: Arc<AtomicU64>,
 }
 
 impl Nats {
-    /// Connects, waiting for the first connection; after that the client reconnects by itself
-    /// for as long as the process runs.
+    /// Connects, waiting for the first connection (failing if NATS cannot be reached); after
+    /// that the client reconnects by itself for as long as the process runs. For a service
+    /// that cannot do anything without NATS (the main owns the streams).
     pub async fn connect(url: &str, name: &str) -> Result<Nats, TransportError> {
+        Nats::open(url, name, false).await
+    }
+
+    /// Returns at once, connecting in the background and reconnecting for as long as the
+    /// process runs: for a service that works without NATS (a remote). Only an address that
+    /// does not parse is an error; [`Nats::connected`] waits for the connection.
+    pub async fn connect_in_background(url: &str, name: &str) -> Result<Nats, TransportError> {
+        Nats::open(url, name, true).await
+    }
+
+    async fn open(url: &str, name: &str, in_background: bool) -> Result<Nats, TransportError> {
         let (tx, connections) = tokio::sync::watch::channel(0u64);
-        let client = async_nats::ConnectOptions::new()
+        // Offline until the first connection, if that is not waited for.
+        let offline_since = Arc::new(AtomicU64::new(if in_background { crate::hlc::wall_ms() } else { 0 }));
+        let offline = offline_since.clone();
+        let mut options = async_nats::ConnectOptions::new()
             .name(name)
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(5))
-            // Retry quickly: the server is usually on the same host or network, and every
-            // second without a connection is a second of writes refused.
-            .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 100).min(1000)))
+            // The first attempt at once, then retry quickly: the server is usually on the same
+            // host or network, and every second without a connection is a second of writes
+            // refused.
+            .reconnect_delay_callback(reconnect_delay)
             .event_callback(move |event| {
-                let tx = tx.clone();
+                let (tx, offline) = (tx.clone(), offline.clone());
                 async move {
                     match event {
                         async_nats::Event::Connected => {
+                            offline.store(0, Ordering::SeqCst);
                             tx.send_modify(|n| *n += 1);
                             tracing::info!("connected to NATS");
                         }
-                        async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
+                        async_nats::Event::Disconnected => {
+                            let _ =
+                                offline.compare_exchange(0, crate::hlc::wall_ms(), Ordering::SeqCst, Ordering::SeqCst);
+                            tracing::warn!("disconnected from NATS; reconnecting");
+                        }
                         other => tracing::debug!("NATS: {other}"),
                     }
                 }
-            })
-            .connect(url)
-            .await
-            .map_err(|source| TransportError::Connect { url: url.to_owned(), source })?;
+            });
+        if in_background {
+            options = options.retry_on_initial_connect();
+        }
+        let client =
+            options.connect(url).await.map_err(|source| TransportError::Connect { url: url.to_owned(), source })?;
         let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(10)).build(client.clone());
-        Ok(Nats { client, js, connections, url: url.to_owned() })
+        Ok(Nats { client, js, connections, url: url.to_owned(), offline_since })
     }
 
     pub fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Since when NATS is unreachable (milliseconds since the epoch), or `None` while connected.
+    pub fn offline_since_ms(&self) -> Option<u64> {
+        if self.is_connected() {
+            return None;
+        }
+        // 0: the client noticed before its event reached us, a moment ago.
+        Some(match self.offline_since.load(Ordering::SeqCst) {
+            0 => crate::hlc::wall_ms(),
+            since => since,
+        })
+    }
+
+    /// Returns once the client is connected (at once if it is). Callers that must stop at
+    /// shutdown select on it.
+    pub async fn connected(&self) {
+        let mut connections = self.connections.clone();
+        while !self.is_connected() {
+            // The connection counter moves just before the client's own state does: look again
+            // shortly after, whichever comes first.
+            tokio::select! {
+                _ = connections.changed() => {}
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
     }
 
     /// A figure for a status page: asked only while connected, and given up after
@@ -297,6 +351,11 @@ impl Nats {
         uploads: &[(u64, crate::outgoing::Upload)],
         order: impl Fn(u64) -> String,
     ) -> Result<(), TransportError> {
+        if !self.is_connected() {
+            // Handed to a disconnected client, they would wait in its buffer and be sent
+            // whenever NATS comes back, however often they were tried meanwhile.
+            return Err(TransportError::NotConnected { url: self.url.clone() });
+        }
         let mut messages = Vec::with_capacity(uploads.len());
         for (n, u) in uploads {
             let mut headers = HeaderMap::new();
@@ -549,6 +608,12 @@ impl Nats {
 /// How long a paused consumer stays paused: until it is resumed.
 const PAUSED_UNTIL: &str = "2999-12-31T00:00:00Z";
 
+/// The pause before connection attempt `attempts` (counted from 1 since the last connection):
+/// none before the first, then 100 ms more for each failed one, up to a second.
+fn reconnect_delay(attempts: usize) -> Duration {
+    Duration::from_millis((attempts.saturating_sub(1) as u64 * 100).min(1000))
+}
+
 /// A message taken off a stream, reduced to what the projections need.
 #[derive(Debug, Clone)]
 pub struct Incoming {
@@ -761,3 +826,14 @@ async fn next_batch(messages: &mut Messages, max: usize) -> Option<Result<Vec<je
 
 /// How long a batch waits for messages the server said were pending.
 const BATCH_WAIT: Duration = Duration::from_millis(20);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_connection_attempt_is_made_at_once_and_later_ones_back_off_to_a_second() {
+        let delays: Vec<u128> = [1, 2, 3, 11, 12, 100].map(|n| reconnect_delay(n).as_millis()).to_vec();
+        assert_eq!(delays, [0, 100, 200, 1000, 1000, 1000]);
+    }
+}

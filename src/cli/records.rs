@@ -340,11 +340,14 @@ fn print_status(s: &J, as_json: bool) {
         println!("remote    {} (set {})", f("remote"), f("set"));
     }
     let nats = s.get("nats").cloned().unwrap_or_default();
-    println!(
-        "nats      {} ({})",
-        nats.get("url").map(scalar).unwrap_or_default(),
-        if nats.get("connected") == Some(&J::Bool(true)) { "connected" } else { "not connected" }
-    );
+    let connection = match nats.get("offline_since_ms").and_then(J::as_u64) {
+        _ if nats.get("connected") == Some(&J::Bool(true)) => "connected".to_owned(),
+        Some(since) => {
+            format!("not connected for {} s", crmsync::hlc::wall_ms().saturating_sub(since) / 1000)
+        }
+        None => "not connected".to_owned(),
+    };
+    println!("nats      {} ({connection})", nats.get("url").map(scalar).unwrap_or_default());
     if let Some(counts) = s.get("counts").and_then(J::as_object) {
         let parts: Vec<String> = counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
         println!("records   {}", parts.join(", "));

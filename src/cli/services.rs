@@ -113,6 +113,15 @@ pub async fn remote_serve(config: RemoteConfig, listen: SocketAddr) -> anyhow::R
 
 pub async fn remote_rebuild(data: PathBuf, nats: Option<String>, as_json: bool) -> anyhow::Result<()> {
     let remote = Remote::start(RemoteConfig { nats_url: nats, ..RemoteConfig::new(data) }).await?;
+    // A rebuild replays the set from the stream: without NATS there is nothing to replay.
+    if remote.wait_for_nats(Duration::from_secs(10)).await.is_err() {
+        let url = remote.nats_url().to_owned();
+        remote.stop().await;
+        anyhow::bail!(
+            "cannot reach NATS at {url}: a rebuild replays the remote's set from it. Is nats-server running \
+             there? (the projection was left as it was)"
+        );
+    }
     let total = remote.rebuild().await?;
     let bar = if as_json { indicatif::ProgressBar::hidden() } else { progress_bar(total) };
     let summary = loop {

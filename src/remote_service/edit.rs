@@ -17,6 +17,7 @@ use crate::model::{self, Fields, Kind};
 use crate::names;
 use crate::outgoing::Upload;
 use crate::store::{StoreError, Tables};
+use crate::supervise::shut_down;
 use crate::wire::{self, Envelope, Op};
 
 /// Uploads published at once.
@@ -317,10 +318,21 @@ fn queue(
 }
 
 /// The uploader: publishes queued edits to `CRM_UP` in order, and drops each from the queue
-/// once acknowledged. A failure leaves the queue as it is and tries again.
+/// once acknowledged. A failure leaves the queue as it is and tries again. While NATS is
+/// unreachable it waits for it, and at shutdown it stops whatever it waits for: the queue is
+/// on disk, and an upload sent but not yet dropped from it is sent again next time (NATS or the
+/// main drops the repeat).
 pub(super) async fn run_uploader(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>) {
     loop {
-        let wait = match upload_all(&inner).await {
+        let attempt = async {
+            inner.nats.connected().await;
+            upload_all(&inner).await
+        };
+        let result = tokio::select! {
+            result = attempt => result,
+            () = shut_down(&mut shutdown) => return,
+        };
+        let wait = match result {
             Ok(()) => {
                 inner.state.lock().unwrap().upload_error = None;
                 Duration::from_secs(5)
@@ -334,7 +346,7 @@ pub(super) async fn run_uploader(inner: Arc<Inner>, mut shutdown: watch::Receive
         tokio::select! {
             _ = inner.upload_ready.notified() => {}
             _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.changed() => return,
+            () = shut_down(&mut shutdown) => return,
         }
     }
 }

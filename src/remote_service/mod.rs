@@ -22,11 +22,14 @@ use crate::bundle::Bundle;
 use crate::error::ServiceError;
 use crate::hlc::Clock;
 use crate::store::{APPLIED, DATABASE_ID, Store};
-use crate::supervise::{Stop, supervise};
-use crate::transport::{Incoming, Nats};
+use crate::supervise::{Stop, shut_down, supervise};
+use crate::transport::{Incoming, Nats, TransportError};
 use crate::wire::{self, Decoded, Op, PRODUCT, SCHEMA_MAJOR, Target};
 
 pub const SYNC_BATCH: usize = 4000;
+/// How long a rebuild asked for waits for NATS before it is refused (a remote just started
+/// connects within milliseconds; one cut off answers at once that it cannot rebuild).
+const REBUILD_NATS_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 const BUNDLE_FILE: &str = "remote.json";
 const STORE_FILE: &str = "remote.redb";
 
@@ -179,7 +182,9 @@ impl Remote {
         };
         let upload_queue = upload_queue(&store)?;
         let nats_url = config.nats_url.clone().unwrap_or_else(|| bundle.nats_url.clone());
-        let nats = Nats::connect(&nats_url, &format!("crmsync-remote-{}", bundle.remote)).await?;
+        // A remote works without NATS: it serves its copy and takes edits at once, and syncs
+        // whenever NATS is reachable.
+        let nats = Nats::connect_in_background(&nats_url, &format!("crmsync-remote-{}", bundle.remote)).await?;
         let (rebuild_tx, rebuild_rx) = mpsc::channel(4);
         let (edits, edit_rx) = mpsc::unbounded_channel();
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -217,6 +222,11 @@ impl Remote {
         &self.inner.bundle
     }
 
+    /// The NATS address this remote syncs through (its bundle's, unless overridden).
+    pub fn nats_url(&self) -> &str {
+        &self.inner.nats_url
+    }
+
     pub fn state(&self) -> SyncState {
         self.inner.state.lock().unwrap().clone()
     }
@@ -239,9 +249,20 @@ impl Remote {
         }
     }
 
+    /// Waits at most `limit` for NATS, for a command that cannot do its work without it.
+    pub async fn wait_for_nats(&self, limit: std::time::Duration) -> Result<(), ServiceError> {
+        let nats = &self.inner.nats;
+        tokio::time::timeout(limit, nats.connected())
+            .await
+            .map_err(|_| ServiceError::Unavailable(TransportError::NotConnected { url: nats.url.clone() }))
+    }
+
     /// Throws the projection away and replays the set from the start of `CRM_SYNC`. Returns
-    /// the number of messages to replay; progress shows in [`Remote::state`].
+    /// the number of messages to replay; progress shows in [`Remote::state`]. Refused when NATS
+    /// is not reachable within [`REBUILD_NATS_WAIT`]: the copy held here stays readable until
+    /// the stream can replace it.
     pub async fn rebuild(&self) -> Result<u64, ServiceError> {
+        self.wait_for_nats(REBUILD_NATS_WAIT).await?;
         let (tx, rx) = oneshot::channel();
         self.inner
             .rebuild_tx
@@ -268,7 +289,11 @@ impl Remote {
             "database_id": self.inner.bundle.database_id,
             "remote": self.inner.bundle.remote,
             "set": self.inner.bundle.set,
-            "nats": { "url": self.inner.nats_url, "connected": self.inner.nats.is_connected() },
+            "nats": {
+                "url": self.inner.nats_url,
+                "connected": nats.is_connected(),
+                "offline_since_ms": nats.offline_since_ms(),
+            },
             "counts": crate::model::counts_json(&counts),
             "applied": store.meta(APPLIED)?,
             "backlog": backlog,
@@ -436,7 +461,24 @@ impl SyncLoop {
     /// that was killed, or to a pull loop that was dropped) must not be left pending behind
     /// newer ones: a later ack would cover it. The reset clears those deliveries and replays
     /// exactly from the stored position.
+    ///
+    /// It waits for NATS first, and ends at shutdown whatever it waits for (a JetStream
+    /// request to a server that does not answer takes seconds to time out): what it committed
+    /// is committed, and what it did not is pulled again next time.
     async fn run(&mut self, shutdown: watch::Receiver<bool>) -> Result<(), Stop> {
+        let mut stop = shutdown.clone();
+        let inner = self.inner.clone();
+        tokio::select! {
+            result = async {
+                inner.nats.connected().await;
+                self.pull(shutdown).await
+            } => result,
+            () = shut_down(&mut stop) => Ok(()),
+        }
+    }
+
+    /// Pulls from the stored position until an error, a rebuild or shutdown.
+    async fn pull(&mut self, shutdown: watch::Receiver<bool>) -> Result<(), Stop> {
         let inner = self.inner.clone();
         let (nats, consumer) = (&inner.nats, &inner.bundle.consumer);
         let applied = inner.store.meta(APPLIED).map_err(store_stop)?;

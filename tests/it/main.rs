@@ -9,6 +9,7 @@ mod durability;
 mod edits;
 mod hostile;
 mod lifecycle;
+mod offline;
 mod pipeline;
 mod rebuild;
 mod resilience;

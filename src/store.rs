@@ -714,6 +714,14 @@ impl Store {
         })
     }
 
+    /// Whether a delete made here of this record still waits for the main's answer.
+    pub fn deleted_here(&self, kind: Kind, id: &str) -> Result<bool, StoreError> {
+        guard(&self.path, || {
+            let txn = self.read_txn()?;
+            Ok(txn.open_table(GONE)?.get((kind.code(), id))?.is_some_and(|v| v.value() & DELETED_HERE != 0))
+        })
+    }
+
     /// Records of `kind` in id order, after `after`, that pass `keep`, at most `limit`.
     pub fn list(
         &self,

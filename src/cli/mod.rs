@@ -8,12 +8,13 @@ mod services;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
 use client::Client;
 
-use crmsync::remote_service::RemoteConfig;
+use crmsync::remote_service::{RemoteConfig, SessionLimits};
 
 /// The main's API address, the default of `--api`.
 pub const DEFAULT_API: &str = "http://127.0.0.1:7420";
@@ -193,6 +194,24 @@ pub enum RemoteCommand {
         #[arg(long, default_value_t = crmsync::remote_service::SYNC_BATCH)]
         batch: usize,
     },
+    /// One sync session of a stopped remote: upload what waits, receive the main's answer and
+    /// everything up to the head of its set, print a summary, and exit.
+    Sync {
+        /// Sync once and exit (`remote serve` syncs continuously).
+        #[arg(long, required = true)]
+        once: bool,
+        #[arg(long)]
+        data: PathBuf,
+        /// Overrides the NATS address in the bundle.
+        #[arg(long)]
+        nats: Option<String>,
+        /// Give up (exit 1, nothing lost) after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Seconds to wait for the main's answer to the edits sent, once they are sent.
+        #[arg(long, default_value_t = 30)]
+        wait_merged: u64,
+    },
     /// Throw a remote's projection away and replay its set (with the service stopped).
     Rebuild {
         #[arg(long)]
@@ -339,6 +358,12 @@ pub async fn run(cli: Cli) -> i32 {
             services::remote_serve(RemoteConfig { data_dir: data, nats_url: nats, batch }, listen).await
         }
         Command::Remote(RemoteCommand::Rebuild { data, nats }) => services::remote_rebuild(data, nats, cli.json).await,
+        Command::Remote(RemoteCommand::Sync { data, nats, timeout, wait_merged, .. }) => {
+            let limits =
+                SessionLimits { timeout: Duration::from_secs(timeout), answers: Duration::from_secs(wait_merged) };
+            services::remote_sync_once(RemoteConfig { nats_url: nats, ..RemoteConfig::new(data) }, limits, cli.json)
+                .await
+        }
         command => {
             // A client's output may go to `head` or a closed pager: end quietly like any Unix
             // tool instead of panicking on the broken pipe. (Services keep the default of

@@ -13,7 +13,7 @@ use crmsync::http;
 use crmsync::main_service::{Main, MainConfig, RemoteRequest, SetRequest};
 use crmsync::model::Kind;
 use crmsync::natsd::{NatsServer, NatsdOptions};
-use crmsync::remote_service::{self, Remote, RemoteConfig};
+use crmsync::remote_service::{self, Remote, RemoteConfig, SessionLimits};
 
 /// Completes on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
@@ -109,6 +109,21 @@ pub async fn remote_serve(config: RemoteConfig, listen: SocketAddr) -> anyhow::R
     let _ = api.await;
     remote.stop().await;
     outcome.map_err(|e| anyhow::anyhow!("sync stopped: {e}"))
+}
+
+/// `remote sync --once`: one sync session, then a summary.
+pub async fn remote_sync_once(config: RemoteConfig, limits: SessionLimits, as_json: bool) -> anyhow::Result<()> {
+    let remote = Remote::start(config).await?;
+    let summary = remote.sync_once(limits).await.map_err(anyhow::Error::msg)?;
+    if as_json {
+        println!("{}", serde_json::to_value(&summary).unwrap_or_default());
+    } else {
+        println!(
+            "synced in {:.2} s: received {} changes, sent {} edits ({} refused, {} not yet answered by the main)",
+            summary.seconds, summary.received, summary.sent, summary.refused, summary.unanswered
+        );
+    }
+    Ok(())
 }
 
 pub async fn remote_rebuild(data: PathBuf, nats: Option<String>, as_json: bool) -> anyhow::Result<()> {

@@ -7,7 +7,9 @@
 //! whose version is not newer than the one held is skipped.
 
 mod edit;
+mod once;
 mod projector;
+pub use once::{SessionLimits, SyncSummary};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -119,6 +121,8 @@ pub struct SyncState {
     pub pending: Option<u64>,
     /// Why the last upload of local edits failed, until one succeeds.
     pub upload_error: Option<String>,
+    /// Records written or removed from what the main sent, since the service started.
+    pub received: u64,
 }
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -503,6 +507,7 @@ impl SyncLoop {
             }
             let mut state = inner.state.lock().unwrap();
             state.pending = pending;
+            state.received += applied.changed as u64;
             progress(&mut self.rebuild, &mut state, applied.taken as u64, pending);
         }
     }

@@ -142,3 +142,48 @@ async fn while_the_main_does_not_accept_syncs_uploads_wait_in_crm_up_also_across
     assert_eq!(env.api.status().await["uploads_waiting"], 0);
     laptop.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_once_uploads_what_waits_catches_up_to_the_head_and_exits_with_a_summary() {
+    let env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let dir = env.init_remote("laptop", "everyone").await;
+    // The laptop works cut off from NATS (an address where nothing listens) and makes edits.
+    let port = crmsync::natsd::free_port();
+    let nowhere = format!("nats://127.0.0.1:{}", crmsync::natsd::free_port());
+    let listen = format!("127.0.0.1:{port}");
+    let mut offline =
+        crate::harness::crmsync_process(&["remote", "serve", "--listen", &listen, "--nats", &nowhere, "--data"], &dir);
+    let api = crate::harness::Api::new(format!("http://{listen}"));
+    crate::harness::wait_for_status(&api, |s| s["nats"]["connected"] == false).await;
+    for i in 0..20 {
+        let (status, body) = api.post("/v1/contacts", &json!({ "id": format!("made{i}"), "last_name": "Here" })).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    crate::harness::stop(&mut offline, crate::harness::Stop::Term).await;
+    // Meanwhile the main has a backlog for it.
+    seed_contacts(env.main(), 3000, "c").await;
+
+    let (code, out, err) =
+        cli(&env.api, &["--json", "remote", "sync", "--once", "--data", dir.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    let summary: J = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!((summary["sent"].as_u64(), summary["refused"].as_u64()), (Some(20), Some(0)), "{summary}");
+    assert_eq!(summary["unanswered"], 0, "{summary}");
+    assert!(summary["received"].as_u64().unwrap() >= 3020, "{summary}");
+    // Once it exits, the remote holds what the main holds, its own edits merged there.
+    let store = crmsync::store::Store::open(&dir.join("remote.redb")).unwrap();
+    assert_eq!(crate::harness::snapshot(&store), crate::harness::snapshot(env.main().store()));
+    assert!(env.main().store().get(Kind::Contact, "made19").unwrap().is_some());
+    assert_eq!(store.uploads_len().unwrap(), 0);
+
+    // Without NATS it says so and fails, keeping what waits.
+    drop(store);
+    let (code, _, err) = cli(
+        &env.api,
+        &["remote", "sync", "--once", "--timeout", "2", "--nats", &nowhere, "--data", dir.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(err.contains("could not be reached"), "{err}");
+}

@@ -187,3 +187,21 @@ async fn sync_once_uploads_what_waits_catches_up_to_the_head_and_exits_with_a_su
     assert_eq!(code, 1);
     assert!(err.contains("could not be reached"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_init_refuses_a_bundle_of_another_version_naming_both() {
+    let env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let request = RemoteRequest { name: "laptop".into(), set: "everyone".into(), ..Default::default() };
+    let mut bundle = serde_json::to_value(env.main().create_remote(&request).await.unwrap()).unwrap();
+    bundle["schema"] = json!(crmsync::wire::SCHEMA_MAJOR + 1);
+    let file = env.dir.path().join("future.bundle.json");
+    std::fs::write(&file, bundle.to_string()).unwrap();
+    let data = env.dir.path().join("laptop");
+    let (code, _, err) =
+        cli(&env.api, &["remote", "init", "--bundle", file.to_str().unwrap(), "--data", data.to_str().unwrap()]).await;
+    assert_eq!(code, 1, "{err}");
+    let (theirs, ours) = (crmsync::wire::SCHEMA_MAJOR + 1, crmsync::wire::SCHEMA_MAJOR);
+    assert!(err.contains(&format!("schema {theirs}")) && err.contains(&format!("schema {ours}")), "{err}");
+    assert!(!data.join("remote.redb").exists(), "nothing was set up");
+}

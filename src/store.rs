@@ -437,6 +437,10 @@ pub struct Parked {
     pub subject: String,
     #[serde(with = "crate::outgoing::payload_bytes")]
     pub payload: Vec<u8>,
+    /// The upload's [`crate::wire::UPLOAD_BUNDLE`] header (entries parked before it existed
+    /// read as none).
+    #[serde(default)]
+    pub bundle_created_ms: Option<u64>,
 }
 
 /// An edit the main refused: kept in the sync log of the main and of the remote that made it,

@@ -350,6 +350,7 @@ impl Nats {
         &self,
         uploads: &[(u64, crate::outgoing::Upload)],
         order: impl Fn(u64) -> String,
+        bundle_created_ms: u64,
     ) -> Result<(), TransportError> {
         if !self.is_connected() {
             // Handed to a disconnected client, they would wait in its buffer and be sent
@@ -361,6 +362,7 @@ impl Nats {
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", u.event.as_str());
             headers.insert(crate::wire::UPLOAD_ORDER, order(*n).as_str());
+            headers.insert(crate::wire::UPLOAD_BUNDLE, bundle_created_ms.to_string().as_str());
             let publish =
                 jetstream::message::PublishMessage::build().payload(u.payload.clone().into()).headers(headers);
             messages.push((u.subject.clone(), publish));
@@ -657,11 +659,21 @@ pub struct Uploaded {
     /// Its remote queue and number in it ([`crate::wire::UPLOAD_ORDER`]; none from a remote
     /// older than the header).
     pub order: Option<(String, u64)>,
+    /// The `created_ms` of the bundle the uploading copy was set up from
+    /// ([`crate::wire::UPLOAD_BUNDLE`]; none from a remote older than the header).
+    pub bundle_created_ms: Option<u64>,
 }
 
 impl Uploaded {
     fn from_message(msg: &jetstream::Message) -> Option<Uploaded> {
-        Some(Uploaded { subject: msg.subject.to_string(), payload: msg.payload.clone(), order: upload_order(msg) })
+        let bundle_created_ms =
+            msg.headers.as_ref().and_then(|h| h.get(crate::wire::UPLOAD_BUNDLE)).and_then(|v| v.as_str().parse().ok());
+        Some(Uploaded {
+            subject: msg.subject.to_string(),
+            payload: msg.payload.clone(),
+            order: upload_order(msg),
+            bundle_created_ms,
+        })
     }
 }
 

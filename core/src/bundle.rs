@@ -22,9 +22,20 @@ pub struct Bundle {
     pub created_ms: u64,
 }
 
-/// The name of a remote's durable consumer on `CRM_SYNC`.
+/// The name of a remote's durable consumer on `CRM_SYNC`, until it is re-created.
 pub fn consumer_name(remote: &str) -> String {
     format!("remote-{remote}")
+}
+
+/// The consumer of a remote re-created at `created_ms`: a new one, so the old bundle's copy
+/// can no longer pull.
+pub fn recreated_consumer_name(remote: &str, created_ms: u64) -> String {
+    format!("remote-{remote}-{created_ms}")
+}
+
+/// The consumer a remote's record names (see [`recreated_consumer_name`]).
+pub fn consumer_of(remote: &str, record: &Fields) -> String {
+    model::text(record, "consumer").map_or_else(|| consumer_name(remote), str::to_owned)
 }
 
 impl Bundle {
@@ -42,7 +53,7 @@ impl Bundle {
             remote: remote.to_owned(),
             set: model::text(record, "set").unwrap_or_default().to_owned(),
             nats_url,
-            consumer: consumer_name(remote),
+            consumer: consumer_of(remote, record),
             expires_days: int("expires_days") as u32,
             created_ms: int("created_ms") as u64,
         }

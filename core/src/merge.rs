@@ -90,6 +90,9 @@ pub struct Facts {
     pub new_basis: Option<Basis>,
     /// A reference of the upload to a record the main does not hold, in words.
     pub missing_ref: Option<String>,
+    /// The `created_ms` of the bundle the uploading copy was set up from (its
+    /// [`crate::wire::UPLOAD_BUNDLE`] header), when it says.
+    pub bundle_created_ms: Option<u64>,
 }
 
 /// What the main does with an upload it accepts.
@@ -99,6 +102,10 @@ pub enum Plan {
     Nothing,
     /// Delete the record at the main.
     Delete,
+    /// Not merged, and not answered either: the upload comes from a copy that is no longer
+    /// the remote (set up from a bundle it was re-created since), whose answer would reach the
+    /// new copy instead. Kept in the main's sync log with why.
+    Ignore(String),
     /// Merge the uploaded fields into the main's record with [`merge_into`] (create it, when
     /// the main did not hold it).
     Merge {
@@ -108,6 +115,14 @@ pub enum Plan {
         /// the list, so it never vanishes from the place it was made.
         join_list: bool,
     },
+}
+
+/// Why an upload from a copy set up from a bundle its remote was re-created since is ignored.
+pub fn stale_bundle(remote: &str) -> String {
+    format!(
+        "remote {remote} was re-created at the main: the copy set up from its old bundle no longer syncs; \
+         set it up again from the new bundle (`crmsync remote init`)"
+    )
 }
 
 /// Why the main refused an upload, in words for the remote's sync log. Refused for good: the
@@ -133,6 +148,13 @@ pub fn judge(remote: &str, env: &Envelope, facts: &Facts) -> Result<Plan, Refusa
     let Some(remote_fields) = &facts.remote else {
         return refuse(format!("there is no remote {remote:?} at this main"));
     };
+    let created_ms = match remote_fields.get("created_ms").map(|f| &f.value) {
+        Some(Value::Int(ms)) => Some(*ms as u64),
+        _ => None,
+    };
+    if facts.bundle_created_ms.is_some_and(|theirs| Some(theirs) != created_ms) {
+        return Ok(Plan::Ignore(stale_bundle(remote)));
+    }
     if model::remote_halted(remote_fields) {
         // The merger keeps a halted remote's numbered uploads until it is resumed; only one
         // that carries no place in its queue comes here.
@@ -275,6 +297,7 @@ mod tests {
                 .remotes
                 .insert("laptop".into(), RemoteSpec { set: "ny".into(), subscriptions: ["listed".into()].into() });
             let mut remote = f(&[("set", "ny")]);
+            remote.insert("created_ms".into(), Field { value: Value::Int(7), stamp: 1 });
             remote.insert("subscriptions".into(), Field { value: Value::List(vec!["listed".into()]), stamp: 1 });
             Facts { remote: Some(remote), targets: config.target_defs(), ..Facts::default() }
         }
@@ -397,6 +420,18 @@ mod tests {
                     edit("c1", 3, &ny),
                     Facts { remote: None, ..laptop() },
                     refused("there is no remote \"laptop\""),
+                ),
+                (
+                    "a copy set up from a bundle the remote was re-created since",
+                    edit("c1", 3, &ny),
+                    Facts { bundle_created_ms: Some(1), ..held(Kind::Contact, "c1", ny.clone()) },
+                    Ok(Plan::Ignore(stale_bundle("laptop"))),
+                ),
+                (
+                    "a copy set up from the current bundle",
+                    edit("c1", 3, &ny),
+                    Facts { bundle_created_ms: Some(7), ..held(Kind::Contact, "c1", ny.clone()) },
+                    merge_of(&ny, true, false),
                 ),
                 (
                     "a halted remote",

@@ -357,6 +357,8 @@ const REMOTE: &[FieldSpec] = &[
     f("created_ms", FieldType::Int),
     f("enabled", FieldType::Bool),
     f("subscriptions", FieldType::Names),
+    // The remote's durable consumer on CRM_SYNC, once re-created (before: `remote-NAME`).
+    f("consumer", SHORT),
 ];
 
 /// A record as a site holds it: its version (the `CRM_EVENTS` sequence of the main's change

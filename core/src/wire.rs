@@ -25,6 +25,11 @@ pub const ORIGIN_MAIN: &str = "main";
 /// reconnect and sent again lands after later ones.
 pub const UPLOAD_ORDER: &str = "Crmsync-Upload";
 
+/// Header of every upload on `CRM_UP`: the `created_ms` of the bundle the remote was set up
+/// from. A remote re-created at the main gets a new one, so uploads from a copy set up from
+/// the old bundle are told apart (and not merged).
+pub const UPLOAD_BUNDLE: &str = "Crmsync-Bundle";
+
 /// Reads an [`UPLOAD_ORDER`] header value: the queue id and the upload's number.
 pub fn parse_upload_order(value: &str) -> Option<(&str, u64)> {
     let (queue, n) = value.rsplit_once(':')?;

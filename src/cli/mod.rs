@@ -174,6 +174,14 @@ pub enum RemoteCommand {
     /// Delete a remote: its consumer, its subscription list and its record; its bundle stops
     /// syncing.
     Delete { name: String },
+    /// Re-create a remote: a new bundle (written like `create` writes one) for the same name,
+    /// set and subscription list; the copy set up from the old bundle stops syncing.
+    Recreate {
+        name: String,
+        /// Where to write the bundle (default NAME.bundle.json).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Set up a remote's data directory from its bundle.
     Init {
         #[arg(long)]

@@ -110,20 +110,25 @@ async fn remote(client: &Client, cmd: RemoteCommand, as_json: bool) -> Result<()
         RemoteCommand::Create { name, set, expires_days, out, nats_url } => {
             let body = json!({ "name": name, "set": set, "expires_days": expires_days, "nats_url": nats_url });
             let bundle = client.post("/v1/remotes", &body).await?;
-            let path = out.unwrap_or_else(|| format!("{name}.bundle.json").into());
-            let text = serde_json::to_string_pretty(&bundle).unwrap_or_default();
-            crmsync::files::write_private(&path, text.as_bytes()).map_err(|e| ClientError::Api {
-                status: 0,
-                message: format!(
-                    "the remote {name} is registered, but its bundle could not be written to {}: {e}",
-                    path.display()
-                ),
-            })?;
+            let path = write_bundle(&name, &bundle, out, "registered")?;
             if as_json {
                 println!("{}", json!({ "bundle": path, "remote": bundle }));
             } else {
                 println!("remote {name} registered on set {set}; bundle written to {}", path.display());
                 println!("at the remote site: crmsync remote init --bundle {} --data DIR", path.display());
+            }
+        }
+        RemoteCommand::Recreate { name, out } => {
+            let bundle = client.post(&format!("/v1/remotes/{name}/recreate"), &json!({})).await?;
+            let path = write_bundle(&name, &bundle, out, "re-created")?;
+            if as_json {
+                println!("{}", json!({ "bundle": path, "remote": bundle }));
+            } else {
+                println!(
+                    "remote {name} re-created; its old bundle no longer syncs; new bundle written to {}",
+                    path.display()
+                );
+                println!("at the remote site: crmsync remote init --bundle {} --data NEW_DIR", path.display());
             }
         }
         RemoteCommand::List { page } => {
@@ -144,6 +149,22 @@ async fn remote(client: &Client, cmd: RemoteCommand, as_json: bool) -> Result<()
         other => unreachable!("{other:?} runs locally, not through the API"),
     }
     Ok(())
+}
+
+/// Writes a bundle the main answered with (0600), to `out` or `NAME.bundle.json`.
+fn write_bundle(
+    name: &str,
+    bundle: &J,
+    out: Option<std::path::PathBuf>,
+    done: &str,
+) -> Result<std::path::PathBuf, ClientError> {
+    let path = out.unwrap_or_else(|| format!("{name}.bundle.json").into());
+    let text = serde_json::to_string_pretty(bundle).unwrap_or_default();
+    crmsync::files::write_private(&path, text.as_bytes()).map_err(|e| ClientError::Api {
+        status: 0,
+        message: format!("the remote {name} is {done}, but its bundle could not be written to {}: {e}", path.display()),
+    })?;
+    Ok(path)
 }
 
 /// The JSON body of a set's definition: only what was given.

@@ -28,6 +28,7 @@ pub fn main_api(main: Main) -> Router {
         .route("/v1/remotes/{name}", get(show_remote).delete(delete_remote))
         .route("/v1/remotes/{name}/halt", post(halt_remote))
         .route("/v1/remotes/{name}/resume", post(resume_remote))
+        .route("/v1/remotes/{name}/recreate", post(recreate_remote))
         .route("/v1/accept-syncs", post(accept_syncs))
         .route("/v1/rebuild", post(main_rebuild));
     super::api(main, own)
@@ -158,6 +159,11 @@ async fn halt_remote(State(main): State<Main>, ApiPath(name): ApiPath<String>) -
 async fn resume_remote(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
     let stored = main.resume_remote(&name).await?;
     ok(StatusCode::OK, remote_json(&main, &name, &stored).await)
+}
+
+async fn recreate_remote(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
+    let bundle = main.recreate_remote(&name).await?;
+    ok(StatusCode::OK, serde_json::to_value(bundle).unwrap_or_default())
 }
 
 async fn delete_remote(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {

@@ -173,7 +173,12 @@ fn park(main: &Main, uploads: &[(usize, Upload)]) -> Result<(), ServiceError> {
         for (_, u) in uploads {
             let (queue, n) = u.order.as_ref().expect("only ordered uploads are parked");
             tracing::info!(queue, n, "keeping an upload until the one before it is merged, or its remote resumed");
-            t.park(queue, *n, &Parked { subject: u.subject.clone(), payload: u.payload.to_vec() })?;
+            let parked = Parked {
+                subject: u.subject.clone(),
+                payload: u.payload.to_vec(),
+                bundle_created_ms: u.bundle_created_ms,
+            };
+            t.park(queue, *n, &parked)?;
         }
         Ok(())
     })?;
@@ -263,6 +268,7 @@ async fn unpark(main: &Main, queue: &str, from: u64, next: &mut BTreeMap<String,
                 subject: p.subject,
                 payload: p.payload.into(),
                 order: Some((queue.to_owned(), number)),
+                bundle_created_ms: p.bundle_created_ms,
             })
             .collect();
         if ready.is_empty() {
@@ -379,7 +385,7 @@ impl Main {
                 return self.log_refusal(&remote, None, why).map(|_| Merged::default());
             }
         };
-        match self.merge_edit(&remote, &env, order.as_deref()).await {
+        match self.merge_edit(&remote, &env, order.as_deref(), upload.bundle_created_ms).await {
             Ok(merged) => Ok(merged),
             Err(Outcome::Retry(e)) => Err(e),
             Err(Outcome::Refused(reason)) => {
@@ -401,11 +407,22 @@ impl Main {
 
     /// Merges one edit; `order` is its place in its remote's upload queue, committed with the
     /// change it makes.
-    async fn merge_edit(&self, remote: &str, env: &Envelope, order: Option<&str>) -> Result<Merged, Outcome> {
+    async fn merge_edit(
+        &self,
+        remote: &str,
+        env: &Envelope,
+        order: Option<&str>,
+        bundle_created_ms: Option<u64>,
+    ) -> Result<Merged, Outcome> {
         let (kind, id) = (env.kind, env.id.as_str());
-        let facts = self.facts(remote, env)?;
+        let facts = Facts { bundle_created_ms, ..self.facts(remote, env)? };
         match merge::judge(remote, env, &facts).map_err(|r| Outcome::Refused(r.0))? {
             Plan::Nothing => Ok(Merged::default()),
+            Plan::Ignore(why) => {
+                tracing::warn!(remote, kind = %kind, id, "ignored an upload: {why}");
+                self.log_refusal(remote, Some(env), why)?;
+                Ok(Merged::default())
+            }
             Plan::Delete => match self.delete_from(remote, kind, id, None, order).await {
                 Err(ServiceError::NotFound { .. }) => Ok(Merged::default()),
                 Err(e) => Err(e.into()),
@@ -459,6 +476,7 @@ impl Main {
             },
             targets,
             missing_ref,
+            bundle_created_ms: None,
         })
     }
 
@@ -520,6 +538,7 @@ mod tests {
             subject: wire::up_subject("laptop", *kind, id),
             payload: Default::default(),
             order: None,
+            bundle_created_ms: None,
         };
         records.iter().map(upload).enumerate().collect()
     }

@@ -539,7 +539,8 @@ impl Main {
 
     /// Messages waiting for a remote, from its consumer.
     pub async fn remote_backlog(&self, name: &str) -> Option<u64> {
-        self.inner.nats.remote_backlog(&consumer_name(name)).await.ok()
+        let consumer = self.consumer_of(name).ok()?;
+        self.inner.nats.remote_backlog(&consumer).await.ok()
     }
 
     pub async fn status(&self) -> Result<serde_json::Value, ServiceError> {

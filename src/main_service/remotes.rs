@@ -8,10 +8,13 @@
 //!   merges the uploads it kept, in order, before any that come after.
 //! - **Accept syncs off/on**: the merger's consumer is paused or resumed; uploads wait in
 //!   `CRM_UP` meanwhile.
+//! - **Re-create**: a new bundle and a new consumer for the same name and set; the copy set up
+//!   from the old bundle can no longer pull, and its uploads are refused.
 //! - **Delete**: the consumer, the subjects of the remote's subscription list and its record
 //!   go; its bundle no longer syncs, and uploads still coming from it are refused.
 
-use super::{Decision, Main, consumer_name};
+use super::{Decision, Main};
+use crate::bundle::{Bundle, consumer_of, recreated_consumer_name};
 use crate::error::ServiceError;
 use crate::model::{self, Kind, Record, Value};
 use crate::wire::Target;
@@ -20,7 +23,7 @@ impl Main {
     /// Halts a remote: it receives nothing, and its uploads wait at the main.
     pub async fn halt_remote(&self, name: &str) -> Result<Record, ServiceError> {
         let record = self.set_halted(name, true).await?;
-        self.inner.nats.pause_remote_consumer(&consumer_name(name)).await?;
+        self.inner.nats.pause_remote_consumer(&consumer_of(name, &record.fields)).await?;
         tracing::info!(remote = name, "halted");
         Ok(record)
     }
@@ -28,7 +31,7 @@ impl Main {
     /// Resumes a halted remote: what waited for it, both ways, flows again.
     pub async fn resume_remote(&self, name: &str) -> Result<Record, ServiceError> {
         let record = self.set_halted(name, false).await?;
-        self.inner.nats.resume_remote_consumer(&consumer_name(name)).await?;
+        self.inner.nats.resume_remote_consumer(&consumer_of(name, &record.fields)).await?;
         self.inner.resumed.send_modify(|n| *n += 1);
         tracing::info!(remote = name, "resumed");
         Ok(record)
@@ -37,11 +40,9 @@ impl Main {
     /// Deletes a remote: its consumer, its subscription list's subjects and its record.
     pub async fn delete_remote(&self, name: &str) -> Result<(), ServiceError> {
         crate::names::check("remote name", name)?;
-        if self.inner.store.get(Kind::Remote, name)?.is_none() {
-            return Err(ServiceError::NotFound { kind: Kind::Remote, id: name.to_owned() });
-        }
+        let consumer = self.consumer_of(name)?;
         // The consumer first: from here on the remote receives nothing, whatever follows.
-        self.inner.nats.delete_remote_consumer(&consumer_name(name)).await?;
+        self.inner.nats.delete_remote_consumer(&consumer).await?;
         self.commit(Kind::Remote, name, |current| match current {
             Some(_) => Ok(Decision::Delete),
             None => Err(ServiceError::NotFound { kind: Kind::Remote, id: name.to_owned() }),
@@ -58,6 +59,51 @@ impl Main {
         self.inner.nats.accept_uploads(accept).await?;
         tracing::info!("{} synchronizations", if accept { "accepting" } else { "no longer accepting" });
         Ok(self.inner.nats.accepting_uploads().await?)
+    }
+
+    /// Re-creates a remote: a new bundle for the same name, set and subscription list, with a
+    /// new consumer that starts from the beginning of its set. The copy set up from the old
+    /// bundle can no longer pull (its consumer is gone), and its uploads are refused.
+    pub async fn recreate_remote(&self, name: &str) -> Result<Bundle, ServiceError> {
+        let old = self.consumer_of(name)?;
+        let record = self.inner.store.get(Kind::Remote, name)?.expect("consumer_of found the record");
+        let set = model::text(&record.fields, "set").unwrap_or_default().to_owned();
+        // A new generation: its own creation time (never the old one's, even within a
+        // millisecond), and a consumer named after it.
+        let old_ms = match record.fields.get("created_ms").map(|f| &f.value) {
+            Some(Value::Int(ms)) => *ms as u64,
+            _ => 0,
+        };
+        let created_ms = crate::hlc::wall_ms().max(old_ms + 1);
+        let consumer = recreated_consumer_name(name, created_ms);
+        self.inner.nats.create_remote_consumer(&consumer, crate::wire::remote_filters(&set, name)).await?;
+        self.inner.nats.delete_remote_consumer(&old).await?;
+        let stamp = self.inner.clock.now();
+        self.commit(Kind::Remote, name, |current| {
+            let current = current.ok_or_else(|| ServiceError::NotFound { kind: Kind::Remote, id: name.to_owned() })?;
+            let mut fields = current.fields.clone();
+            let patch = vec![
+                ("created_ms".to_owned(), Value::Int(created_ms as i64)),
+                ("consumer".to_owned(), Value::Str(consumer.clone())),
+                ("enabled".to_owned(), Value::Bool(true)),
+            ];
+            crate::merge::apply_patch(&mut fields, &patch, stamp);
+            Ok(Decision::Upsert(fields))
+        })
+        .await?;
+        tracing::info!(remote = name, consumer, "re-created");
+        self.bundle(name)
+    }
+
+    /// The consumer of a remote, as its record names it.
+    pub(super) fn consumer_of(&self, name: &str) -> Result<String, ServiceError> {
+        crate::names::check("remote name", name)?;
+        let record = self
+            .inner
+            .store
+            .get(Kind::Remote, name)?
+            .ok_or_else(|| ServiceError::NotFound { kind: Kind::Remote, id: name.to_owned() })?;
+        Ok(consumer_of(name, &record.fields))
     }
 
     async fn set_halted(&self, name: &str, halted: bool) -> Result<Record, ServiceError> {

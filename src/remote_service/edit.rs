@@ -359,7 +359,7 @@ async fn upload_all(inner: &Inner) -> Result<(), String> {
         let (queue, base) = &inner.upload_queue;
         inner
             .nats
-            .publish_uploads(&head, |n| format!("{queue}:{}", n.saturating_sub(*base)))
+            .publish_uploads(&head, |n| format!("{queue}:{}", n.saturating_sub(*base)), inner.bundle.created_ms)
             .await
             .map_err(|e| e.to_string())?;
         // Not durable on its own: an upload sent again after a crash is dropped by NATS as a

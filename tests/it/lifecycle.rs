@@ -205,3 +205,41 @@ async fn remote_init_refuses_a_bundle_of_another_version_naming_both() {
     assert!(err.contains(&format!("schema {theirs}")) && err.contains(&format!("schema {ours}")), "{err}");
     assert!(!data.join("remote.redb").exists(), "nothing was set up");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_remote_gets_a_new_bundle_and_the_old_copy_stops_syncing() {
+    let env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let old = env.remote("laptop", "everyone").await;
+    seed_contacts(env.main(), 3, "c").await;
+    wait_converged(env.main(), old.remote.store()).await;
+
+    let file = env.dir.path().join("new.bundle.json");
+    let (code, out, err) = cli(&env.api, &["remote", "recreate", "laptop", "--out", file.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("re-created"), "{out}");
+    let bundle: J = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_ne!(bundle["consumer"], json!(old.remote.bundle().consumer), "{bundle}");
+
+    // The old copy's edit is not merged, and the main keeps why.
+    let (status, body) = old.api.patch("/v1/contacts/c1", &json!({ "city": "Stale" })).await;
+    assert_eq!(status, 200, "{body}");
+    wait_for("the main logs the old copy's upload", Duration::from_secs(30), || async {
+        let log = env.api.status().await["sync_log"].to_string();
+        log.contains("re-created")
+    })
+    .await;
+    assert_eq!(city(env.main().store(), "c1").as_deref(), Some("Albany"));
+
+    // A copy set up from the new bundle syncs; the old one receives nothing more.
+    let dir = env.dir.path().join("new-laptop");
+    crmsync::remote_service::init(&file, &dir).unwrap();
+    let new = env.start_remote(&dir).await;
+    env.main().update(Kind::Contact, "c2", &json!({ "city": "Troy" })).await.unwrap();
+    wait_converged(env.main(), new.remote.store()).await;
+    assert_eq!(city(new.remote.store(), "c2").as_deref(), Some("Troy"));
+    assert_eq!(new.api.status().await["refused"], 0, "the old copy's refusal does not reach the new one");
+    assert_eq!(city(old.remote.store(), "c2").as_deref(), Some("Albany"), "the old copy can no longer pull");
+    old.stop().await;
+    new.stop().await;
+}

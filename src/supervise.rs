@@ -42,7 +42,11 @@ impl From<Interrupted> for Stop {
 
 impl From<TransportError> for Stop {
     fn from(e: TransportError) -> Stop {
-        Stop::Retry(e.to_string())
+        match e {
+            // Only an administrator can give it back: trying again changes nothing.
+            TransportError::ConsumerGone { .. } => Stop::Fatal(e.to_string()),
+            other => Stop::Retry(other.to_string()),
+        }
     }
 }
 

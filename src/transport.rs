@@ -42,6 +42,13 @@ pub enum TransportError {
     Connect { url: String, source: async_nats::ConnectError },
     #[error("NATS request failed while {doing}: {detail}")]
     Request { doing: String, detail: String },
+    #[error(
+        "this remote's consumer {consumer} is gone from the server: the remote was deleted or re-created at \
+         the main, and this copy no longer syncs. Ask an administrator for a new bundle \
+         (`crmsync remote recreate NAME`) and set the remote up again from it; edits not yet uploaded are \
+         in this copy's store"
+    )]
+    ConsumerGone { consumer: String },
     #[error("the change conflicts with a newer version of the record (wrong last sequence)")]
     WrongLastSequence,
     #[error(
@@ -61,6 +68,17 @@ pub enum TransportError {
 impl TransportError {
     pub fn request(doing: impl Into<String>, err: impl std::fmt::Display) -> TransportError {
         TransportError::Request { doing: doing.into(), detail: err.to_string() }
+    }
+
+    /// A request about a remote's consumer: [`TransportError::ConsumerGone`] when the server
+    /// says it has no such consumer.
+    fn about_consumer(consumer: &str, doing: &str, err: impl std::fmt::Display) -> TransportError {
+        let detail = err.to_string();
+        if detail.to_lowercase().contains("consumer not found") {
+            TransportError::ConsumerGone { consumer: consumer.to_owned() }
+        } else {
+            TransportError::Request { doing: format!("{doing} consumer {consumer}"), detail }
+        }
     }
 }
 
@@ -460,7 +478,7 @@ impl Nats {
         stream
             .get_consumer(consumer_name)
             .await
-            .map_err(|e| TransportError::request(format!("opening consumer {consumer_name}"), e))
+            .map_err(|e| TransportError::about_consumer(consumer_name, "opening", e))
     }
 
     /// `CRM_EVENTS` in order from sequence `from` (the projector; 1 or less: from the start, to
@@ -527,11 +545,14 @@ impl Nats {
     /// Moves a remote's consumer to stream sequence `next` (1 replays everything), dropping
     /// any delivered but unacknowledged messages. Returns the messages now pending.
     pub async fn reset_remote_consumer(&self, consumer_name: &str, next: u64) -> Result<u64, TransportError> {
+        // The server does not answer a reset of a consumer it does not have: ask for it first,
+        // so a consumer deleted at the main is said to be gone rather than timing out.
+        self.remote_consumer(consumer_name).await?;
         let stream = self.stream(SYNC_STREAM).await?;
         let resp = stream
             .reset_consumer(consumer_name, Some(next.max(1)))
             .await
-            .map_err(|e| TransportError::request(format!("resetting consumer {consumer_name}"), e))?;
+            .map_err(|e| TransportError::about_consumer(consumer_name, "resetting", e))?;
         Ok(resp.info.num_pending)
     }
 

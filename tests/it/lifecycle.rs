@@ -240,6 +240,10 @@ async fn a_recreated_remote_gets_a_new_bundle_and_the_old_copy_stops_syncing() {
     assert_eq!(city(new.remote.store(), "c2").as_deref(), Some("Troy"));
     assert_eq!(new.api.status().await["refused"], 0, "the old copy's refusal does not reach the new one");
     assert_eq!(city(old.remote.store(), "c2").as_deref(), Some("Albany"), "the old copy can no longer pull");
+    wait_for("the old copy says it no longer syncs", Duration::from_secs(30), || async {
+        old.api.status().await["error"].as_str().is_some_and(|e| e.contains("deleted or re-created at the main"))
+    })
+    .await;
     old.stop().await;
     new.stop().await;
 }

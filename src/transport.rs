@@ -621,11 +621,26 @@ impl Nats {
 
     /// Messages waiting for a remote: not yet delivered plus delivered but unacknowledged.
     pub async fn remote_backlog(&self, consumer_name: &str) -> Result<u64, TransportError> {
+        Ok(self.remote_delivery(consumer_name).await?.backlog)
+    }
+
+    /// What a remote's consumer says of its delivery: the messages waiting, and whether the
+    /// main halted it.
+    pub async fn remote_delivery(&self, consumer_name: &str) -> Result<Delivery, TransportError> {
         let mut c = self.remote_consumer(consumer_name).await?;
         let info =
             c.info().await.map_err(|e| TransportError::request(format!("reading consumer {consumer_name}"), e))?;
-        Ok(info.num_pending + info.num_ack_pending as u64)
+        Ok(Delivery { backlog: info.num_pending + info.num_ack_pending as u64, halted: info.paused })
     }
+}
+
+/// A remote consumer's delivery, as [`Nats::remote_delivery`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// Messages not yet delivered, plus delivered but unacknowledged.
+    pub backlog: u64,
+    /// Paused by the main (`remote halt`).
+    pub halted: bool,
 }
 
 /// How long a paused consumer stays paused: until it is resumed.

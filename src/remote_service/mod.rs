@@ -283,7 +283,8 @@ impl Remote {
         let counts = store.counts()?;
         let (quarantined, recent) = store.quarantine(10)?;
         let nats = &self.inner.nats;
-        let backlog = nats.for_status(nats.remote_backlog(&self.inner.bundle.consumer)).await;
+        let delivery = nats.for_status(nats.remote_delivery(&self.inner.bundle.consumer)).await;
+        let accepting = nats.for_status(nats.accepting_uploads()).await;
         let state = self.state();
         let (refused, log) = store.sync_log(10)?;
         Ok(serde_json::json!({
@@ -300,7 +301,11 @@ impl Remote {
             },
             "counts": crate::model::counts_json(&counts),
             "applied": store.meta(APPLIED)?,
-            "backlog": backlog,
+            "backlog": delivery.map(|d| d.backlog),
+            // What the main decided, as the server says (null while NATS cannot be asked).
+            "halted": delivery.map(|d| d.halted),
+            "main_accepting_syncs": accepting,
+            "notice": notice(delivery, accepting),
             "quarantined": quarantined,
             "quarantine": recent.iter().map(|(seq, q)| serde_json::json!({
                 "seq": seq, "subject": q.subject, "error": q.error, "bytes": q.payload.len(),
@@ -386,6 +391,19 @@ fn write_salvaged(data_dir: &Path, salvage: &crate::store::Salvage, at_ms: u64) 
         .collect();
     crate::files::write_private(&file, &serde_json::to_vec_pretty(&edits)?)?;
     Ok(Some(file))
+}
+
+/// What the main decided that stops this remote's synchronization, in plain words.
+fn notice(delivery: Option<crate::transport::Delivery>, accepting: Option<bool>) -> Option<&'static str> {
+    if delivery.is_some_and(|d| d.halted) {
+        Some(
+            "this remote is halted at the main: it receives nothing, and its edits wait at the main until it is resumed",
+        )
+    } else if accepting == Some(false) {
+        Some("the main is not accepting synchronizations: edits made here wait in CRM_UP until it does")
+    } else {
+        None
+    }
 }
 
 /// Meta keys of a remote's upload queue: its id (a string) and the queue entry that is its

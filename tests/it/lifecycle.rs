@@ -42,6 +42,9 @@ async fn a_halted_remote_receives_nothing_and_its_uploads_wait_until_it_is_resum
     .await;
     let (_, shown) = env.api.get("/v1/remotes/laptop").await;
     assert_eq!((shown["state"].as_str(), shown["backlog"].as_u64()), (Some("halted"), Some(1)), "{shown}");
+    let status = laptop.api.status().await;
+    assert_eq!(status["halted"], true, "{status}");
+    assert!(status["notice"].as_str().unwrap().contains("halted at the main"), "{status}");
     assert_eq!(city(laptop.remote.store(), "c0").as_deref(), Some("Albany"), "the halted remote received nothing");
     assert_eq!(city(env.main().store(), "c1").as_deref(), Some("Albany"), "its upload was not merged");
     let (_, list) = env.api.get("/v1/remotes").await;
@@ -65,6 +68,8 @@ async fn a_halted_remote_receives_nothing_and_its_uploads_wait_until_it_is_resum
     }
     wait_converged(env.main(), laptop.remote.store()).await;
     assert_eq!(env.api.status().await["uploads_parked"], 0);
+    let status = laptop.api.status().await;
+    assert_eq!((status["halted"].as_bool(), status["notice"].is_null()), (Some(false), true), "{status}");
     laptop.stop().await;
     branch.stop().await;
 }
@@ -126,6 +131,9 @@ async fn while_the_main_does_not_accept_syncs_uploads_wait_in_crm_up_also_across
         status["uploads_waiting"] == 1 && status["accepting_syncs"] == false
     })
     .await;
+    let status = laptop.api.status().await;
+    assert_eq!(status["main_accepting_syncs"], false, "{status}");
+    assert!(status["notice"].as_str().unwrap().contains("not accepting synchronizations"), "{status}");
     // The setting is the server's: a restarted main still does not merge.
     env.stop_main().await;
     env.restart_main().await;

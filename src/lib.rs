@@ -68,7 +68,9 @@ mod layers {
     fn each_outside_crate_is_named_by_its_adapter_alone() {
         // The benchmark's raw baselines must bypass crmsync, so they use NATS and redb bare.
         assert_eq!(naming("async_nats"), ["src/bench/raw.rs", "src/transport.rs"]);
-        assert_eq!(naming("redb::"), ["src/bench/raw.rs", "src/store.rs"]);
+        let redb = naming("redb::");
+        assert!(redb.iter().any(|f| f.starts_with("src/store/")), "the store is read: {redb:?}");
+        assert!(redb.iter().all(|f| f.starts_with("src/store/") || f == "src/bench/raw.rs"), "{redb:?}");
         assert!(naming("axum").iter().all(|f| f.starts_with("src/http/")), "{:?}", naming("axum"));
         let reqwest = naming("reqwest");
         assert!(reqwest.iter().all(|f| f.starts_with("src/cli/") || f.starts_with("src/bench/")), "{reqwest:?}");

@@ -125,3 +125,49 @@ async fn the_command_line_prints_one_clear_line_and_exits_non_zero_on_errors() {
     assert_eq!(code, 3);
     assert!(err.contains("cannot reach the crmsync API"), "{err}");
 }
+
+/// `crmsync up`, the README's first command: a nats-server, a main and two demo remotes on one
+/// machine, seeded on first start, stopped by SIGTERM, resumed from the same data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crmsync_up_runs_everything_on_one_machine_and_resumes_from_its_data() {
+    use crate::harness::{Api, Stop, crmsync_process, stop, wait_for_status};
+    let dir = tempfile::tempdir().unwrap();
+    let port = crmsync::natsd::free_port;
+    let (nats, main, laptop, branch) = (port(), port(), port(), port());
+    let (main_listen, remotes) = (format!("127.0.0.1:{main}"), format!("127.0.0.1:{laptop},127.0.0.1:{branch}"));
+    let nats_port = nats.to_string();
+    let args = [
+        "up",
+        "--nats-port",
+        &nats_port,
+        "--main-listen",
+        &main_listen,
+        "--remote-listen",
+        &remotes,
+        "--contacts",
+        "50",
+        "--data",
+    ];
+    let data = dir.path().join("crmsync-data");
+    let mut up = crmsync_process(&args, &data);
+    let apis = [main, laptop, branch].map(|p| Api::new(format!("http://127.0.0.1:{p}")));
+    for api in &apis {
+        wait_for_status(api, |s| s["counts"]["contact"] == 50).await;
+    }
+    // An edit at a demo remote reaches the main.
+    let (status, body) = apis[1].patch("/v1/contacts/contact-7", &json!({ "city": "Ithaca" })).await;
+    assert_eq!(status, 200, "{body}");
+    crate::harness::wait_for("the edit reaches the main", std::time::Duration::from_secs(30), || async {
+        apis[0].get("/v1/contacts/contact-7").await.1["city"] == "Ithaca"
+    })
+    .await;
+    stop(&mut up, Stop::Term).await;
+
+    // Started again on the same data: nothing seeded twice, nothing lost.
+    let mut up = crmsync_process(&args, &data);
+    let status = wait_for_status(&apis[0], |s| s["counts"]["contact"].is_number()).await;
+    assert_eq!(status["counts"]["contact"], 50, "{status}");
+    assert_eq!(apis[0].get("/v1/contacts/contact-7").await.1["city"], "Ithaca");
+    wait_for_status(&apis[2], |s| s["counts"]["contact"] == 50).await;
+    stop(&mut up, Stop::Term).await;
+}

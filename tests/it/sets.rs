@@ -410,3 +410,70 @@ proptest::proptest! {
         });
     }
 }
+
+/// The set, subscription and record commands of the command line, as an administrator runs
+/// them against the main.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_manages_sets_subscriptions_and_records() {
+    use crate::harness::cli;
+    let env = Env::start().await;
+    let api = &env.api;
+    let ok = |(code, out, err): (i32, String, String)| {
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    ok(cli(api, &["user", "add", "id=ann", "name=Ann"]).await);
+    for (id, state) in [("c1", "NY"), ("c2", "CT"), ("c3", "NY")] {
+        ok(cli(api, &["contact", "add", &format!("id={id}"), "last_name=Tester", &format!("state={state}")]).await);
+    }
+    ok(cli(api, &["set", "create", "ny", "--users", "ann", "--query", "state = NY"]).await);
+    let preview: serde_json::Value =
+        serde_json::from_str(&ok(cli(api, &["--json", "set", "preview", "ny"]).await)).unwrap();
+    assert_eq!(preview["contacts"], 2, "{preview}");
+    ok(cli(api, &["set", "edit", "ny", "--no-query"]).await);
+    let shown = ok(cli(api, &["--json", "set", "show", "ny"]).await);
+    assert!(!shown.contains("state = NY"), "the query is gone: {shown}");
+    ok(cli(api, &["set", "copy", "ny", "ny2"]).await);
+    ok(cli(api, &["set", "delete", "ny2"]).await);
+    assert_eq!(api.get("/v1/sets/ny2").await.0, 404);
+
+    // A remote on the set, its subscription list, its page.
+    ok(cli(api, &["set", "edit", "ny", "--query", "state = NY"]).await);
+    let bundle = env.dir.path().join("laptop.bundle.json");
+    ok(cli(api, &["remote", "create", "laptop", "--set", "ny", "--out", bundle.to_str().unwrap()]).await);
+    ok(cli(api, &["subscription", "add", "--remote", "laptop", "c2"]).await);
+    assert!(ok(cli(api, &["subscription", "list", "--remote", "laptop"]).await).contains("c2"));
+    ok(cli(api, &["subscription", "remove", "--remote", "laptop", "c2"]).await);
+    assert!(!ok(cli(api, &["subscription", "list", "--remote", "laptop"]).await).contains("c2"));
+    let remote: serde_json::Value =
+        serde_json::from_str(&ok(cli(api, &["--json", "remote", "show", "laptop"]).await)).unwrap();
+    assert_eq!((remote["set"].as_str(), remote["state"].as_str()), (Some("ny"), Some("active")), "{remote}");
+
+    // Records: list with a filter, delete.
+    let listed = ok(cli(api, &["--json", "contact", "list", "state=NY"]).await);
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["items"].as_array().map(Vec::len), Some(2), "{listed}");
+    ok(cli(api, &["contact", "delete", "c3"]).await);
+    assert_eq!(api.get("/v1/contacts/c3").await.0, 404);
+}
+
+/// `crmsync main rebuild`: the main's projection, rebuilt from CRM_EVENTS with the service
+/// stopped, holds what it held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn main_rebuild_restores_the_projection_from_the_stream() {
+    let mut env = Env::start().await;
+    env.create_all_set("everyone").await;
+    crate::harness::seed_contacts(env.main(), 40, "c").await;
+    let before = snapshot(env.main().store());
+    env.stop_main().await;
+    let config = env.main_config();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
+        .args(["main", "rebuild", "--nats", &config.nats_url, "--data", config.data_dir.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("rebuilt the main's projection"));
+    env.restart_main().await;
+    assert_eq!(snapshot(env.main().store()), before);
+}

@@ -441,6 +441,19 @@ impl Nats {
         Ok(consumer)
     }
 
+    /// Uploads of one remote waiting in `CRM_UP`.
+    pub async fn uploads_waiting_from(&self, remote: &str) -> Result<u64, TransportError> {
+        use futures::TryStreamExt;
+        let reading = |e: &dyn std::fmt::Display| TransportError::request(format!("counting {remote}'s uploads"), e);
+        let stream = self.stream(UP_STREAM).await?;
+        let mut subjects = stream.info_with_subjects(wire::up_filter(remote)).await.map_err(|e| reading(&e))?;
+        let mut total = 0;
+        while let Some((_, n)) = subjects.try_next().await.map_err(|e| reading(&e))? {
+            total += n as u64;
+        }
+        Ok(total)
+    }
+
     /// Uploads waiting in `CRM_UP` for the merger.
     pub async fn uploads_waiting(&self) -> Result<u64, TransportError> {
         Ok(self.stream_state(UP_STREAM).await?.messages)

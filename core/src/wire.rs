@@ -245,6 +245,11 @@ pub fn up_prefix(remote: &str) -> String {
     format!("crm.up.{remote}.")
 }
 
+/// The filter of every upload subject of `remote`.
+pub fn up_filter(remote: &str) -> String {
+    format!("{}>", up_prefix(remote))
+}
+
 /// The subject on which the main tells `remote` it refused its edit of a record: in the
 /// remote's own subscription namespace (so its consumer receives it), one per record.
 pub fn reject_subject(remote: &str, kind: Kind, id: &str) -> String {

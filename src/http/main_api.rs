@@ -135,10 +135,15 @@ async fn list_remotes(State(main): State<Main>, ApiQuery(q): ApiQuery) -> ApiRes
             items.iter().map(|item| main.remote_backlog(item["id"].as_str().unwrap_or_default())),
         )
         .await;
-        for (item, backlog) in items.iter_mut().zip(backlogs) {
+        let waiting = futures::future::join_all(
+            items.iter().map(|item| main.remote_uploads_waiting(item["id"].as_str().unwrap_or_default())),
+        )
+        .await;
+        for ((item, backlog), waiting) in items.iter_mut().zip(backlogs).zip(waiting) {
             let halted = item["enabled"] == json!(false);
             item["state"] = state(halted).into();
             item["backlog"] = backlog.into();
+            item["uploads_waiting"] = waiting.into();
         }
     }
     ok(StatusCode::OK, page)
@@ -171,12 +176,13 @@ async fn delete_remote(State(main): State<Main>, ApiPath(name): ApiPath<String>)
     ok(StatusCode::OK, json!({ "deleted": name }))
 }
 
-/// A remote as the API shows it: its fields, its state (`active` or `halted`) and the
-/// messages waiting for it (its backlog).
+/// A remote as the API shows it: its fields, its state (`active` or `halted`), the messages
+/// waiting for it (its backlog) and its edits waiting for the main.
 async fn remote_json(main: &Main, name: &str, stored: &Record) -> serde_json::Value {
     let mut body = record_json(name, stored);
     body["state"] = state(crate::model::remote_halted(&stored.fields)).into();
     body["backlog"] = main.remote_backlog(name).await.into();
+    body["uploads_waiting"] = main.remote_uploads_waiting(name).await.into();
     body
 }
 

@@ -537,6 +537,14 @@ impl Main {
         Ok(Bundle::of_remote(&self.inner.database_id, name, &stored.fields, self.inner.config.nats_url.clone()))
     }
 
+    /// A remote's edits waiting for the main: in `CRM_UP`, and kept at the main (halted, or
+    /// waiting for an earlier one); `None` when NATS cannot be asked.
+    pub async fn remote_uploads_waiting(&self, name: &str) -> Option<u64> {
+        let nats = &self.inner.nats;
+        let queued = nats.for_status(nats.uploads_waiting_from(name)).await?;
+        Some(queued + self.inner.store.parked_from(name).ok()?)
+    }
+
     /// Messages waiting for a remote, from its consumer.
     pub async fn remote_backlog(&self, name: &str) -> Option<u64> {
         let consumer = self.consumer_of(name).ok()?;

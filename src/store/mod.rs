@@ -688,6 +688,21 @@ impl Store {
     }
 
     /// How many uploads are parked, waiting for an earlier upload of their queue.
+    /// Uploads of one remote kept at the main (parked).
+    pub fn parked_from(&self, remote: &str) -> Result<u64, StoreError> {
+        guard(&self.path, || {
+            let txn = self.read_txn()?;
+            let mut n = 0;
+            for item in txn.open_table(PARKED)?.iter()? {
+                let (_, v) = item?;
+                let parked: Parked = rmp_serde::from_slice(v.value())
+                    .map_err(|e| StoreError::Corrupt { what: "parked upload", detail: e.to_string() })?;
+                n += u64::from(crate::wire::up_remote(&parked.subject) == Some(remote));
+            }
+            Ok(n)
+        })
+    }
+
     pub fn parked_len(&self) -> Result<u64, StoreError> {
         guard(&self.path, || Ok(self.read_txn()?.open_table(PARKED)?.len()?))
     }

@@ -42,6 +42,7 @@ async fn a_halted_remote_receives_nothing_and_its_uploads_wait_until_it_is_resum
     .await;
     let (_, shown) = env.api.get("/v1/remotes/laptop").await;
     assert_eq!((shown["state"].as_str(), shown["backlog"].as_u64()), (Some("halted"), Some(1)), "{shown}");
+    assert_eq!(shown["uploads_waiting"], 1, "kept at the main: {shown}");
     let status = laptop.api.status().await;
     assert_eq!(status["halted"], true, "{status}");
     assert!(status["notice"].as_str().unwrap().contains("halted at the main"), "{status}");
@@ -134,6 +135,8 @@ async fn while_the_main_does_not_accept_syncs_uploads_wait_in_crm_up_also_across
     let status = laptop.api.status().await;
     assert_eq!(status["main_accepting_syncs"], false, "{status}");
     assert!(status["notice"].as_str().unwrap().contains("not accepting synchronizations"), "{status}");
+    let (_, list) = env.api.get("/v1/remotes").await;
+    assert_eq!(list["items"][0]["uploads_waiting"], 1, "waiting in CRM_UP: {list}");
     // The setting is the server's: a restarted main still does not merge.
     env.stop_main().await;
     env.restart_main().await;

@@ -475,12 +475,35 @@ impl Store {
         }
     }
 
+    /// Runs a read. After a failed write redb refuses every other call on the file until it is
+    /// opened again: a read caught by that opens it again (once the calls using it end) and
+    /// reads again, so reads go on through a full disk.
+    fn reading<R>(&self, mut f: impl FnMut() -> Result<R, StoreError>) -> Result<R, StoreError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match guard(&self.path, &mut f) {
+                // The file this read used was closed, or refuses every call after a failed
+                // write: open it again (once the calls using it end) and read again.
+                Err(StoreError::Redb(redb::Error::DatabaseClosed) | StoreError::Unwritable { .. })
+                    if std::time::Instant::now() < deadline =>
+                {
+                    self.close_after_failed_write();
+                }
+                // Opened again while the old handle was still in use: wait for it to go.
+                Err(StoreError::InUse(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
+
     fn read_txn(&self) -> Result<ReadTransaction, StoreError> {
         Ok(self.db()?.begin_read()?)
     }
 
     pub fn get(&self, kind: Kind, id: &str) -> Result<Option<Record>, StoreError> {
-        guard(&self.path, || {
+        self.reading(|| {
             let txn = self.read_txn()?;
             let table = txn.open_table(records_table(kind))?;
             table.get(id)?.map(|v| decode_record(v.value())).transpose()
@@ -489,7 +512,7 @@ impl Store {
 
     /// A record and the version it is known at (held, or deleted at).
     pub fn get_known(&self, kind: Kind, id: &str) -> Result<(Option<Record>, u64), StoreError> {
-        guard(&self.path, || {
+        self.reading(|| {
             let txn = self.read_txn()?;
             let held = txn.open_table(records_table(kind))?.get(id)?.map(|v| decode_record(v.value())).transpose()?;
             let gone = txn.open_table(GONE)?.get((kind.code(), id))?.map(|v| v.value() & !GONE_FLAGS).unwrap_or(0);
@@ -500,7 +523,7 @@ impl Store {
 
     /// Whether a delete made here of this record still waits for the main's answer.
     pub fn deleted_here(&self, kind: Kind, id: &str) -> Result<bool, StoreError> {
-        guard(&self.path, || {
+        self.reading(|| {
             let txn = self.read_txn()?;
             Ok(txn.open_table(GONE)?.get((kind.code(), id))?.is_some_and(|v| v.value() & DELETED_HERE != 0))
         })
@@ -536,7 +559,7 @@ impl Store {
 
     /// Every record of `kind`, for scans that must see all of them (routing a new set).
     pub fn for_each(&self, kind: Kind, mut f: impl FnMut(&str, Record)) -> Result<(), StoreError> {
-        guard(&self.path, || {
+        self.reading(|| {
             let txn = self.read_txn()?;
             let table = txn.open_table(records_table(kind))?;
             for item in table.iter()? {
@@ -548,7 +571,7 @@ impl Store {
     }
 
     pub fn counts(&self) -> Result<BTreeMap<Kind, u64>, StoreError> {
-        guard(&self.path, || {
+        self.reading(|| {
             let txn = self.read_txn()?;
             let mut out = BTreeMap::new();
             for kind in Kind::ALL {
@@ -560,21 +583,21 @@ impl Store {
 
     /// A meta value, `None` if it was never set.
     pub fn meta_opt(&self, key: &str) -> Result<Option<u64>, StoreError> {
-        guard(&self.path, || {
+        self.reading(|| {
             let txn = self.read_txn()?;
             Ok(txn.open_table(META)?.get(key)?.map(|v| v.value()))
         })
     }
 
     pub fn meta(&self, key: &str) -> Result<u64, StoreError> {
-        guard(&self.path, || {
+        self.reading(|| {
             let txn = self.read_txn()?;
             Ok(txn.open_table(META)?.get(key)?.map(|v| v.value()).unwrap_or(0))
         })
     }
 
     pub fn meta_str(&self, key: &str) -> Result<Option<String>, StoreError> {
-        guard(&self.path, || {
+        self.reading(|| {
             let txn = self.read_txn()?;
             Ok(txn.open_table(META_STR)?.get(key)?.map(|v| v.value().to_owned()))
         })
@@ -582,7 +605,7 @@ impl Store {
 
     /// The oldest outbox entries, in order, up to about `messages` messages.
     pub fn outbox_head(&self, messages: usize) -> Result<Vec<(u64, OutboxEntry)>, StoreError> {
-        guard(&self.path, || {
+        self.reading(|| {
             let txn = self.read_txn()?;
             let table = txn.open_table(OUTBOX)?;
             let mut out = Vec::new();
@@ -602,7 +625,7 @@ impl Store {
     }
 
     pub fn outbox_len(&self) -> Result<u64, StoreError> {
-        guard(&self.path, || Ok(self.read_txn()?.open_table(OUTBOX)?.len()?))
+        self.reading(|| Ok(self.read_txn()?.open_table(OUTBOX)?.len()?))
     }
 
     /// Quarantined messages, newest last, at most `limit`, and how many there are.
@@ -612,7 +635,7 @@ impl Store {
 
     /// The oldest uploads waiting for `CRM_UP`, in order, at most `limit`.
     pub fn uploads_head(&self, limit: usize) -> Result<Vec<(u64, Upload)>, StoreError> {
-        guard(&self.path, || {
+        self.reading(|| {
             let txn = self.read_txn()?;
             let table = txn.open_table(UPLOADS)?;
             table.iter()?.take(limit).map(|item| decode_entry(item?, "upload")).collect()
@@ -620,7 +643,7 @@ impl Store {
     }
 
     pub fn uploads_len(&self) -> Result<u64, StoreError> {
-        guard(&self.path, || Ok(self.read_txn()?.open_table(UPLOADS)?.len()?))
+        self.reading(|| Ok(self.read_txn()?.open_table(UPLOADS)?.len()?))
     }
 
     /// The sync log: refused edits, newest last, at most `limit`, and how many there are.
@@ -645,7 +668,7 @@ impl Store {
 
     /// The ids of a contact's children, by kind.
     pub fn children(&self, parent: &str) -> Result<Vec<(Kind, String)>, StoreError> {
-        guard(&self.path, || {
+        self.reading(|| {
             let txn = self.read_txn()?;
             children_of(&txn.open_table(CHILDREN)?, parent)
         })
@@ -653,7 +676,7 @@ impl Store {
 
     /// The parked uploads of one upload queue from number `from` on, in order, at most `limit`.
     pub fn parked(&self, queue: &str, from: u64, limit: usize) -> Result<Vec<(u64, Parked)>, StoreError> {
-        guard(&self.path, || {
+        self.reading(|| {
             let txn = self.read_txn()?;
             let table = txn.open_table(PARKED)?;
             let mut out = Vec::new();
@@ -669,7 +692,7 @@ impl Store {
 
     /// The change committed with a client's idempotency key, if the main has applied one.
     pub fn key_entry(&self, key: &str) -> Result<Option<KeyEntry>, StoreError> {
-        guard(&self.path, || {
+        self.reading(|| {
             let txn = self.read_txn()?;
             txn.open_table(IDEMPOTENCY)?.get(key)?.map(|v| KeyEntry::decode(v.value())).transpose()
         })
@@ -677,7 +700,7 @@ impl Store {
 
     /// The upload queues that have parked uploads.
     pub fn parked_queues(&self) -> Result<std::collections::BTreeSet<String>, StoreError> {
-        guard(&self.path, || {
+        self.reading(|| {
             let txn = self.read_txn()?;
             let mut out = std::collections::BTreeSet::new();
             for item in txn.open_table(PARKED)?.iter()? {
@@ -690,7 +713,7 @@ impl Store {
     /// How many uploads are parked, waiting for an earlier upload of their queue.
     /// Uploads of one remote kept at the main (parked).
     pub fn parked_from(&self, remote: &str) -> Result<u64, StoreError> {
-        guard(&self.path, || {
+        self.reading(|| {
             let txn = self.read_txn()?;
             let mut n = 0;
             for item in txn.open_table(PARKED)?.iter()? {
@@ -704,7 +727,7 @@ impl Store {
     }
 
     pub fn parked_len(&self) -> Result<u64, StoreError> {
-        guard(&self.path, || Ok(self.read_txn()?.open_table(PARKED)?.len()?))
+        self.reading(|| Ok(self.read_txn()?.open_table(PARKED)?.len()?))
     }
 }
 

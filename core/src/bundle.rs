@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{self, Fields, Value};
+use crate::model::{self, Fields};
 use crate::wire::{PRODUCT, SCHEMA_MAJOR};
 
 /// A remote's bundle: everything a remote site needs to set itself up.
@@ -42,10 +42,7 @@ impl Bundle {
     /// The bundle of remote `remote` of database `database_id`, from the remote's record (its
     /// `set`, `expires_days` and `created_ms`), telling the remote to reach NATS at `nats_url`.
     pub fn of_remote(database_id: &str, remote: &str, record: &Fields, nats_url: String) -> Bundle {
-        let int = |name: &str| match record.get(name).map(|field| &field.value) {
-            Some(Value::Int(i)) => *i,
-            _ => 0,
-        };
+        let int = |name: &str| model::int(record, name).unwrap_or(0);
         Bundle {
             product: PRODUCT.into(),
             schema: SCHEMA_MAJOR,
@@ -88,7 +85,7 @@ pub struct ForeignBundle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Field;
+    use crate::model::{Field, Value};
 
     #[test]
     fn a_bundle_is_made_from_the_remote_record_and_reads_back_from_its_json() {

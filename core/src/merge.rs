@@ -148,10 +148,7 @@ pub fn judge(remote: &str, env: &Envelope, facts: &Facts) -> Result<Plan, Refusa
     let Some(remote_fields) = &facts.remote else {
         return refuse(format!("there is no remote {remote:?} at this main"));
     };
-    let created_ms = match remote_fields.get("created_ms").map(|f| &f.value) {
-        Some(Value::Int(ms)) => Some(*ms as u64),
-        _ => None,
-    };
+    let created_ms = model::int(remote_fields, "created_ms").map(|ms| ms as u64);
     if facts.bundle_created_ms.is_some_and(|theirs| Some(theirs) != created_ms) {
         return Ok(Plan::Ignore(stale_bundle(remote)));
     }

@@ -515,6 +515,14 @@ pub fn text<'a>(fields: &'a Fields, name: &str) -> Option<&'a str> {
     fields.get(name).and_then(|f| f.value.as_str())
 }
 
+/// Reads an integer field, if set.
+pub fn int(fields: &Fields, name: &str) -> Option<i64> {
+    match fields.get(name).map(|f| &f.value) {
+        Some(Value::Int(i)) => Some(*i),
+        _ => None,
+    }
+}
+
 /// Reads a list field (ids or names), empty if unset.
 pub fn names<'a>(fields: &'a Fields, name: &str) -> &'a [String] {
     match fields.get(name).map(|f| &f.value) {

@@ -135,10 +135,8 @@ async fn list_remotes(State(main): State<Main>, ApiQuery(q): ApiQuery) -> ApiRes
             items.iter().map(|item| main.remote_backlog(item["id"].as_str().unwrap_or_default())),
         )
         .await;
-        let waiting = futures::future::join_all(
-            items.iter().map(|item| main.remote_uploads_waiting(item["id"].as_str().unwrap_or_default())),
-        )
-        .await;
+        let names: Vec<&str> = items.iter().map(|item| item["id"].as_str().unwrap_or_default()).collect();
+        let waiting = main.remote_uploads_waiting(&names).await;
         for ((item, backlog), waiting) in items.iter_mut().zip(backlogs).zip(waiting) {
             let halted = item["enabled"] == json!(false);
             item["state"] = state(halted).into();
@@ -182,7 +180,7 @@ async fn remote_json(main: &Main, name: &str, stored: &Record) -> serde_json::Va
     let mut body = record_json(name, stored);
     body["state"] = state(crate::model::remote_halted(&stored.fields)).into();
     body["backlog"] = main.remote_backlog(name).await.into();
-    body["uploads_waiting"] = main.remote_uploads_waiting(name).await.into();
+    body["uploads_waiting"] = main.remote_uploads_waiting(&[name]).await[0].into();
     body
 }
 

@@ -537,12 +537,14 @@ impl Main {
         Ok(Bundle::of_remote(&self.inner.database_id, name, &stored.fields, self.inner.config.nats_url.clone()))
     }
 
-    /// A remote's edits waiting for the main: in `CRM_UP`, and kept at the main (halted, or
-    /// waiting for an earlier one); `None` when NATS cannot be asked.
-    pub async fn remote_uploads_waiting(&self, name: &str) -> Option<u64> {
+    /// Each remote's edits waiting for the main: in `CRM_UP`, and kept at the main (halted, or
+    /// waiting for an earlier one); `None` for one whose count NATS could not give.
+    pub async fn remote_uploads_waiting(&self, names: &[&str]) -> Vec<Option<u64>> {
         let nats = &self.inner.nats;
-        let queued = nats.for_status(nats.uploads_waiting_from(name)).await?;
-        Some(queued + self.inner.store.parked_from(name).ok()?)
+        let kept = self.inner.store.parked_by_remote().unwrap_or_default();
+        let queued =
+            futures::future::join_all(names.iter().map(|n| nats.for_status(nats.uploads_waiting_from(n)))).await;
+        names.iter().zip(queued).map(|(n, q)| Some(q? + kept.get(*n).copied().unwrap_or(0))).collect()
     }
 
     /// Messages waiting for a remote, from its consumer.

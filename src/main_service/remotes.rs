@@ -70,10 +70,7 @@ impl Main {
         let set = model::text(&record.fields, "set").unwrap_or_default().to_owned();
         // A new generation: its own creation time (never the old one's, even within a
         // millisecond), and a consumer named after it.
-        let old_ms = match record.fields.get("created_ms").map(|f| &f.value) {
-            Some(Value::Int(ms)) => *ms as u64,
-            _ => 0,
-        };
+        let old_ms = model::int(&record.fields, "created_ms").unwrap_or(0) as u64;
         let created_ms = crate::hlc::wall_ms().max(old_ms + 1);
         let consumer = recreated_consumer_name(name, created_ms);
         self.inner.nats.create_remote_consumer(&consumer, crate::wire::remote_filters(&set, name)).await?;

@@ -283,8 +283,11 @@ impl Remote {
         let counts = store.counts()?;
         let (quarantined, recent) = store.quarantine(10)?;
         let nats = &self.inner.nats;
-        let delivery = nats.for_status(nats.remote_delivery(&self.inner.bundle.consumer)).await;
-        let accepting = nats.for_status(nats.accepting_uploads()).await;
+        // Asked together: each gives up after the same short wait.
+        let (delivery, accepting) = tokio::join!(
+            nats.for_status(nats.remote_delivery(&self.inner.bundle.consumer)),
+            nats.for_status(nats.accepting_uploads())
+        );
         let state = self.state();
         let (refused, log) = store.sync_log(10)?;
         Ok(serde_json::json!({

@@ -711,18 +711,21 @@ impl Store {
     }
 
     /// How many uploads are parked, waiting for an earlier upload of their queue.
-    /// Uploads of one remote kept at the main (parked).
-    pub fn parked_from(&self, remote: &str) -> Result<u64, StoreError> {
+    /// Uploads kept at the main (parked), by the remote they come from: one read of the table
+    /// for any number of remotes.
+    pub fn parked_by_remote(&self) -> Result<BTreeMap<String, u64>, StoreError> {
         self.reading(|| {
             let txn = self.read_txn()?;
-            let mut n = 0;
+            let mut out = BTreeMap::new();
             for item in txn.open_table(PARKED)?.iter()? {
                 let (_, v) = item?;
                 let parked: Parked = rmp_serde::from_slice(v.value())
                     .map_err(|e| StoreError::Corrupt { what: "parked upload", detail: e.to_string() })?;
-                n += u64::from(crate::wire::up_remote(&parked.subject) == Some(remote));
+                if let Some(remote) = crate::wire::up_remote(&parked.subject) {
+                    *out.entry(remote.to_owned()).or_default() += 1;
+                }
             }
-            Ok(n)
+            Ok(out)
         })
     }
 

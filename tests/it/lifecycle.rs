@@ -82,11 +82,14 @@ async fn a_deleted_remote_loses_its_consumer_and_its_name_can_be_used_again() {
     let laptop = env.remote("laptop", "everyone").await;
     seed_contacts(env.main(), 3, "c").await;
     wait_converged(env.main(), laptop.remote.store()).await;
-    laptop.stop().await;
 
     let (code, out, err) = cli(&env.api, &["remote", "delete", "laptop"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("deleted remote laptop"), "{out}");
+    // The copy still running stops syncing, saying why (`remote serve` exits with it).
+    let stopped = tokio::time::timeout(Duration::from_secs(30), laptop.remote.stopped()).await.unwrap();
+    assert!(stopped.unwrap_err().contains("deleted or re-created at the main"));
+    laptop.stop().await;
     // The server no longer has its consumer; the main no longer knows it.
     let nats = env.main_nats().await;
     let stream = nats.js.get_stream("CRM_SYNC").await.unwrap();
@@ -135,6 +138,12 @@ async fn while_the_main_does_not_accept_syncs_uploads_wait_in_crm_up_also_across
     let status = laptop.api.status().await;
     assert_eq!(status["main_accepting_syncs"], false, "{status}");
     assert!(status["notice"].as_str().unwrap().contains("not accepting synchronizations"), "{status}");
+    // Remotes still receive the main's changes meanwhile.
+    env.main().update(Kind::Contact, "c2", &json!({ "city": "Troy" })).await.unwrap();
+    wait_for("the main's change reaches the remote", Duration::from_secs(30), || async {
+        city(laptop.remote.store(), "c2").as_deref() == Some("Troy")
+    })
+    .await;
     let (_, list) = env.api.get("/v1/remotes").await;
     assert_eq!(list["items"][0]["uploads_waiting"], 1, "waiting in CRM_UP: {list}");
     // The setting is the server's: a restarted main still does not merge.

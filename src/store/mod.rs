@@ -291,8 +291,7 @@ impl Store {
     /// holds another storage format.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let store = Store::open_any_format(path)?;
-        let (found, empty) = guard(path, || {
-            let txn = store.read_txn()?;
+        let (found, empty) = store.reading(|txn| {
             let found = txn.open_table(META)?.get(FORMAT_KEY)?.map(|v| v.value()).unwrap_or(0);
             let mut empty = true;
             for def in Kind::ALL.map(records_table) {
@@ -375,8 +374,9 @@ impl Store {
         f: impl FnOnce(&mut Tables<'_>) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
         let result = guard(&self.path, || {
-            let db = self.db()?;
-            let mut txn = db.begin_write()?;
+            // The handle is let go at once: one held through `f` would keep a failed file from
+            // closing if `f` reads.
+            let mut txn = self.db()?.begin_write()?;
             if !durable {
                 txn.set_durability(Durability::None)?;
             }
@@ -421,8 +421,7 @@ impl Store {
         &self,
         then: impl FnOnce(&mut Tables<'_>) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
-        let db = self.db()?;
-        let txn = db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         for def in Kind::ALL.map(records_table) {
             txn.delete_table(def)?;
         }
@@ -478,10 +477,12 @@ impl Store {
     /// Runs a read. After a failed write redb refuses every other call on the file until it is
     /// opened again: a read caught by that opens it again (once the calls using it end) and
     /// reads again, so reads go on through a full disk.
-    fn reading<R>(&self, mut f: impl FnMut() -> Result<R, StoreError>) -> Result<R, StoreError> {
+    ///
+    /// It is the only way to begin a read transaction, so no read can miss the retry.
+    fn reading<R>(&self, mut f: impl FnMut(&ReadTransaction) -> Result<R, StoreError>) -> Result<R, StoreError> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         loop {
-            match guard(&self.path, &mut f) {
+            match guard(&self.path, || f(&self.db()?.begin_read()?)) {
                 // The file this read used was closed, or refuses every call after a failed
                 // write: open it again (once the calls using it end) and read again.
                 Err(StoreError::Redb(redb::Error::DatabaseClosed) | StoreError::Unwritable { .. })
@@ -498,13 +499,8 @@ impl Store {
         }
     }
 
-    fn read_txn(&self) -> Result<ReadTransaction, StoreError> {
-        Ok(self.db()?.begin_read()?)
-    }
-
     pub fn get(&self, kind: Kind, id: &str) -> Result<Option<Record>, StoreError> {
-        self.reading(|| {
-            let txn = self.read_txn()?;
+        self.reading(|txn| {
             let table = txn.open_table(records_table(kind))?;
             table.get(id)?.map(|v| decode_record(v.value())).transpose()
         })
@@ -512,8 +508,7 @@ impl Store {
 
     /// A record and the version it is known at (held, or deleted at).
     pub fn get_known(&self, kind: Kind, id: &str) -> Result<(Option<Record>, u64), StoreError> {
-        self.reading(|| {
-            let txn = self.read_txn()?;
+        self.reading(|txn| {
             let held = txn.open_table(records_table(kind))?.get(id)?.map(|v| decode_record(v.value())).transpose()?;
             let gone = txn.open_table(GONE)?.get((kind.code(), id))?.map(|v| v.value() & !GONE_FLAGS).unwrap_or(0);
             let known = held.as_ref().map(|s| s.version).unwrap_or(0).max(gone);
@@ -523,8 +518,7 @@ impl Store {
 
     /// Whether a delete made here of this record still waits for the main's answer.
     pub fn deleted_here(&self, kind: Kind, id: &str) -> Result<bool, StoreError> {
-        self.reading(|| {
-            let txn = self.read_txn()?;
+        self.reading(|txn| {
             Ok(txn.open_table(GONE)?.get((kind.code(), id))?.is_some_and(|v| v.value() & DELETED_HERE != 0))
         })
     }
@@ -537,30 +531,30 @@ impl Store {
         limit: usize,
         mut keep: impl FnMut(&str, &Record) -> bool,
     ) -> Result<Vec<(String, Record)>, StoreError> {
-        let txn = self.read_txn()?;
-        let table = txn.open_table(records_table(kind))?;
-        let range = match after {
-            Some(after) => table.range::<&str>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))?,
-            None => table.range::<&str>(..)?,
-        };
-        let mut out = Vec::new();
-        for item in range {
-            if out.len() >= limit {
-                break;
+        self.reading(|txn| {
+            let table = txn.open_table(records_table(kind))?;
+            let range = match after {
+                Some(after) => table.range::<&str>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))?,
+                None => table.range::<&str>(..)?,
+            };
+            let mut out = Vec::new();
+            for item in range {
+                if out.len() >= limit {
+                    break;
+                }
+                let (k, v) = item?;
+                let stored = decode_record(v.value())?;
+                if keep(k.value(), &stored) {
+                    out.push((k.value().to_owned(), stored));
+                }
             }
-            let (k, v) = item?;
-            let stored = decode_record(v.value())?;
-            if keep(k.value(), &stored) {
-                out.push((k.value().to_owned(), stored));
-            }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Every record of `kind`, for scans that must see all of them (routing a new set).
     pub fn for_each(&self, kind: Kind, mut f: impl FnMut(&str, Record)) -> Result<(), StoreError> {
-        self.reading(|| {
-            let txn = self.read_txn()?;
+        self.reading(|txn| {
             let table = txn.open_table(records_table(kind))?;
             for item in table.iter()? {
                 let (k, v) = item?;
@@ -571,8 +565,7 @@ impl Store {
     }
 
     pub fn counts(&self) -> Result<BTreeMap<Kind, u64>, StoreError> {
-        self.reading(|| {
-            let txn = self.read_txn()?;
+        self.reading(|txn| {
             let mut out = BTreeMap::new();
             for kind in Kind::ALL {
                 out.insert(kind, txn.open_table(records_table(kind))?.len()?);
@@ -583,30 +576,20 @@ impl Store {
 
     /// A meta value, `None` if it was never set.
     pub fn meta_opt(&self, key: &str) -> Result<Option<u64>, StoreError> {
-        self.reading(|| {
-            let txn = self.read_txn()?;
-            Ok(txn.open_table(META)?.get(key)?.map(|v| v.value()))
-        })
+        self.reading(|txn| Ok(txn.open_table(META)?.get(key)?.map(|v| v.value())))
     }
 
     pub fn meta(&self, key: &str) -> Result<u64, StoreError> {
-        self.reading(|| {
-            let txn = self.read_txn()?;
-            Ok(txn.open_table(META)?.get(key)?.map(|v| v.value()).unwrap_or(0))
-        })
+        self.reading(|txn| Ok(txn.open_table(META)?.get(key)?.map(|v| v.value()).unwrap_or(0)))
     }
 
     pub fn meta_str(&self, key: &str) -> Result<Option<String>, StoreError> {
-        self.reading(|| {
-            let txn = self.read_txn()?;
-            Ok(txn.open_table(META_STR)?.get(key)?.map(|v| v.value().to_owned()))
-        })
+        self.reading(|txn| Ok(txn.open_table(META_STR)?.get(key)?.map(|v| v.value().to_owned())))
     }
 
     /// The oldest outbox entries, in order, up to about `messages` messages.
     pub fn outbox_head(&self, messages: usize) -> Result<Vec<(u64, OutboxEntry)>, StoreError> {
-        self.reading(|| {
-            let txn = self.read_txn()?;
+        self.reading(|txn| {
             let table = txn.open_table(OUTBOX)?;
             let mut out = Vec::new();
             let mut count = 0;
@@ -625,7 +608,7 @@ impl Store {
     }
 
     pub fn outbox_len(&self) -> Result<u64, StoreError> {
-        self.reading(|| Ok(self.read_txn()?.open_table(OUTBOX)?.len()?))
+        self.reading(|txn| Ok(txn.open_table(OUTBOX)?.len()?))
     }
 
     /// Quarantined messages, newest last, at most `limit`, and how many there are.
@@ -635,15 +618,14 @@ impl Store {
 
     /// The oldest uploads waiting for `CRM_UP`, in order, at most `limit`.
     pub fn uploads_head(&self, limit: usize) -> Result<Vec<(u64, Upload)>, StoreError> {
-        self.reading(|| {
-            let txn = self.read_txn()?;
+        self.reading(|txn| {
             let table = txn.open_table(UPLOADS)?;
             table.iter()?.take(limit).map(|item| decode_entry(item?, "upload")).collect()
         })
     }
 
     pub fn uploads_len(&self) -> Result<u64, StoreError> {
-        self.reading(|| Ok(self.read_txn()?.open_table(UPLOADS)?.len()?))
+        self.reading(|txn| Ok(txn.open_table(UPLOADS)?.len()?))
     }
 
     /// The sync log: refused edits, newest last, at most `limit`, and how many there are.
@@ -657,27 +639,24 @@ impl Store {
         what: &'static str,
         limit: usize,
     ) -> Result<(u64, Vec<(u64, T)>), StoreError> {
-        let txn = self.read_txn()?;
-        let table = txn.open_table(def)?;
-        let total = table.len()?;
-        let mut out =
-            table.iter()?.rev().take(limit).map(|item| decode_entry(item?, what)).collect::<Result<Vec<_>, _>>()?;
-        out.reverse();
-        Ok((total, out))
+        self.reading(|txn| {
+            let table = txn.open_table(def)?;
+            let total = table.len()?;
+            let mut out =
+                table.iter()?.rev().take(limit).map(|item| decode_entry(item?, what)).collect::<Result<Vec<_>, _>>()?;
+            out.reverse();
+            Ok((total, out))
+        })
     }
 
     /// The ids of a contact's children, by kind.
     pub fn children(&self, parent: &str) -> Result<Vec<(Kind, String)>, StoreError> {
-        self.reading(|| {
-            let txn = self.read_txn()?;
-            children_of(&txn.open_table(CHILDREN)?, parent)
-        })
+        self.reading(|txn| children_of(&txn.open_table(CHILDREN)?, parent))
     }
 
     /// The parked uploads of one upload queue from number `from` on, in order, at most `limit`.
     pub fn parked(&self, queue: &str, from: u64, limit: usize) -> Result<Vec<(u64, Parked)>, StoreError> {
-        self.reading(|| {
-            let txn = self.read_txn()?;
+        self.reading(|txn| {
             let table = txn.open_table(PARKED)?;
             let mut out = Vec::new();
             for item in table.range((queue, from)..=(queue, u64::MAX))?.take(limit) {
@@ -692,16 +671,12 @@ impl Store {
 
     /// The change committed with a client's idempotency key, if the main has applied one.
     pub fn key_entry(&self, key: &str) -> Result<Option<KeyEntry>, StoreError> {
-        self.reading(|| {
-            let txn = self.read_txn()?;
-            txn.open_table(IDEMPOTENCY)?.get(key)?.map(|v| KeyEntry::decode(v.value())).transpose()
-        })
+        self.reading(|txn| txn.open_table(IDEMPOTENCY)?.get(key)?.map(|v| KeyEntry::decode(v.value())).transpose())
     }
 
     /// The upload queues that have parked uploads.
     pub fn parked_queues(&self) -> Result<std::collections::BTreeSet<String>, StoreError> {
-        self.reading(|| {
-            let txn = self.read_txn()?;
+        self.reading(|txn| {
             let mut out = std::collections::BTreeSet::new();
             for item in txn.open_table(PARKED)?.iter()? {
                 out.insert(item?.0.value().0.to_owned());
@@ -714,8 +689,7 @@ impl Store {
     /// Uploads kept at the main (parked), by the remote they come from: one read of the table
     /// for any number of remotes.
     pub fn parked_by_remote(&self) -> Result<BTreeMap<String, u64>, StoreError> {
-        self.reading(|| {
-            let txn = self.read_txn()?;
+        self.reading(|txn| {
             let mut out = BTreeMap::new();
             for item in txn.open_table(PARKED)?.iter()? {
                 let (_, v) = item?;
@@ -730,7 +704,7 @@ impl Store {
     }
 
     pub fn parked_len(&self) -> Result<u64, StoreError> {
-        self.reading(|| Ok(self.read_txn()?.open_table(PARKED)?.len()?))
+        self.reading(|txn| Ok(txn.open_table(PARKED)?.len()?))
     }
 }
 

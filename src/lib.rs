@@ -24,8 +24,11 @@ pub mod remote_service;
 pub mod store;
 pub mod supervise;
 pub mod transport;
+pub mod wall_clock;
 
-pub use crmsync_core::{apply, bundle, date, hlc, merge, model, names, outgoing, query, routing, schema, wire};
+pub use crmsync_core::{
+    apply, bundle, date, hlc, lifecycle, merge, model, names, outgoing, query, routing, schedule, schema, wire,
+};
 
 #[cfg(test)]
 mod layers {

@@ -388,6 +388,24 @@ impl Nats {
         self.publish_pipelined(messages).await.map_err(|e| TransportError::request("uploading edits to CRM_UP", e))
     }
 
+    /// Sends a remote's report of a sync session to `CRM_UP` (once: its id is the message's).
+    pub async fn publish_report(
+        &self,
+        report: &crate::wire::SessionReport,
+        bundle_created_ms: u64,
+    ) -> Result<(), TransportError> {
+        if !self.is_connected() {
+            return Err(TransportError::NotConnected { url: self.url.clone() });
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", report.id.as_str());
+        headers.insert(crate::wire::UPLOAD_BUNDLE, bundle_created_ms.to_string().as_str());
+        let publish = jetstream::message::PublishMessage::build().payload(report.encode().into()).headers(headers);
+        self.publish_pipelined([(crate::wire::session_subject(&report.remote), publish)])
+            .await
+            .map_err(|e| TransportError::request("reporting a sync session to CRM_UP", e))
+    }
+
     /// Tells a remote that its edit was refused: one message on its own reject subject, which
     /// expires like a tombstone.
     pub async fn publish_reject(&self, subject: String, msg_id: &str, payload: Vec<u8>) -> Result<(), TransportError> {
@@ -441,22 +459,28 @@ impl Nats {
         Ok(consumer)
     }
 
-    /// Uploads of one remote waiting in `CRM_UP`.
+    /// Edits of one remote waiting in `CRM_UP` (its session reports are not counted).
     pub async fn uploads_waiting_from(&self, remote: &str) -> Result<u64, TransportError> {
+        Ok(self.count_up(&wire::up_filter(remote)).await? - self.count_up(&wire::session_subject(remote)).await?)
+    }
+
+    /// Edits waiting in `CRM_UP` for the merger (session reports are not counted).
+    pub async fn uploads_waiting(&self) -> Result<u64, TransportError> {
+        let all = self.stream_state(UP_STREAM).await?.messages;
+        Ok(all.saturating_sub(self.count_up(wire::SESSIONS_ALL).await?))
+    }
+
+    /// Messages in `CRM_UP` on the subjects of `filter`.
+    async fn count_up(&self, filter: &str) -> Result<u64, TransportError> {
         use futures::TryStreamExt;
-        let reading = |e: &dyn std::fmt::Display| TransportError::request(format!("counting {remote}'s uploads"), e);
+        let reading = |e: &dyn std::fmt::Display| TransportError::request(format!("counting messages on {filter}"), e);
         let stream = self.stream(UP_STREAM).await?;
-        let mut subjects = stream.info_with_subjects(wire::up_filter(remote)).await.map_err(|e| reading(&e))?;
+        let mut subjects = stream.info_with_subjects(filter).await.map_err(|e| reading(&e))?;
         let mut total = 0;
         while let Some((_, n)) = subjects.try_next().await.map_err(|e| reading(&e))? {
             total += n as u64;
         }
         Ok(total)
-    }
-
-    /// Uploads waiting in `CRM_UP` for the merger.
-    pub async fn uploads_waiting(&self) -> Result<u64, TransportError> {
-        Ok(self.stream_state(UP_STREAM).await?.messages)
     }
 
     /// Creates a remote's durable consumer on `CRM_SYNC`, filtered to its two subjects. The
@@ -622,6 +646,26 @@ impl Nats {
         Ok(())
     }
 
+    /// Stops a remote's delivery for good because it expired at `on_ms`: its consumer is
+    /// paused, and says why in its metadata, which the remote reads to tell its people.
+    pub async fn expire_remote_consumer(&self, consumer_name: &str, on_ms: u64) -> Result<(), TransportError> {
+        let stream = self.stream(SYNC_STREAM).await?;
+        let mut consumer = self.remote_consumer(consumer_name).await?;
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| TransportError::request(format!("reading consumer {consumer_name}"), e))?;
+        let mut config =
+            <consumer::pull::Config as consumer::FromConsumer>::try_from_consumer_config(info.config.clone())
+                .map_err(|e| TransportError::request(format!("reading consumer {consumer_name}'s settings"), e))?;
+        config.metadata.insert(EXPIRED_KEY.into(), on_ms.to_string());
+        stream
+            .update_consumer(config)
+            .await
+            .map_err(|e| TransportError::request(format!("marking consumer {consumer_name} expired"), e))?;
+        self.pause(SYNC_STREAM, consumer_name, true).await
+    }
+
     /// Deletes a remote's consumer; one already gone is not an error.
     pub async fn delete_remote_consumer(&self, consumer_name: &str) -> Result<(), TransportError> {
         let stream = self.stream(SYNC_STREAM).await?;
@@ -643,7 +687,11 @@ impl Nats {
         let mut c = self.remote_consumer(consumer_name).await?;
         let info =
             c.info().await.map_err(|e| TransportError::request(format!("reading consumer {consumer_name}"), e))?;
-        Ok(Delivery { backlog: info.num_pending + info.num_ack_pending as u64, halted: info.paused })
+        Ok(Delivery {
+            backlog: info.num_pending + info.num_ack_pending as u64,
+            halted: info.paused,
+            expired_ms: info.config.metadata.get(EXPIRED_KEY).and_then(|ms| ms.parse().ok()),
+        })
     }
 }
 
@@ -652,9 +700,14 @@ impl Nats {
 pub struct Delivery {
     /// Messages not yet delivered, plus delivered but unacknowledged.
     pub backlog: u64,
-    /// Paused by the main (`remote halt`).
+    /// Paused by the main (`remote halt`, or expiry).
     pub halted: bool,
+    /// When the remote expired, if the main expired it.
+    pub expired_ms: Option<u64>,
 }
+
+/// The metadata key of a remote's consumer that says when the remote expired.
+const EXPIRED_KEY: &str = "crmsync_expired_ms";
 
 /// How long a paused consumer stays paused: until it is resumed.
 const PAUSED_UNTIL: &str = "2999-12-31T00:00:00Z";

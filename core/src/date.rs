@@ -68,6 +68,28 @@ pub fn is_valid(text: &str) -> bool {
     time_ok.is_some() && r.0.is_empty()
 }
 
+/// The UTC calendar day of `ms` milliseconds since the Unix epoch, as `YYYY-MM-DD`: how the
+/// services name a day in messages (an expiry date).
+pub fn utc_day(ms: u64) -> String {
+    // Days since 1970-01-01, counted from 0000-03-01 so a leap day ends each 4-year cycle.
+    let days = (ms / 86_400_000) as i64 + 719_468;
+    let era = days.div_euclid(146_097);
+    let doe = days - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// The UTC minute of `ms`, as `YYYY-MM-DD HH:MM`: how the command line shows a time.
+pub fn utc_minute(ms: u64) -> String {
+    let minutes = ms / 60_000 % 1440;
+    format!("{} {:02}:{:02}", utc_day(ms), minutes / 60, minutes % 60)
+}
+
 fn is_leap(year: u32) -> bool {
     year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400))
 }
@@ -112,6 +134,25 @@ impl Reader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utc_day_names_the_calendar_day() {
+        for (ms, day) in [
+            (0, "1970-01-01"),
+            (86_399_999, "1970-01-01"),
+            (86_400_000, "1970-01-02"),
+            (951_782_400_000, "2000-02-29"),
+            (1_795_737_600_000, "2026-11-27"),
+            (1_798_761_599_999, "2026-12-31"),
+            (1_798_761_600_000, "2027-01-01"),
+            (1_835_395_200_000, "2028-02-29"),
+        ] {
+            assert_eq!(utc_day(ms), day, "{ms}");
+            assert!(is_valid(&utc_day(ms)));
+        }
+        assert_eq!(utc_minute(1_795_737_600_000 + 13 * 3_600_000 + 5 * 60_000 + 59_999), "2026-11-27 13:05");
+        assert_eq!(utc_minute(0), "1970-01-01 00:00");
+    }
 
     #[test]
     fn the_accepted_forms_pass() {

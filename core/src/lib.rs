@@ -8,7 +8,9 @@
 //! - [`merge`]: stamps, newest-stamp-wins merging, and what the main accepts from a remote;
 //! - [`routing`]: which targets hold a record, and what a change makes enter or leave them;
 //! - [`apply`]: what a remote does with a message from the main;
+//! - [`lifecycle`]: when a remote expires;
 //! - [`outgoing`]: routed messages and uploads waiting to be published;
+//! - [`schedule`]: when a remote syncs, continuously or hourly, daily or weekly at a UTC time;
 //! - [`wire`]: the envelope and subjects every message uses, and [`schema`] for its JSON
 //!   Schema documents; [`bundle`]: the file a remote is set up from.
 
@@ -16,12 +18,14 @@ pub mod apply;
 pub mod bundle;
 pub mod date;
 pub mod hlc;
+pub mod lifecycle;
 pub mod merge;
 pub mod model;
 pub mod names;
 pub mod outgoing;
 pub mod query;
 pub mod routing;
+pub mod schedule;
 pub mod schema;
 pub mod wire;
 

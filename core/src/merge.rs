@@ -152,6 +152,13 @@ pub fn judge(remote: &str, env: &Envelope, facts: &Facts) -> Result<Plan, Refusa
     if facts.bundle_created_ms.is_some_and(|theirs| Some(theirs) != created_ms) {
         return Ok(Plan::Ignore(stale_bundle(remote)));
     }
+    if let Some(on) = model::remote_expired(remote_fields) {
+        return refuse(format!(
+            "remote {remote} expired on {} (UTC) and may no longer upload; its edit is kept in this log \
+             and in the remote's export file",
+            crate::date::utc_day(on)
+        ));
+    }
     if model::remote_halted(remote_fields) {
         // The merger keeps a halted remote's numbered uploads until it is resumed; only one
         // that carries no place in its queue comes here.
@@ -440,6 +447,18 @@ mod tests {
                         facts
                     },
                     refused("remote laptop is halted at the main"),
+                ),
+                (
+                    "an expired remote, even halted",
+                    edit("c1", 3, &ny),
+                    {
+                        let mut facts = held(Kind::Contact, "c1", ny.clone());
+                        let remote = facts.remote.as_mut().unwrap();
+                        remote.insert("enabled".into(), Field { value: Value::Bool(false), stamp: 9 });
+                        remote.insert("expired_ms".into(), Field { value: Value::Int(1_795_996_800_000), stamp: 9 });
+                        facts
+                    },
+                    refused("remote laptop expired on 2026-11-30 (UTC)"),
                 ),
                 (
                     "fields the kind does not have",

@@ -887,6 +887,11 @@ pub fn remote_halted(fields: &Fields) -> bool {
     matches!(fields.get("enabled").map(|f| &f.value), Some(Value::Bool(false)))
 }
 
+/// When a remote expired, if the main expired it (its record's `expired_ms`).
+pub fn remote_expired(fields: &Fields) -> Option<u64> {
+    int(fields, "expired_ms").map(|ms| ms.max(0) as u64)
+}
+
 /// How many records of each kind a site holds, as `status` shows them (routed kinds only).
 pub fn counts_json(counts: &BTreeMap<Kind, u64>) -> serde_json::Value {
     serde_json::Value::Object(

@@ -141,9 +141,40 @@ pub fn envelope_schema() -> J {
     })
 }
 
+/// A remote's report of one sync session, on `crm.up.<remote>.session.report`.
+pub fn session_schema() -> J {
+    let count = |what: &str| json!({ "type": "integer", "minimum": 0, "description": what });
+    json!({
+        "$schema": DRAFT,
+        "$id": format!("urn:crmsync:schema:{SCHEMA_MAJOR}:session"),
+        "title": "crmsync sync session report",
+        "description": "One MessagePack map per sync session a remote completed. The main logs it under the remote (if it moved anything) and counts it as the remote's last sync. Its id is the message's Nats-Msg-Id.",
+        "type": "object",
+        "properties": {
+            "product": { "const": PRODUCT },
+            "schema": { "const": SCHEMA_MAJOR, "description": "schema major version" },
+            "db": { "type": "string", "description": "database id of the main (a ULID)" },
+            "remote": token(),
+            "id": { "type": "string", "description": "unique id of the report (a ULID)" },
+            "started_ms": count("when the session started, in milliseconds since the Unix epoch (the remote's clock)"),
+            "ended_ms": count("when it ended: the remote had nothing left to pull or to upload"),
+            "received": count("records written or removed at the remote from what the main sent"),
+            "sent": count("edits made at the remote that reached CRM_UP"),
+            "refused": count("edits of the remote the main refused"),
+            "conflicts": count("changes from the main that met an edit made at the remote not merged yet"),
+            "mode": { "type": "string", "description": "continuous, once, or the remote's schedule (hourly, daily@HH:MM, weekly@DAY@HH:MM)" },
+        },
+        "required": ["product", "schema", "db", "remote", "id", "started_ms", "ended_ms", "received", "sent", "refused", "conflicts", "mode"],
+        "additionalProperties": false,
+    })
+}
+
 /// Every schema document, by file name under `schemas/`.
 pub fn documents() -> Vec<(String, J)> {
-    let mut out = vec![("envelope.schema.json".to_owned(), envelope_schema())];
+    let mut out = vec![
+        ("envelope.schema.json".to_owned(), envelope_schema()),
+        ("session.schema.json".to_owned(), session_schema()),
+    ];
     for kind in Kind::ALL {
         out.push((format!("records/{kind}.schema.json"), record_schema(kind)));
     }

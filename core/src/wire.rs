@@ -282,6 +282,75 @@ pub fn subject_record(subject: &str) -> Option<(Kind, &str)> {
     Some((kind, id))
 }
 
+/// The subject of a remote's reports of its sync sessions (each report's id is its message id,
+/// so the stream drops a report sent twice). Its kind token (`session`) is no record kind, so a
+/// report never reads as an edit.
+pub fn session_subject(remote: &str) -> String {
+    format!("{}session.report", up_prefix(remote))
+}
+
+/// The filter of every remote's session reports on `CRM_UP`.
+pub const SESSIONS_ALL: &str = "crm.up.*.session.report";
+
+/// Whether an upload subject is a session report's (`crm.up.<remote>.session.report`).
+pub fn is_session_subject(subject: &str) -> bool {
+    subject.strip_prefix("crm.up.").is_some_and(|rest| {
+        let parts: Vec<&str> = rest.split('.').collect();
+        parts.len() == 3 && parts[1] == "session" && parts[2] == "report"
+    })
+}
+
+/// What one sync session at a remote did: a line of the remote's sync log, sent to the main
+/// (on [`session_subject`]) when the session ends, where it is a line of that remote's log and
+/// counts as its last sync.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionReport {
+    pub product: String,
+    pub schema: u32,
+    pub db: String,
+    pub remote: String,
+    /// Unique id of the report (a ULID).
+    pub id: String,
+    pub started_ms: u64,
+    pub ended_ms: u64,
+    /// Records written or removed at the remote from what the main sent.
+    pub received: u64,
+    /// Edits made at the remote that reached `CRM_UP`.
+    pub sent: u64,
+    /// Edits of the remote the main refused (each is in both sync logs, with why).
+    pub refused: u64,
+    /// Changes from the main that met an edit made at the remote not merged yet: merged field
+    /// by field, the newer change of each field winning.
+    pub conflicts: u64,
+    /// The remote's sync mode (`continuous`, `once`, or its schedule).
+    pub mode: String,
+}
+
+impl SessionReport {
+    /// Whether the session moved anything: one that did not is no line of a sync log, only a
+    /// sign of life (it still counts as a sync at the main).
+    pub fn is_empty(&self) -> bool {
+        self.received + self.sent + self.refused + self.conflicts == 0
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("a report encodes")
+    }
+
+    /// Decodes a report and checks it is of this product, schema and database, and of the
+    /// remote whose subject it came on.
+    pub fn decode_checked(bytes: &[u8], our_db: &str, remote: &str) -> Result<SessionReport, String> {
+        let report: SessionReport = rmp_serde::from_slice(bytes).map_err(|e| format!("not a session report: {e}"))?;
+        Header { product: report.product.clone(), schema: report.schema, db: report.db.clone() }
+            .check(our_db)
+            .map_err(|e| e.to_string())?;
+        if report.remote != remote {
+            return Err(format!("a report of remote {:?} came on remote {remote:?}'s subject", report.remote));
+        }
+        Ok(report)
+    }
+}
+
 /// Every subject of `CRM_EVENTS`: the stream's subjects and the projector's filter.
 pub const EVENTS_ALL: &str = "crm.evt.>";
 /// Every subject of `CRM_SYNC`.
@@ -358,5 +427,43 @@ mod tests {
         assert_eq!(up_remote(&up_subject("r1", Kind::Note, "n1")), Some("r1"));
         assert!(reject_subject("r1", Kind::Note, "n1").starts_with("crm.sync.~r1."));
         assert_eq!(target_filter(&Target::Subscriptions("r1".into())), "crm.sync.~r1.>");
+    }
+
+    #[test]
+    fn a_session_report_is_told_from_every_edit() {
+        let subject = session_subject("contact");
+        assert_eq!(subject, "crm.up.contact.session.report");
+        assert!(is_session_subject(&subject));
+        assert_eq!(up_remote(&subject), Some("contact"));
+        assert_eq!(subject_record(&subject), None, "a report must never read as an edit");
+        for edit in [up_subject("r1", Kind::Contact, "session"), up_subject("session", Kind::Note, "n1")] {
+            assert!(!is_session_subject(&edit), "{edit}");
+        }
+    }
+
+    #[test]
+    fn a_session_report_is_checked_like_a_message() {
+        let report = SessionReport {
+            product: PRODUCT.into(),
+            schema: SCHEMA_MAJOR,
+            db: "db1".into(),
+            remote: "r1".into(),
+            id: "01J".into(),
+            started_ms: 1,
+            ended_ms: 2,
+            received: 3,
+            sent: 0,
+            refused: 0,
+            conflicts: 0,
+            mode: "continuous".into(),
+        };
+        assert_eq!(SessionReport::decode_checked(&report.encode(), "db1", "r1"), Ok(report.clone()));
+        let other_db = SessionReport::decode_checked(&report.encode(), "db2", "r1").unwrap_err();
+        assert!(other_db.contains("db1") && other_db.contains("db2"), "{other_db}");
+        let other_remote = SessionReport::decode_checked(&report.encode(), "db1", "r2").unwrap_err();
+        assert!(other_remote.contains("r2"), "{other_remote}");
+        assert!(SessionReport::decode_checked(b"\xc1", "db1", "r1").is_err());
+        assert!(!report.is_empty());
+        assert!(SessionReport { received: 0, ..report }.is_empty());
     }
 }

@@ -60,7 +60,7 @@ pub(super) async fn commit_figures(args: &BenchArgs, figures: &mut Figures) -> a
 async fn commit_write_path(sets: usize, changes: usize, clients: usize) -> anyhow::Result<(f64, f64)> {
     let scratch = Scratch::new("commit")?;
     let nats = fresh_nats(&scratch).await?;
-    let main = Main::start(MainConfig { nats_url: nats.url(), data_dir: scratch.0.join("main") }).await?;
+    let main = Main::start(MainConfig::new(nats.url(), scratch.0.join("main"))).await?;
     for s in 0..sets {
         main.create_set(&SetRequest { name: format!("set{s}"), all: true, ..Default::default() }).await?;
     }

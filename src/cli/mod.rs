@@ -53,6 +53,14 @@ pub enum Command {
     Subscription(SubscriptionCommand),
     /// The service's state: database id, role, counts, stream position, backlog.
     Status,
+    /// Sync sessions, newest last: at a remote its own, at the main every remote's.
+    Sessions {
+        /// Only this remote's (at the main).
+        #[arg(long)]
+        remote: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
     /// Rebuild the service behind --api (a remote) from the stream, with progress.
     Rebuild,
     /// Contacts: people, with company, address, custom fields, record manager and access.
@@ -201,6 +209,10 @@ pub enum RemoteCommand {
         /// Most messages applied per transaction.
         #[arg(long, default_value_t = crmsync::remote_service::SYNC_BATCH)]
         batch: usize,
+        /// When to sync: continuous, hourly, hourly:MM, daily@HH:MM or weekly@DAY@HH:MM (UTC).
+        /// Between scheduled sessions the remote serves and takes edits, and syncs nothing.
+        #[arg(long, default_value = "continuous")]
+        sync: crmsync::schedule::Schedule,
     },
     /// One sync session of a stopped remote: upload what waits, receive the main's answer and
     /// everything up to the head of its set, print a summary, and exit.
@@ -362,15 +374,22 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Bench(args) => crate::bench::run(args, cli.json).await,
         Command::Main(cmd) if !matches!(cmd, MainCommand::AcceptSyncs { .. }) => services::main(cmd).await,
         Command::Remote(RemoteCommand::Init { bundle, data }) => services::remote_init(&bundle, &data, cli.json),
-        Command::Remote(RemoteCommand::Serve { data, listen, nats, batch }) => {
-            services::remote_serve(RemoteConfig { data_dir: data, nats_url: nats, batch }, listen).await
+        Command::Remote(RemoteCommand::Serve { data, listen, nats, batch, sync }) => {
+            let mode = crmsync::remote_service::Mode::of(sync);
+            services::remote_serve(RemoteConfig { nats_url: nats, batch, mode, ..RemoteConfig::new(data) }, listen)
+                .await
         }
         Command::Remote(RemoteCommand::Rebuild { data, nats }) => services::remote_rebuild(data, nats, cli.json).await,
         Command::Remote(RemoteCommand::Sync { data, nats, timeout, wait_merged, .. }) => {
             let limits =
                 SessionLimits { timeout: Duration::from_secs(timeout), answers: Duration::from_secs(wait_merged) };
-            services::remote_sync_once(RemoteConfig { nats_url: nats, ..RemoteConfig::new(data) }, limits, cli.json)
-                .await
+            let mode = crmsync::remote_service::Mode::Once;
+            services::remote_sync_once(
+                RemoteConfig { nats_url: nats, mode, ..RemoteConfig::new(data) },
+                limits,
+                cli.json,
+            )
+            .await
         }
         command => {
             // A client's output may go to `head` or a closed pager: end quietly like any Unix

@@ -15,6 +15,11 @@ pub async fn run(client: &Client, command: Command, as_json: bool) -> Result<(),
             print_status(&status, as_json);
         }
         Command::Rebuild => rebuild(client, as_json).await?,
+        Command::Sessions { remote, limit } => {
+            let mut query = vec![("limit".to_owned(), limit.to_string())];
+            query.extend(remote.map(|r| ("remote".to_owned(), r)));
+            print_sessions(&client.get("/v1/sessions", &query).await?, as_json);
+        }
         Command::Set(cmd) => set(client, cmd, as_json).await?,
         Command::Subscription(cmd) => subscription(client, cmd, as_json).await?,
         Command::Remote(cmd) => remote(client, cmd, as_json).await?,
@@ -327,10 +332,50 @@ fn summary(kind: Kind, r: &J) -> String {
                 f("users")
             }
         }
-        Kind::Remote => format!("set {}, backlog {}", f("set"), f("backlog")),
+        Kind::Remote => format!(
+            "set {}, {}, last sync {}, expires {}, backlog {}, uploads waiting {}, created {}",
+            f("set"),
+            f("state"),
+            time(r.get("last_sync_ms")),
+            r.get("expires_ms").and_then(J::as_u64).map_or_else(|| "-".into(), crmsync::date::utc_day),
+            f("backlog"),
+            f("uploads_waiting"),
+            time(r.get("created_ms")),
+        ),
         _ => f("name"),
     };
     s.trim().to_owned()
+}
+
+/// A time in milliseconds as `YYYY-MM-DD HH:MM` (UTC), `-` when there is none.
+fn time(ms: Option<&J>) -> String {
+    ms.and_then(J::as_u64).map_or_else(|| "-".into(), |ms| format!("{} UTC", crmsync::date::utc_minute(ms)))
+}
+
+/// Sync sessions, one line each.
+pub fn print_sessions(sessions: &J, as_json: bool) {
+    if as_json {
+        println!("{sessions}");
+        return;
+    }
+    let list = sessions.get("sessions").and_then(J::as_array).cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("no sync sessions");
+    }
+    for s in &list {
+        let seconds = s["ended_ms"].as_u64().unwrap_or(0).saturating_sub(s["started_ms"].as_u64().unwrap_or(0)) / 1000;
+        println!(
+            "{}  {:12}  {:>4} s  received {}, sent {}, refused {}, conflicts {}  ({})",
+            time(s.get("started_ms")),
+            scalar(&s["remote"]),
+            seconds,
+            scalar(&s["received"]),
+            scalar(&s["sent"]),
+            scalar(&s["refused"]),
+            scalar(&s["conflicts"]),
+            scalar(&s["mode"]),
+        );
+    }
 }
 
 fn print_list(kind: Kind, page: &J, as_json: bool) {
@@ -380,6 +425,17 @@ fn print_status(s: &J, as_json: bool) {
     } else if let Some(up) = s.get("uploads") {
         let error = up.get("error").and_then(J::as_str).map(|e| format!(" (failing: {e})")).unwrap_or_default();
         println!("uploads   {} waiting{error}", up.get("waiting").map(scalar).unwrap_or_default());
+    }
+    if let Some(sync) = s.get("sync") {
+        let next = sync.get("next_ms").filter(|n| !n.is_null()).map(|n| format!(", next {}", time(Some(n))));
+        println!("sync      {}{}", scalar(&sync["mode"]), next.unwrap_or_default());
+        println!("last sync {}, expires {}", time(s.get("last_sync_ms")), time(s.get("expires_ms")));
+    }
+    if let Some(notice) = s.get("notice").and_then(J::as_str) {
+        println!("NOTICE    {notice}");
+    }
+    if let Some(file) = s.pointer("/expired/export").and_then(J::as_str) {
+        println!("          the edits made here and not uploaded are in {file}");
     }
     println!("refused   {}", f("refused"));
     if let Some(log) = s.get("sync_log").and_then(J::as_array) {

@@ -14,6 +14,7 @@ use crmsync::main_service::{Main, MainConfig, RemoteRequest, SetRequest};
 use crmsync::model::Kind;
 use crmsync::natsd::{NatsServer, NatsdOptions};
 use crmsync::remote_service::{self, Remote, RemoteConfig, SessionLimits};
+use crmsync::wall_clock::WallClock;
 
 /// Completes on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
@@ -53,7 +54,8 @@ pub async fn main(cmd: MainCommand) -> anyhow::Result<()> {
     match cmd {
         MainCommand::Serve { nats, data, listen } => {
             let listener = bind(listen).await?;
-            let main = Main::start(MainConfig { nats_url: nats.url, data_dir: data }).await?;
+            let clock = WallClock::from_env()?;
+            let main = Main::start(MainConfig { clock, ..MainConfig::new(nats.url, data) }).await?;
             tracing::info!("main of database {} serving on http://{listen}", main.database_id());
             http::serve(listener, http::main_api(main.clone()), shutdown_signal()).await?;
             main.stop().await;
@@ -62,12 +64,11 @@ pub async fn main(cmd: MainCommand) -> anyhow::Result<()> {
         MainCommand::Rebuild { nats, data } => {
             let bar = progress_bar(0);
             let started = std::time::Instant::now();
-            let events =
-                crmsync::main_service::rebuild(&MainConfig { nats_url: nats.url, data_dir: data }, |done, total| {
-                    bar.set_length(total);
-                    bar.set_position(done);
-                })
-                .await?;
+            let events = crmsync::main_service::rebuild(&MainConfig::new(nats.url, data), |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })
+            .await?;
             bar.finish_and_clear();
             println!("rebuilt the main's projection from {events} events in {:.2} s", started.elapsed().as_secs_f64());
             Ok(())
@@ -98,7 +99,7 @@ pub fn remote_init(bundle: &Path, data: &Path, as_json: bool) -> anyhow::Result<
 
 pub async fn remote_serve(config: RemoteConfig, listen: SocketAddr) -> anyhow::Result<()> {
     let listener = bind(listen).await?;
-    let remote = Remote::start(config).await?;
+    let remote = Remote::start(RemoteConfig { wall: WallClock::from_env()?, ..config }).await?;
     tracing::info!("remote {} serving on http://{listen}", remote.bundle().remote);
     let (stop_api, api) = spawn_api(listener, http::remote_api(remote.clone()));
     let outcome = tokio::select! {
@@ -113,7 +114,7 @@ pub async fn remote_serve(config: RemoteConfig, listen: SocketAddr) -> anyhow::R
 
 /// `remote sync --once`: one sync session, then a summary.
 pub async fn remote_sync_once(config: RemoteConfig, limits: SessionLimits, as_json: bool) -> anyhow::Result<()> {
-    let remote = Remote::start(config).await?;
+    let remote = Remote::start(RemoteConfig { wall: WallClock::from_env()?, ..config }).await?;
     let summary = remote.sync_once(limits).await.map_err(anyhow::Error::msg)?;
     if as_json {
         println!("{}", serde_json::to_value(&summary).unwrap_or_default());
@@ -179,7 +180,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let nats =
         tokio::task::spawn_blocking(move || NatsServer::start(&NatsdOptions { port: args.nats_port, store_dir }))
             .await??;
-    let main = Main::start(MainConfig { nats_url: nats.url(), data_dir: args.data.join("main") }).await?;
+    let clock = WallClock::from_env()?;
+    let main = Main::start(MainConfig { clock, ..MainConfig::new(nats.url(), args.data.join("main")) }).await?;
     let (stop_main_api, main_api) = spawn_api(main_listener, http::main_api(main.clone()));
 
     if main.store().get(Kind::Set, DEMO_SET)?.is_none() {

@@ -187,3 +187,29 @@ mod tests {
         assert!(err.message.starts_with("the name \"%C3\" in the query string"), "{}", err.message);
     }
 }
+
+/// The parameters of a sessions log: `limit` (100 unless given) and `remote` (every remote's
+/// unless given).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionsQuery {
+    limit: Option<usize>,
+    pub remote: Option<String>,
+}
+
+impl SessionsQuery {
+    pub fn read(
+        q: Result<axum::extract::Query<SessionsQuery>, axum::extract::rejection::QueryRejection>,
+    ) -> Result<SessionsQuery, ApiError> {
+        q.map(|q| q.0).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("{}; the parameters are limit (a number) and remote", e.body_text()),
+            )
+        })
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit.unwrap_or(100)
+    }
+}

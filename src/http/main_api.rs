@@ -3,14 +3,15 @@
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use serde_json::json;
 
 use super::error::{ApiError, ApiResult, ok};
-use super::extract::{ApiPath, ApiQuery, parse_body, parse_typed};
+use super::extract::{ApiPath, ApiQuery, SessionsQuery, parse_body, parse_typed};
 use super::records::{MAX_LIMIT, get_record, list_records, record_json};
 use crate::error::ServiceError;
 use crate::main_service::{Main, RemoteRequest, SetRequest};
@@ -29,6 +30,8 @@ pub fn main_api(main: Main) -> Router {
         .route("/v1/remotes/{name}/halt", post(halt_remote))
         .route("/v1/remotes/{name}/resume", post(resume_remote))
         .route("/v1/remotes/{name}/recreate", post(recreate_remote))
+        .route("/v1/remotes/{name}/sessions", get(remote_sessions))
+        .route("/v1/sessions", get(list_sessions))
         .route("/v1/accept-syncs", post(accept_syncs))
         .route("/v1/rebuild", post(main_rebuild));
     super::api(main, own)
@@ -138,8 +141,10 @@ async fn list_remotes(State(main): State<Main>, ApiQuery(q): ApiQuery) -> ApiRes
         let names: Vec<&str> = items.iter().map(|item| item["id"].as_str().unwrap_or_default()).collect();
         let waiting = main.remote_uploads_waiting(&names).await;
         for ((item, backlog), waiting) in items.iter_mut().zip(backlogs).zip(waiting) {
-            let halted = item["enabled"] == json!(false);
-            item["state"] = state(halted).into();
+            let name = item["id"].as_str().unwrap_or_default().to_owned();
+            if let Some(stored) = main.store().get(Kind::Remote, &name)? {
+                lifecycle_json(&main, &name, &stored, item)?;
+            }
             item["backlog"] = backlog.into();
             item["uploads_waiting"] = waiting.into();
         }
@@ -151,17 +156,17 @@ async fn show_remote(State(main): State<Main>, ApiPath(name): ApiPath<String>) -
     let Some(stored) = main.store().get(Kind::Remote, &name)? else {
         return Err(ServiceError::NotFound { kind: Kind::Remote, id: name }.into());
     };
-    ok(StatusCode::OK, remote_json(&main, &name, &stored).await)
+    ok(StatusCode::OK, remote_json(&main, &name, &stored).await?)
 }
 
 async fn halt_remote(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
     let stored = main.halt_remote(&name).await?;
-    ok(StatusCode::OK, remote_json(&main, &name, &stored).await)
+    ok(StatusCode::OK, remote_json(&main, &name, &stored).await?)
 }
 
 async fn resume_remote(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
     let stored = main.resume_remote(&name).await?;
-    ok(StatusCode::OK, remote_json(&main, &name, &stored).await)
+    ok(StatusCode::OK, remote_json(&main, &name, &stored).await?)
 }
 
 async fn recreate_remote(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
@@ -176,16 +181,39 @@ async fn delete_remote(State(main): State<Main>, ApiPath(name): ApiPath<String>)
 
 /// A remote as the API shows it: its fields, its state (`active` or `halted`), the messages
 /// waiting for it (its backlog) and its edits waiting for the main.
-async fn remote_json(main: &Main, name: &str, stored: &Record) -> serde_json::Value {
+async fn remote_json(main: &Main, name: &str, stored: &Record) -> Result<serde_json::Value, ServiceError> {
     let mut body = record_json(name, stored);
-    body["state"] = state(crate::model::remote_halted(&stored.fields)).into();
+    lifecycle_json(main, name, stored, &mut body)?;
     body["backlog"] = main.remote_backlog(name).await.into();
     body["uploads_waiting"] = main.remote_uploads_waiting(&[name]).await[0].into();
-    body
+    body["sessions"] = serde_json::to_value(main.sessions(Some(name), 10)?).unwrap_or_default();
+    Ok(body)
 }
 
-fn state(halted: bool) -> &'static str {
-    if halted { "halted" } else { "active" }
+/// A remote's state (`active`, `halted` or `expired`), when it last synced and when it expires
+/// (or expired).
+fn lifecycle_json(main: &Main, name: &str, stored: &Record, body: &mut serde_json::Value) -> Result<(), ServiceError> {
+    let expired = crate::model::remote_expired(&stored.fields);
+    body["state"] = match (expired, crate::model::remote_halted(&stored.fields)) {
+        (Some(_), _) => "expired",
+        (None, true) => "halted",
+        (None, false) => "active",
+    }
+    .into();
+    body["last_sync_ms"] = main.last_sync_ms(name, &stored.fields)?.into();
+    body["expires_ms"] = expired.map_or_else(|| main.expires_ms(name, &stored.fields), Ok)?.into();
+    Ok(())
+}
+
+/// The newest sync sessions, of every remote or of one (see [`SessionsQuery`]).
+async fn list_sessions(State(main): State<Main>, q: Result<Query<SessionsQuery>, QueryRejection>) -> ApiResult {
+    let q = SessionsQuery::read(q)?;
+    let sessions = main.sessions(q.remote.as_deref(), q.limit())?;
+    ok(StatusCode::OK, json!({ "sessions": sessions }))
+}
+
+async fn remote_sessions(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
+    ok(StatusCode::OK, json!({ "remote": name, "sessions": main.sessions(Some(&name), 100)? }))
 }
 
 #[derive(serde::Deserialize)]

@@ -90,7 +90,14 @@ async fn merge_loop(main: &Main, shutdown: watch::Receiver<bool>) -> anyhow::Res
             },
             _ = resumed.changed() => return Ok(Ended::Resumed),
         };
-        let halted = Halted::of(main, &batch)?;
+        // Session reports are no edits: each is taken in at once, in no queue's order.
+        let (reports, batch): (Vec<_>, Vec<_>) =
+            batch.into_iter().enumerate().partition(|(_, u)| wire::is_session_subject(&u.subject));
+        for (_, report) in &reports {
+            main.record_session(report)?;
+        }
+        uploads.ack_each(reports.iter().map(|(i, _)| *i)).await;
+        let halted = Halted::of(main, batch.iter().map(|(_, u)| u))?;
         let sorted = sort_batch(&main.inner.store, &mut next, &halted, batch.into_iter())?;
         park(main, &sorted.park)?;
         parked.extend(sorted.park.iter().filter_map(|(_, u)| u.order.as_ref().map(|(q, _)| q.clone())));
@@ -143,8 +150,8 @@ async fn unpark_all(
 struct Halted(BTreeSet<String>);
 
 impl Halted {
-    fn of(main: &Main, batch: &[Upload]) -> Result<Halted, ServiceError> {
-        let remotes: BTreeSet<&str> = batch.iter().filter_map(|u| wire::up_remote(&u.subject)).collect();
+    fn of<'a>(main: &Main, batch: impl Iterator<Item = &'a Upload>) -> Result<Halted, ServiceError> {
+        let remotes: BTreeSet<&str> = batch.filter_map(|u| wire::up_remote(&u.subject)).collect();
         let mut halted = BTreeSet::new();
         for remote in remotes {
             if Halted::remote(main, remote)? {
@@ -191,13 +198,13 @@ fn sort_batch(
     store: &crate::store::Store,
     next: &mut BTreeMap<String, u64>,
     halted: &Halted,
-    uploads: impl Iterator<Item = Upload>,
+    uploads: impl Iterator<Item = (usize, Upload)>,
 ) -> Result<Sorted, ServiceError> {
     let mut sorted = Sorted::default();
     // The positions were lost with a damaged file (those of uploads that changed nothing are
     // in no event): the first upload seen of each queue is taken as its next.
     let lost = store.meta(super::UPLOAD_POSITIONS_LOST)? == 1;
-    for (i, upload) in uploads.enumerate() {
+    for (i, upload) in uploads {
         let Some((queue, n)) = &upload.order else {
             sorted.merge.push((i, upload));
             continue;

@@ -6,6 +6,7 @@
 //! write returns once the projector has applied it (read-your-writes). Nothing writes the
 //! projection except the projector, so the projection is always a prefix of the stream.
 
+mod lifecycle;
 mod merger;
 mod projector;
 mod publisher;
@@ -28,6 +29,7 @@ use crate::names;
 use crate::store::{APPLIED, DATABASE_ID, KeyEntry, Store, StoreError};
 use crate::supervise::{Stop, supervise};
 use crate::transport::{Incoming, Nats, TransportError};
+use crate::wall_clock::WallClock;
 use crate::wire::{self, EVENTS_STREAM, Envelope, ORIGIN_MAIN, Op, PRODUCT, SCHEMA_MAJOR};
 
 /// How long a write waits for the projector before it reports the projection as behind.
@@ -52,7 +54,21 @@ pub const PROJECTOR_BATCH: usize = 2000;
 pub struct MainConfig {
     pub nats_url: String,
     pub data_dir: PathBuf,
+    /// The clock remotes expire by.
+    pub clock: WallClock,
+    /// How often the main looks for remotes that expired.
+    pub expiry_check: Duration,
 }
+
+impl MainConfig {
+    pub fn new(nats_url: String, data_dir: PathBuf) -> MainConfig {
+        MainConfig { nats_url, data_dir, clock: WallClock::system(), expiry_check: EXPIRY_CHECK }
+    }
+}
+
+/// How often the main looks for remotes that expired, unless configured: a remote expires
+/// after days, so a minute late is on time.
+pub const EXPIRY_CHECK: Duration = Duration::from_secs(60);
 
 pub use crate::bundle::{Bundle, consumer_name};
 
@@ -137,7 +153,9 @@ impl Main {
         inner.tasks.lock().unwrap().extend([projector, publisher, flusher]);
         let main = Main { inner };
         let merger = tokio::spawn(merger::run(main.clone(), main.inner.shutdown.subscribe()));
-        main.inner.tasks.lock().unwrap().push(merger);
+        let expiry = main.inner.config.expiry_check;
+        let expiry = tokio::spawn(lifecycle::run_expiry(main.clone(), expiry, main.inner.shutdown.subscribe()));
+        main.inner.tasks.lock().unwrap().extend([merger, expiry]);
         Ok(main)
     }
 
@@ -490,8 +508,8 @@ impl Main {
     pub async fn create_remote(&self, req: &RemoteRequest) -> Result<Bundle, ServiceError> {
         names::check("remote name", &req.name)?;
         names::check("set name", &req.set)?;
-        let expires_days = req.expires_days.unwrap_or(30);
-        if !(2..=90).contains(&expires_days) {
+        let expires_days = req.expires_days.unwrap_or(crate::lifecycle::DEFAULT_EXPIRES_DAYS);
+        if !crate::lifecycle::EXPIRES_DAYS.contains(&expires_days) {
             return Err(ServiceError::Invalid(format!(
                 "expires_days is {expires_days}; a remote expires after 2 to 90 days without syncing"
             )));
@@ -739,7 +757,11 @@ async fn recover(config: &MainConfig, reason: &str) -> anyhow::Result<()> {
     };
     let store = Store::open(&path)?;
     store.write(true, |t| {
-        salvage.restore(t, |k| k.starts_with("upload_next:") || k == "sync_log_next")?;
+        salvage.restore(t, |k| {
+            k.starts_with("upload_next:")
+                || k.starts_with(&crate::store::last_sync_key(""))
+                || [crate::store::SESSIONS_NEXT, "sync_log_next"].contains(&k)
+        })?;
         t.set_meta_str(DATABASE_ID, &database_id)?;
         t.set_meta_str("role", "main")?;
         t.set_meta(projector::ROUTE_FROM, route_from)?;

@@ -30,6 +30,14 @@ impl Main {
 
     /// Resumes a halted remote: what waited for it, both ways, flows again.
     pub async fn resume_remote(&self, name: &str) -> Result<Record, ServiceError> {
+        if let Some(record) = self.inner.store.get(Kind::Remote, name)?
+            && let Some(on) = model::remote_expired(&record.fields)
+        {
+            return Err(ServiceError::Conflict(format!(
+                "remote {name} expired on {} (UTC) and cannot be resumed; re-create it with `crmsync remote recreate {name}`",
+                crate::date::utc_day(on)
+            )));
+        }
         let record = self.set_halted(name, false).await?;
         self.inner.nats.resume_remote_consumer(&consumer_of(name, &record.fields)).await?;
         self.inner.resumed.send_modify(|n| *n += 1);
@@ -83,6 +91,7 @@ impl Main {
                 ("created_ms".to_owned(), Value::Int(created_ms as i64)),
                 ("consumer".to_owned(), Value::Str(consumer.clone())),
                 ("enabled".to_owned(), Value::Bool(true)),
+                ("expired_ms".to_owned(), Value::Null),
             ];
             crate::merge::apply_patch(&mut fields, &patch, stamp);
             Ok(Decision::Upsert(fields))

@@ -163,6 +163,9 @@ impl Remote {
         &self,
         f: impl FnOnce(&mut Tables<'_>, &Inner) -> Result<Result<R, ServiceError>, StoreError> + Send + 'static,
     ) -> Result<R, ServiceError> {
+        if let Some(expired) = self.inner.expired() {
+            return Err(ServiceError::Conflict(format!("{}; the edit was not saved", expired.notice)));
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |t, inner| {
             let result = f(t, inner)?;
@@ -325,6 +328,8 @@ fn queue(
 pub(super) async fn run_uploader(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let attempt = async {
+            // Between scheduled sessions, and once expired, nothing is uploaded.
+            let _ = inner.gate.subscribe().wait_for(|open| *open).await;
             inner.nats.connected().await;
             upload_all(&inner).await
         };
@@ -362,6 +367,7 @@ async fn upload_all(inner: &Inner) -> Result<(), String> {
             .publish_uploads(&head, |n| format!("{queue}:{}", n.saturating_sub(*base)), inner.bundle.created_ms)
             .await
             .map_err(|e| e.to_string())?;
+        inner.state.lock().unwrap().sent += head.len() as u64;
         // Not durable on its own: an upload sent again after a crash is dropped by NATS as a
         // duplicate, or merged again by the main without effect.
         let store = inner.store.clone();

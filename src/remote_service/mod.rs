@@ -9,7 +9,9 @@
 mod edit;
 mod once;
 mod projector;
+mod session;
 pub use once::{SessionLimits, SyncSummary};
+pub use session::{Expired, HEARTBEAT, Mode};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -26,6 +28,7 @@ use crate::hlc::Clock;
 use crate::store::{APPLIED, DATABASE_ID, Store};
 use crate::supervise::{Stop, shut_down, supervise};
 use crate::transport::{Incoming, Nats, TransportError};
+use crate::wall_clock::WallClock;
 use crate::wire::{self, Decoded, Op, PRODUCT, SCHEMA_MAJOR, Target};
 
 pub const SYNC_BATCH: usize = 4000;
@@ -103,13 +106,29 @@ pub struct RemoteConfig {
     pub nats_url: Option<String>,
     /// Most messages applied in one transaction ([`SYNC_BATCH`] unless tuned).
     pub batch: usize,
+    /// When it syncs: continuously (the default), on a schedule, or once.
+    pub mode: Mode,
+    /// The clock of its schedule and its expiry.
+    pub wall: WallClock,
+    /// How often an idle remote asks whether the main expired it.
+    pub check_every: std::time::Duration,
 }
 
 impl RemoteConfig {
     pub fn new(data_dir: PathBuf) -> RemoteConfig {
-        RemoteConfig { data_dir, nats_url: None, batch: SYNC_BATCH }
+        RemoteConfig {
+            data_dir,
+            nats_url: None,
+            batch: SYNC_BATCH,
+            mode: Mode::Continuous,
+            wall: WallClock::system(),
+            check_every: EXPIRY_CHECK,
+        }
     }
 }
+
+/// How often an idle remote asks the main's consumer whether it expired, unless configured.
+pub const EXPIRY_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct SyncState {
@@ -123,6 +142,13 @@ pub struct SyncState {
     pub upload_error: Option<String>,
     /// Records written or removed from what the main sent, since the service started.
     pub received: u64,
+    /// Edits made here that reached `CRM_UP`, since the service started.
+    pub sent: u64,
+    /// Changes from the main that met an edit made here not merged yet, since the service
+    /// started.
+    pub conflicts: u64,
+    /// Why this remote no longer syncs, once it expired.
+    pub expired: Option<Expired>,
 }
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -144,7 +170,15 @@ pub struct Remote {
 
 struct Inner {
     store: Store,
+    data_dir: PathBuf,
     bundle: Bundle,
+    mode: Mode,
+    wall: WallClock,
+    check_every: std::time::Duration,
+    /// Open while the remote may pull and upload: always in continuous mode, during a
+    /// session in a scheduled one, never once expired.
+    gate: watch::Sender<bool>,
+    sessions: Mutex<session::Sessions>,
     nats: Nats,
     nats_url: String,
     batch: usize,
@@ -192,9 +226,16 @@ impl Remote {
         let (rebuild_tx, rebuild_rx) = mpsc::channel(4);
         let (edits, edit_rx) = mpsc::unbounded_channel();
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let refused = store.sync_log(0)?.0;
         let inner = Arc::new(Inner {
             store,
+            data_dir: config.data_dir.clone(),
             bundle,
+            mode: config.mode,
+            wall: config.wall.clone(),
+            check_every: config.check_every,
+            gate: watch::channel(!matches!(config.mode, Mode::Scheduled(_))).0,
+            sessions: Mutex::new(session::Sessions::new(refused)),
             nats,
             nats_url,
             batch: config.batch.max(1),
@@ -209,12 +250,14 @@ impl Remote {
             done: Mutex::new(None),
             helpers: Mutex::new(Vec::new()),
         });
+        inner.load_expiry()?;
         let task = tokio::spawn(run_sync(inner.clone(), rebuild_rx, shutdown_rx.clone()));
         *inner.done.lock().unwrap() = Some(task);
         let flusher = tokio::spawn(inner.store.clone().flush_periodically(shutdown_rx.clone()));
         let uploader = tokio::spawn(edit::run_uploader(inner.clone(), shutdown_rx.clone()));
+        let sessions = tokio::spawn(session::run_sessions(inner.clone(), shutdown_rx.clone()));
         let writer = tokio::spawn(edit::run_writer(inner.clone(), edit_rx, shutdown_rx));
-        inner.helpers.lock().unwrap().extend([flusher, uploader, writer]);
+        inner.helpers.lock().unwrap().extend([flusher, uploader, sessions, writer]);
         Ok(Remote { inner })
     }
 
@@ -266,7 +309,12 @@ impl Remote {
     /// is not reachable within [`REBUILD_NATS_WAIT`]: the copy held here stays readable until
     /// the stream can replace it.
     pub async fn rebuild(&self) -> Result<u64, ServiceError> {
+        if let Some(expired) = self.inner.expired() {
+            return Err(ServiceError::Conflict(expired.notice));
+        }
         self.wait_for_nats(REBUILD_NATS_WAIT).await?;
+        // A rebuild is a sync session, whatever the schedule says.
+        self.inner.start_session_now();
         let (tx, rx) = oneshot::channel();
         self.inner
             .rebuild_tx
@@ -290,6 +338,7 @@ impl Remote {
         );
         let state = self.state();
         let (refused, log) = store.sync_log(10)?;
+        let last_sync = self.inner.last_sync_ms()?;
         Ok(serde_json::json!({
             "role": "remote",
             "product": PRODUCT,
@@ -308,7 +357,16 @@ impl Remote {
             // What the main decided, as the server says (null while NATS cannot be asked).
             "halted": delivery.map(|d| d.halted),
             "main_accepting_syncs": accepting,
-            "notice": notice(delivery, accepting),
+            "notice": state.expired.as_ref().map(|e| e.notice.clone()).or(notice(delivery, accepting).map(String::from)),
+            "sync": self.inner.sync_json(),
+            "last_sync_ms": last_sync,
+            "expires_days": self.inner.bundle.expires_days,
+            "expires_ms": state.expired.as_ref().map_or_else(
+                || crate::lifecycle::expires_ms(last_sync, self.inner.bundle.expires_days),
+                |e| e.on_ms,
+            ),
+            "expired": state.expired,
+            "sessions": store.sessions(None, 10)?,
             "quarantined": quarantined,
             "quarantine": recent.iter().map(|(seq, q)| serde_json::json!({
                 "seq": seq, "subject": q.subject, "error": q.error, "bytes": q.payload.len(),
@@ -330,7 +388,7 @@ impl Remote {
 /// (and also written to a JSON file beside it, for people to read); the recovery is recorded
 /// for `status`.
 fn recover(data_dir: &Path, bundle: &Bundle, reason: &str) -> anyhow::Result<Store> {
-    use crate::store::{RECOVERED, Recovery, Salvage, UPLOADS_NEXT};
+    use crate::store::{LAST_SYNC, RECOVERED, Recovery, SESSIONS_NEXT, Salvage, UPLOADS_NEXT};
     let path = data_dir.join(STORE_FILE);
     let (aside, mut salvage) = crate::store::set_aside(&path, reason, wire::SYNC_STREAM).map_err(anyhow::Error::msg)?;
     let mut scanned = false;
@@ -369,7 +427,7 @@ fn recover(data_dir: &Path, bundle: &Bundle, reason: &str) -> anyhow::Result<Sto
     let store = Store::open(&path)?;
     store.write(true, |t| {
         // The queue goes on with its own id and numbers, so the main merges what follows in order.
-        salvage.restore(t, |k| [QUEUE, BASE, UPLOADS_NEXT, "sync_log_next"].contains(&k))?;
+        salvage.restore(t, |k| [QUEUE, BASE, UPLOADS_NEXT, "sync_log_next", SESSIONS_NEXT, LAST_SYNC].contains(&k))?;
         t.set_meta_str(DATABASE_ID, &bundle.database_id)?;
         t.set_meta_str("role", "remote")?;
         t.set_meta_str(RECOVERED, &serde_json::to_string(&recovery).unwrap_or_default())
@@ -495,6 +553,8 @@ impl SyncLoop {
         let inner = self.inner.clone();
         tokio::select! {
             result = async {
+                // Between scheduled sessions, and once expired, nothing is pulled.
+                let _ = inner.gate.subscribe().wait_for(|open| *open).await;
                 inner.nats.connected().await;
                 self.pull(shutdown).await
             } => result,
@@ -510,9 +570,13 @@ impl SyncLoop {
         let pending = nats.reset_remote_consumer(consumer, applied + 1).await?;
         self.rebuild_reset(pending);
         let mut batches = nats.sync_messages(consumer, inner.batch, shutdown).await?;
+        let mut gate = inner.gate.subscribe();
         loop {
             let incoming = tokio::select! {
                 request = self.rebuild_rx.recv() => return self.start_rebuild(request),
+                _ = gate.wait_for(|open| !*open) => {
+                    return Err(Stop::Restart("the sync session ended".into()));
+                }
                 next = batches.next() => match next? {
                     Some(incoming) => incoming,
                     None => return Ok(()),
@@ -529,6 +593,7 @@ impl SyncLoop {
             let mut state = inner.state.lock().unwrap();
             state.pending = pending;
             state.received += applied.changed as u64;
+            state.conflicts += applied.conflicts as u64;
             progress(&mut self.rebuild, &mut state, applied.taken as u64, pending);
         }
     }

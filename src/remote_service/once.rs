@@ -45,7 +45,13 @@ impl Remote {
     /// Runs one sync session on a started remote, then stops it. `Err` says why the session
     /// could not complete (nothing is lost: edits stay queued, and what was applied stays).
     pub async fn sync_once(&self, limits: SessionLimits) -> Result<SyncSummary, String> {
-        let result = self.session(limits).await;
+        self.inner.start_session_now();
+        let mut result = self.session(limits).await;
+        if result.is_ok()
+            && let Err(e) = self.inner.finish_once(Duration::from_secs(5)).await
+        {
+            result = Err(format!("the session completed but could not be logged: {e}"));
+        }
         self.stop().await;
         result
     }
@@ -61,6 +67,14 @@ impl Remote {
         loop {
             if let Some(why) = self.state().error {
                 return Err(format!("sync stopped: {why}"));
+            }
+            if let Some(expired) = self.inner.expired() {
+                return Err(match expired.export {
+                    Some(file) => {
+                        format!("{}; the edits made here and not uploaded are in {}", expired.notice, file.display())
+                    }
+                    None => expired.notice,
+                });
             }
             if started.elapsed() > limits.timeout {
                 return Err(self.timed_out(limits.timeout));

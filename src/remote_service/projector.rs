@@ -17,6 +17,8 @@ pub struct Applied {
     /// Records written or removed (older versions and duplicates are skipped).
     pub changed: usize,
     pub quarantined: usize,
+    /// Changes from the main that met an edit made here not merged yet (merged field by field).
+    pub conflicts: usize,
     /// A message of another product, schema or database: the batch stops before it.
     pub foreign: Option<Foreign>,
 }
@@ -38,9 +40,7 @@ pub fn apply_batch(
                 out.changed += 1;
             }
             Decoded::Ok(env) if env.kind.is_routed() => {
-                if apply_one(t, apply::target_bit(&msg.subject), env)? {
-                    out.changed += 1;
-                }
+                apply_one(t, apply::target_bit(&msg.subject), env, &mut out)?;
             }
             Decoded::Ok(env) => {
                 let why = format!("a {} record does not belong on CRM_SYNC", env.kind);
@@ -64,12 +64,12 @@ pub fn apply_batch(
     Ok(out)
 }
 
-/// Carries out the core's [`apply::decide`] for one message from one target. Returns whether
-/// the record changed.
-fn apply_one(t: &mut Tables<'_>, bit: u8, env: Envelope) -> Result<bool, StoreError> {
+/// Carries out the core's [`apply::decide`] for one message from one target, counting what it
+/// did in `out`.
+fn apply_one(t: &mut Tables<'_>, bit: u8, env: Envelope, out: &mut Applied) -> Result<(), StoreError> {
     let (kind, v) = (env.kind, env.version);
     match apply::decide(t.known(kind, &env.id)?, bit, env.op, v) {
-        Action::Skip => return Ok(false),
+        Action::Skip => return Ok(()),
         Action::Put { holders, merge_local } => {
             let mut fields = env.record.unwrap_or_default();
             if merge_local
@@ -77,6 +77,7 @@ fn apply_one(t: &mut Tables<'_>, bit: u8, env: Envelope) -> Result<bool, StoreEr
                 && let Some(merged) = crate::merge::merge(kind, &fields, &local.fields)
             {
                 fields = merged;
+                out.conflicts += 1;
             }
             t.put(kind, &env.id, &Record { version: v, holders, fields })?;
         }
@@ -89,7 +90,8 @@ fn apply_one(t: &mut Tables<'_>, bit: u8, env: Envelope) -> Result<bool, StoreEr
             t.delete(kind, &env.id, v)?;
         }
     }
-    Ok(true)
+    out.changed += 1;
+    Ok(())
 }
 
 /// The main refused an edit made here: the refusal goes into the sync log with the edit, and

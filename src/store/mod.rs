@@ -11,6 +11,7 @@
 //! | `quarantine` | stream sequence | [`Quarantined`]: a message that did not decode |
 //! | `uploads` | sequence | [`Upload`]: a remote's edit not yet acknowledged by `CRM_UP` |
 //! | `sync_log` | sequence | [`LogEntry`]: an edit the main refused, as each side recorded it |
+//! | `sessions` | sequence | [`SessionReport`]: a sync session that moved something (a remote's own, or at the main each remote's) |
 //! | `idempotency` | a client's `Idempotency-Key` | [`KeyEntry`]: the change committed with it |
 //! | `parked` | (remote's upload queue, number) | [`Parked`]: an upload that reached the main before an earlier one of its queue |
 //! | `meta` | name | u64 (stream positions, counters) |
@@ -33,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::apply::Held;
 use crate::model::{Fields, Kind, Record};
 use crate::outgoing::{OutboxEntry, Upload};
+use crate::wire::SessionReport;
 
 mod entries;
 mod salvage;
@@ -58,6 +60,7 @@ const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
 const UPLOADS: TableDefinition<u64, &[u8]> = TableDefinition::new("uploads");
 const SYNC_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("sync_log");
+const SESSIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("sessions");
 const PARKED: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("parked");
 const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -91,6 +94,16 @@ pub fn next_upload_key(queue: &str) -> String {
 pub const RECOVERED: &str = "recovered";
 /// The number the next queued upload gets.
 pub const UPLOADS_NEXT: &str = "uploads_next";
+/// The number the next sync session logged gets.
+pub const SESSIONS_NEXT: &str = "sessions_next";
+/// When a remote last completed a sync session: at the remote, under this name; at the main,
+/// one per remote under [`last_sync_key`].
+pub const LAST_SYNC: &str = "last_sync";
+
+/// Where the main keeps when `remote` last synced.
+pub fn last_sync_key(remote: &str) -> String {
+    format!("{LAST_SYNC}:{remote}")
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -631,6 +644,25 @@ impl Store {
     /// The sync log: refused edits, newest last, at most `limit`, and how many there are.
     pub fn sync_log(&self, limit: usize) -> Result<(u64, Vec<(u64, LogEntry)>), StoreError> {
         self.newest(SYNC_LOG, "sync log entry", limit)
+    }
+
+    /// The newest `limit` sync sessions, of `remote` only if given, oldest first.
+    pub fn sessions(&self, remote: Option<&str>, limit: usize) -> Result<Vec<SessionReport>, StoreError> {
+        self.reading(|txn| {
+            let table = txn.open_table(SESSIONS)?;
+            let mut out = Vec::new();
+            for item in table.iter()?.rev() {
+                if out.len() >= limit {
+                    break;
+                }
+                let (_, report): (u64, SessionReport) = decode_entry(item?, "sync session")?;
+                if remote.is_none_or(|r| r == report.remote) {
+                    out.push(report);
+                }
+            }
+            out.reverse();
+            Ok(out)
+        })
     }
 
     fn newest<T: serde::de::DeserializeOwned>(

@@ -48,6 +48,7 @@ pub struct Salvage {
     pub uploads: Vec<(u64, Upload)>,
     pub parked: Vec<((String, u64), Parked)>,
     pub sync_log: Vec<LogEntry>,
+    pub sessions: Vec<SessionReport>,
     /// The first routed message not yet published, if the outbox read.
     pub outbox_first: Option<u64>,
     /// The tables that could not be read to their end.
@@ -62,7 +63,7 @@ impl Salvage {
             Ok(db) => db,
             Err(e) => {
                 tracing::error!("nothing can be read from {}: {e}", path.display());
-                out.unreadable = vec!["meta", "uploads", "parked", "sync_log", "outbox"];
+                out.unreadable = vec!["meta", "uploads", "parked", "sync_log", "sessions", "outbox"];
                 return out;
             }
         };
@@ -95,6 +96,12 @@ impl Salvage {
         read("sync_log", &mut out, &mut |txn, out| {
             for item in txn.open_table(SYNC_LOG)?.iter()? {
                 out.sync_log.push(decode_entry::<LogEntry>(item?, "sync log entry")?.1);
+            }
+            Ok(())
+        });
+        read("sessions", &mut out, &mut |txn, out| {
+            for item in txn.open_table(SESSIONS)?.iter()? {
+                out.sessions.push(decode_entry::<SessionReport>(item?, "sync session")?.1);
             }
             Ok(())
         });
@@ -161,6 +168,9 @@ impl Salvage {
         }
         for entry in &self.sync_log {
             t.log(entry)?;
+        }
+        for report in &self.sessions {
+            t.log_session(report)?;
         }
         Ok(())
     }

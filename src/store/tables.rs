@@ -11,6 +11,7 @@ pub struct Tables<'txn> {
     pub(super) quarantine: Table<'txn, u64, &'static [u8]>,
     pub(super) uploads: Table<'txn, u64, &'static [u8]>,
     pub(super) sync_log: Table<'txn, u64, &'static [u8]>,
+    sessions: Table<'txn, u64, &'static [u8]>,
     pub(super) parked: Table<'txn, (&'static str, u64), &'static [u8]>,
     pub(super) idempotency: Table<'txn, &'static str, &'static [u8]>,
     pub(super) meta: Table<'txn, &'static str, u64>,
@@ -31,6 +32,7 @@ impl<'txn> Tables<'txn> {
             quarantine: txn.open_table(QUARANTINE)?,
             uploads: txn.open_table(UPLOADS)?,
             sync_log: txn.open_table(SYNC_LOG)?,
+            sessions: txn.open_table(SESSIONS)?,
             parked: txn.open_table(PARKED)?,
             idempotency: txn.open_table(IDEMPOTENCY)?,
             meta: txn.open_table(META)?,
@@ -225,6 +227,11 @@ impl<'txn> Tables<'txn> {
 
     pub fn log(&mut self, entry: &LogEntry) -> Result<(), StoreError> {
         append(&mut self.sync_log, &mut self.meta, "sync_log_next", entry)
+    }
+
+    /// Adds a sync session to the sessions log.
+    pub fn log_session(&mut self, report: &SessionReport) -> Result<(), StoreError> {
+        append(&mut self.sessions, &mut self.meta, SESSIONS_NEXT, report)
     }
 
     /// The change committed with a client's idempotency key, if any.

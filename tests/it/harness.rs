@@ -116,7 +116,7 @@ impl Env {
             .await
             .unwrap()
             .expect("nats-server starts (run ops/install-nats-server)");
-        let main = Main::start(MainConfig { nats_url: nats.url(), data_dir: dir.path().join("main") }).await.unwrap();
+        let main = Main::start(MainConfig::new(nats.url(), dir.path().join("main"))).await.unwrap();
         let (base, stop_api) = serve(crmsync::http::main_api(main.clone())).await;
         Env { dir, nats, main: Some(main), api: Api::new(base), stop_api: Some(stop_api) }
     }
@@ -126,7 +126,7 @@ impl Env {
     }
 
     pub fn main_config(&self) -> MainConfig {
-        MainConfig { nats_url: self.nats.url(), data_dir: self.dir.path().join("main") }
+        MainConfig::new(self.nats.url(), self.dir.path().join("main"))
     }
 
     /// Stops the main (API, projector, outbox publisher) so its redb file is free.
@@ -143,7 +143,12 @@ impl Env {
 
     /// Starts the main again on the same data, with a new API address.
     pub async fn restart_main(&mut self) {
-        let main = Main::start(self.main_config()).await.unwrap();
+        self.restart_main_with(self.main_config()).await;
+    }
+
+    /// Starts the main again with `config` (its clock, its checks).
+    pub async fn restart_main_with(&mut self, config: MainConfig) {
+        let main = Main::start(config).await.unwrap();
         let (base, stop_api) = serve(crmsync::http::main_api(main.clone())).await;
         self.main = Some(main);
         self.api = Api::new(base);
@@ -157,11 +162,13 @@ impl Env {
     /// Registers a remote at the main and sets up its data directory from the bundle file,
     /// as `remote create` and `remote init` do.
     pub async fn init_remote(&self, name: &str, set: &str) -> std::path::PathBuf {
-        let bundle = self
-            .main()
-            .create_remote(&RemoteRequest { name: name.into(), set: set.into(), ..Default::default() })
-            .await
-            .unwrap();
+        self.init_remote_as(&RemoteRequest { name: name.into(), set: set.into(), ..Default::default() }).await
+    }
+
+    /// [`Env::init_remote`] of a remote as `request` says (its expiry, its NATS address).
+    pub async fn init_remote_as(&self, request: &RemoteRequest) -> std::path::PathBuf {
+        let name = &request.name;
+        let bundle = self.main().create_remote(request).await.unwrap();
         let bundle_file = self.dir.path().join(format!("{name}.bundle.json"));
         std::fs::write(&bundle_file, serde_json::to_vec(&bundle).unwrap()).unwrap();
         let data_dir = self.dir.path().join("remotes").join(name);
@@ -170,9 +177,15 @@ impl Env {
     }
 
     pub async fn start_remote(&self, data_dir: &std::path::Path) -> RemoteHandle {
-        let remote = Remote::start(RemoteConfig::new(data_dir.to_owned())).await.unwrap();
+        self.start_remote_with(RemoteConfig::new(data_dir.to_owned())).await
+    }
+
+    /// Starts a remote as `config` says (its mode, its clock).
+    pub async fn start_remote_with(&self, config: RemoteConfig) -> RemoteHandle {
+        let data_dir = config.data_dir.clone();
+        let remote = Remote::start(config).await.unwrap();
         let (base, stop_api) = serve(crmsync::http::remote_api(remote.clone())).await;
-        RemoteHandle { remote, api: Api::new(base), data_dir: data_dir.to_owned(), stop_api: Some(stop_api) }
+        RemoteHandle { remote, api: Api::new(base), data_dir, stop_api: Some(stop_api) }
     }
 
     pub async fn remote(&self, name: &str, set: &str) -> RemoteHandle {

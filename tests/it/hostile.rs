@@ -149,8 +149,8 @@ async fn hostile_sets_and_remotes_list_in_pages_through_the_api_and_the_command_
     let base = env.api.base.clone();
     let (code, out, err) = tokio::task::spawn_blocking(move || cli(&base, &["remote", "list"])).await.unwrap();
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("branch") && out.contains("set mine, backlog"), "{out}");
-    assert!(out.contains("laptop") && out.contains("set everyone, backlog"), "{out}");
+    assert!(out.contains("branch") && out.contains("set mine, active, last sync"), "{out}");
+    assert!(out.contains("laptop") && out.contains("set everyone, active, last sync"), "{out}");
     let base = env.api.base.clone();
     let (code, out, err) =
         tokio::task::spawn_blocking(move || cli(&base, &["remote", "list", "--json"])).await.unwrap();

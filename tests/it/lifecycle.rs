@@ -181,8 +181,8 @@ async fn sync_once_uploads_what_waits_catches_up_to_the_head_and_exits_with_a_su
         assert_eq!(status, 201, "{body}");
     }
     crate::harness::stop(&mut offline, crate::harness::Stop::Term).await;
-    // Meanwhile the main has a backlog for it.
-    seed_contacts(env.main(), 3000, "c").await;
+    // Meanwhile the main has a backlog of 10,000 changes for it.
+    seed_contacts(env.main(), 10_000, "c").await;
 
     let (code, out, err) =
         cli(&env.api, &["--json", "remote", "sync", "--once", "--data", dir.to_str().unwrap()]).await;
@@ -190,12 +190,21 @@ async fn sync_once_uploads_what_waits_catches_up_to_the_head_and_exits_with_a_su
     let summary: J = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     assert_eq!((summary["sent"].as_u64(), summary["refused"].as_u64()), (Some(20), Some(0)), "{summary}");
     assert_eq!(summary["unanswered"], 0, "{summary}");
-    assert!(summary["received"].as_u64().unwrap() >= 3020, "{summary}");
+    assert!(summary["received"].as_u64().unwrap() >= 10_020, "{summary}");
     // Once it exits, the remote holds what the main holds, its own edits merged there.
     let store = crmsync::store::Store::open(&dir.join("remote.redb")).unwrap();
     assert_eq!(crate::harness::snapshot(&store), crate::harness::snapshot(env.main().store()));
     assert!(env.main().store().get(Kind::Contact, "made19").unwrap().is_some());
     assert_eq!(store.uploads_len().unwrap(), 0);
+    // The session is a line of the remote's log, and reached the main's.
+    let sessions = store.sessions(None, 10).unwrap();
+    let session = sessions.last().unwrap();
+    assert_eq!((session.mode.as_str(), session.sent, session.refused), ("once", 20, 0), "{sessions:?}");
+    assert!(session.received >= 10_020, "{session:?}");
+    wait_for("the main logs the session", Duration::from_secs(20), || async {
+        env.main().sessions(Some("laptop"), 10).unwrap().iter().any(|s| s.id == session.id)
+    })
+    .await;
 
     // Without NATS it says so and fails, keeping what waits.
     drop(store);

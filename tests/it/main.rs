@@ -13,5 +13,6 @@ mod offline;
 mod pipeline;
 mod rebuild;
 mod resilience;
+mod schedule;
 mod sets;
 mod wire;

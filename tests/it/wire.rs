@@ -34,8 +34,12 @@ fn the_schema_documents_match_the_code() {
 
 /// What is wrong with a message, by the envelope schema (nothing: an empty list).
 pub fn schema_errors(payload: &[u8]) -> Vec<String> {
-    let schema: J =
-        serde_json::from_str(&std::fs::read_to_string(schemas_dir().join("envelope.schema.json")).unwrap()).unwrap();
+    errors_against("envelope.schema.json", payload)
+}
+
+/// What the schema document `file` finds wrong with a MessagePack message.
+fn errors_against(file: &str, payload: &[u8]) -> Vec<String> {
+    let schema: J = serde_json::from_str(&std::fs::read_to_string(schemas_dir().join(file)).unwrap()).unwrap();
     let validator = jsonschema::validator_for(&schema).unwrap();
     let as_json: J = rmp_serde::from_slice(payload).unwrap();
     validator.iter_errors(&as_json).map(|e| format!("{as_json}: {e}")).collect()
@@ -86,16 +90,24 @@ async fn every_message_sent_validates_against_the_schemas() {
     laptop.api.create(Kind::Contact, json!({ "id": "up1", "first_name": "Up" })).await;
     laptop.api.patch("/v1/contacts/up1", &json!({ "city": "Albany" })).await;
     laptop.api.delete("/v1/contacts/up1").await;
-    wait_for("the uploads in CRM_UP", Duration::from_secs(20), || async {
-        laptop.api.status().await["uploads"]["waiting"] == 0
+    // And the report of its session, once it has caught up.
+    wait_for("the uploads and the session report in CRM_UP", Duration::from_secs(20), || async {
+        let status = laptop.api.status().await;
+        status["uploads"]["waiting"] == 0
+            && status["sync"]["reports_waiting"] == 0
+            && status["sessions"].as_array().is_some_and(|s| !s.is_empty())
     })
     .await;
     let uploads = all_messages(&env, crmsync::wire::UP_STREAM).await;
-    assert_eq!(uploads.len(), 3);
-    for (subject, payload) in &uploads {
+    let (reports, edits): (Vec<_>, Vec<_>) = uploads.iter().partition(|(s, _)| crmsync::wire::is_session_subject(s));
+    assert_eq!((edits.len(), reports.len()), (3, 1), "{uploads:?}");
+    for (subject, payload) in &edits {
         assert!(subject.starts_with("crm.up.laptop.contact.up1"), "{subject}");
         assert_eq!(schema_errors(payload), Vec::<String>::new(), "{subject}");
     }
+    let (subject, report) = &reports[0];
+    assert_eq!(subject, "crm.up.laptop.session.report");
+    assert_eq!(errors_against("session.schema.json", report), Vec::<String>::new());
     laptop.stop().await;
 
     let schema: J =

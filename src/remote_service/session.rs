@@ -329,9 +329,13 @@ impl Inner {
                 // `sync --once` ends its session itself.
                 Mode::Once => false,
             };
-            // Asked while it may end, and now and then while it may not (the main may have
-            // expired this remote meanwhile).
-            let caught_up = if may_end || check { self.caught_up().await? } else { false };
+            // NATS is asked while the session may end and nothing here says it is still busy
+            // (messages known to be pending, edits waiting), and now and then whatever (the
+            // main may have expired this remote meanwhile): a busy remote asks every
+            // `check_every`, not every tick.
+            let busy = self.state.lock().unwrap().pending.is_some_and(|p| p > 0)
+                || self.store.uploads_len().map_err(|e| e.to_string())? > 0;
+            let caught_up = if (may_end && !busy) || check { self.caught_up().await? } else { false };
             if may_end && caught_up {
                 let mut sessions = self.sessions.lock().unwrap();
                 if sessions.open.is_some() {

@@ -277,10 +277,16 @@ impl Env {
 /// Runs `crmsync ARGS… DIR` as a child process, killed when dropped; CRMSYNC_TEST_LOGS=1 shows
 /// its log.
 pub fn crmsync_process(args: &[&str], dir: &std::path::Path) -> tokio::process::Child {
+    crmsync_process_with(args, dir, &[])
+}
+
+/// [`crmsync_process`] with these environment variables.
+pub fn crmsync_process_with(args: &[&str], dir: &std::path::Path, vars: &[(&str, &str)]) -> tokio::process::Child {
     use std::process::Stdio;
     tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
         .args(args)
         .arg(dir)
+        .envs(vars.iter().copied())
         .stdout(Stdio::null())
         .stderr(if std::env::var_os("CRMSYNC_TEST_LOGS").is_some() { Stdio::inherit() } else { Stdio::null() })
         .kill_on_drop(true)

@@ -208,13 +208,7 @@ async fn a_remote_offline_past_its_expiry_knows_it_by_its_own_clock() {
     crate::harness::stop(&mut child, crate::harness::Stop::Term).await;
 
     // Three days later by its own clock, still offline: it expired, and says so.
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
-        .args(serve)
-        .arg(&dir)
-        .env("CRMSYNC_CLOCK_SHIFT", "3d")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = crate::harness::crmsync_process_with(&serve, &dir, &[("CRMSYNC_CLOCK_SHIFT", "3d")]);
     let status = wait_for_status(&api, |s| s["expired"].is_object()).await;
     assert!(status["notice"].as_str().unwrap().contains("ask an administrator to re-create it"), "{status}");
     let export = status["expired"]["export"].as_str().unwrap();
@@ -244,4 +238,69 @@ async fn a_remote_offline_past_its_expiry_knows_it_by_its_own_clock() {
     .unwrap();
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("expired on") && err.contains("unsent-edits-"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_serve_takes_its_schedule_from_the_command_line_and_refuses_a_bad_one() {
+    let env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let dir = env.init_remote("laptop", "everyone").await;
+    let port = crmsync::natsd::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let api = crate::harness::Api::new(format!("http://{listen}"));
+    let args = ["remote", "serve", "--listen", &listen, "--sync", "weekly@Friday@17:00", "--data"];
+    let mut child = crate::harness::crmsync_process(&args, &dir);
+    let status = wait_for_status(&api, |s| s["sync"]["next_ms"].is_u64()).await;
+    assert_eq!(status["sync"]["mode"], "weekly@fri@17:00", "{status}");
+    let next = status["sync"]["next_ms"].as_u64().unwrap();
+    // 1970-01-01 was a Thursday: Fridays are day 1 of each week counted from it.
+    let (day, minute) = (next / 86_400_000, next % 86_400_000 / 60_000);
+    assert_eq!((day % 7, minute), (1, 17 * 60), "{status}");
+    let now = crmsync::hlc::wall_ms();
+    assert!(next > now && next <= now + 7 * 86_400_000, "{status}");
+    crate::harness::stop(&mut child, crate::harness::Stop::Term).await;
+
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
+            .args(["remote", "serve", "--sync", "daily@25:00", "--data"])
+            .arg(&dir)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("the hour must be 00 to 23") && err.contains("weekly@DAY@HH:MM"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_main_whose_clock_runs_past_a_remotes_expiry_expires_it_at_start() {
+    let mut env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let request =
+        RemoteRequest { name: "laptop".into(), set: "everyone".into(), expires_days: Some(2), nats_url: None };
+    env.init_remote_as(&request).await;
+    env.create_all_set("others").await;
+    let fresh = RemoteRequest { name: "branch".into(), set: "others".into(), expires_days: Some(5), nats_url: None };
+    env.init_remote_as(&fresh).await;
+    env.stop_main().await;
+
+    let port = crmsync::natsd::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let data = env.main_config().data_dir;
+    let args = ["main", "serve", "--nats", &env.nats.url(), "--listen", &listen, "--data"];
+    let mut main = crate::harness::crmsync_process_with(&args, &data, &[("CRMSYNC_CLOCK_SHIFT", "3d")]);
+    let api = crate::harness::Api::new(format!("http://{listen}"));
+    wait_for_status(&api, |s| s["role"] == "main").await;
+    wait_for("the main expires laptop", Duration::from_secs(20), || async {
+        api.get("/v1/remotes/laptop").await.1["state"] == "expired"
+    })
+    .await;
+    let (code, out, err) = cli(&api, &["remote", "list"]).await;
+    assert_eq!(code, 0, "{err}");
+    let line = |name: &str| out.lines().find(|l| l.starts_with(name)).unwrap_or_default().to_owned();
+    assert!(line("laptop").contains("expired"), "{out}");
+    assert!(line("branch").contains("active"), "a remote with days left stays: {out}");
+    crate::harness::stop(&mut main, crate::harness::Stop::Term).await;
 }

@@ -461,7 +461,12 @@ impl Nats {
 
     /// Edits of one remote waiting in `CRM_UP` (its session reports are not counted).
     pub async fn uploads_waiting_from(&self, remote: &str) -> Result<u64, TransportError> {
-        Ok(self.count_up(&wire::up_filter(remote)).await? - self.count_up(&wire::session_subject(remote)).await?)
+        Ok(self.count_up(&wire::up_filter(remote)).await?.saturating_sub(self.reports_waiting_from(remote).await?))
+    }
+
+    /// Session reports of one remote waiting in `CRM_UP`.
+    pub async fn reports_waiting_from(&self, remote: &str) -> Result<u64, TransportError> {
+        self.count_up(&wire::session_subject(remote)).await
     }
 
     /// Edits waiting in `CRM_UP` for the merger (session reports are not counted).

@@ -95,8 +95,20 @@ impl Main {
         if let Some(e) = failed {
             return Err(e);
         }
+        if due.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Reports waiting in CRM_UP are syncs the main has not taken in yet (it is not
+        // accepting syncs, or has just started): nobody expires for want of them.
+        if !self.inner.nats.accepting_uploads().await? {
+            tracing::info!("not expiring remotes while synchronizations are not accepted");
+            return Ok(Vec::new());
+        }
         let mut expired = Vec::new();
         for (name, on_ms) in due {
+            if self.inner.nats.reports_waiting_from(&name).await? > 0 {
+                continue;
+            }
             self.expire(&name, on_ms).await?;
             expired.push(name);
         }

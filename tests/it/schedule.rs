@@ -304,3 +304,38 @@ async fn a_main_whose_clock_runs_past_a_remotes_expiry_expires_it_at_start() {
     assert!(line("branch").contains("active"), "a remote with days left stays: {out}");
     crate::harness::stop(&mut main, crate::harness::Stop::Term).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_remote_expires_for_want_of_reports_the_main_has_not_taken_in() {
+    let mut env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let request =
+        RemoteRequest { name: "laptop".into(), set: "everyone".into(), expires_days: Some(2), nats_url: None };
+    let dir = env.init_remote_as(&request).await;
+    env.main().accept_syncs(false).await.unwrap();
+    // The remote syncs: its session report waits in CRM_UP.
+    let remote = env.start_remote(&dir).await;
+    wait_for_status(&remote.api, |s| s["sessions"][0].is_object() && s["sync"]["reports_waiting"] == 0).await;
+
+    // The main's clock moves three days on while it does not accept syncs: nobody expires.
+    env.stop_main().await;
+    let shifted = WallClock::shifted(3 * 86_400_000);
+    let config = crmsync::main_service::MainConfig {
+        clock: shifted.clone(),
+        expiry_check: Duration::from_millis(200),
+        ..env.main_config()
+    };
+    env.restart_main_with(config).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(env.api.get("/v1/remotes/laptop").await.1["state"], "active");
+
+    // Accepting again, the main takes the report in: the remote synced, as of now.
+    let before = shifted.now_ms();
+    env.main().accept_syncs(true).await.unwrap();
+    wait_for("the main takes the report in", Duration::from_secs(20), || async {
+        env.api.get("/v1/remotes/laptop").await.1["last_sync_ms"].as_u64().is_some_and(|ms| ms >= before)
+    })
+    .await;
+    assert_eq!(env.api.get("/v1/remotes/laptop").await.1["state"], "active");
+    remote.stop().await;
+}

@@ -522,7 +522,8 @@ impl Main {
         }
         let consumer = consumer_name(&req.name);
         self.inner.nats.create_remote_consumer(&consumer, wire::remote_filters(&req.set, &req.name)).await?;
-        let created_ms = crate::hlc::wall_ms();
+        // By the lifecycle clock, which its expiry is counted by.
+        let created_ms = self.inner.config.clock.now_ms();
         let stamp = self.inner.clock.now();
         let fields: Fields = [
             ("set", Value::Str(req.set.clone())),

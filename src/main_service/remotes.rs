@@ -79,7 +79,7 @@ impl Main {
         // A new generation: its own creation time (never the old one's, even within a
         // millisecond), and a consumer named after it.
         let old_ms = model::int(&record.fields, "created_ms").unwrap_or(0) as u64;
-        let created_ms = crate::hlc::wall_ms().max(old_ms + 1);
+        let created_ms = self.inner.config.clock.now_ms().max(old_ms + 1);
         let consumer = recreated_consumer_name(name, created_ms);
         self.inner.nats.create_remote_consumer(&consumer, crate::wire::remote_filters(&set, name)).await?;
         self.inner.nats.delete_remote_consumer(&old).await?;

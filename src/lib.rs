@@ -18,6 +18,7 @@
 pub mod error;
 pub mod files;
 pub mod http;
+pub mod identity;
 pub mod main_service;
 pub mod natsd;
 pub mod remote_service;
@@ -71,6 +72,7 @@ mod layers {
     fn each_outside_crate_is_named_by_its_adapter_alone() {
         // The benchmark's raw baselines must bypass crmsync, so they use NATS and redb bare.
         assert_eq!(naming("async_nats"), ["src/bench/raw.rs", "src/transport.rs"]);
+        assert_eq!(naming("nkeys"), ["src/identity.rs"]);
         let redb = naming("redb::");
         assert!(redb.iter().any(|f| f.starts_with("src/store/")), "the store is read: {redb:?}");
         assert!(redb.iter().all(|f| f.starts_with("src/store/") || f == "src/bench/raw.rs"), "{redb:?}");

@@ -58,12 +58,15 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(4222)
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NatsdOptions {
     /// 0 picks a free port.
     pub port: u16,
     /// JetStream store directory; its parent also receives `nats-server.log`.
     pub store_dir: PathBuf,
+    /// Configuration for authentication (`crate::identity::Authority::server_config`): every
+    /// client must then log in. `None`: anyone on the loopback interface may connect.
+    pub auth: Option<String>,
 }
 
 /// A nats-server child process, stopped when dropped.
@@ -72,6 +75,7 @@ pub struct NatsServer {
     pub port: u16,
     pub store_dir: PathBuf,
     pub log: PathBuf,
+    auth: Option<String>,
 }
 
 impl NatsServer {
@@ -83,9 +87,20 @@ impl NatsServer {
         let log = opts
             .store_dir
             .with_file_name(format!("{}.log", opts.store_dir.file_name().and_then(|n| n.to_str()).unwrap_or("nats")));
+        // One configuration file beside the store: the listen address, JetStream and, if asked
+        // for, authentication.
+        let config = opts.store_dir.with_extension("conf");
+        let quote = |p: &Path| serde_json::to_string(&p.display().to_string()).unwrap_or_default();
+        let text = format!(
+            "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {} }}\n{}",
+            quote(&opts.store_dir),
+            opts.auth.as_deref().unwrap_or_default()
+        );
+        crate::files::write_private(&config, text.as_bytes())
+            .map_err(|source| NatsdError::Io { path: config.clone(), source })?;
         let child = Command::new(&binary)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(&opts.store_dir)
+            .arg("-c")
+            .arg(&config)
             .arg("-l")
             .arg(&log)
             .stdin(Stdio::null())
@@ -93,7 +108,8 @@ impl NatsServer {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|source| NatsdError::Spawn { binary: binary.clone(), source })?;
-        let mut server = NatsServer { child: Some(child), port, store_dir: opts.store_dir.clone(), log };
+        let mut server =
+            NatsServer { child: Some(child), port, store_dir: opts.store_dir.clone(), log, auth: opts.auth.clone() };
         server.wait_ready(Duration::from_secs(15))?;
         Ok(server)
     }
@@ -168,7 +184,11 @@ impl NatsServer {
     /// Starts the server again on the same port and store, after [`NatsServer::stop`].
     pub fn restart(&mut self) -> Result<(), NatsdError> {
         self.stop();
-        let again = NatsServer::start(&NatsdOptions { port: self.port, store_dir: self.store_dir.clone() })?;
+        let again = NatsServer::start(&NatsdOptions {
+            port: self.port,
+            store_dir: self.store_dir.clone(),
+            auth: self.auth.clone(),
+        })?;
         *self = again;
         Ok(())
     }

@@ -23,7 +23,7 @@ pub const ACK_WAIT: Duration = Duration::from_secs(10);
 pub const PUBLISH_WINDOW: usize = 1024;
 const DATABASE_ID_KEY: &str = "crmsync.database_id";
 /// The durable consumer of the main's merger on `CRM_UP`.
-pub const MERGER: &str = "merger";
+pub use crate::wire::MERGER;
 /// How long a write waits for JetStream to confirm it before answering that it may or may not
 /// have been committed.
 pub const PUBLISH_ACK_WAIT: Duration = Duration::from_secs(2);
@@ -82,6 +82,15 @@ impl TransportError {
     }
 }
 
+/// Who a connection logs in as: nobody (a server without authentication), or a user's
+/// credentials (a `.creds` text, see [`crate::identity`]) and, for a remote, the inbox prefix
+/// its permissions allow it to receive replies on.
+#[derive(Clone, Debug, Default)]
+pub struct Login {
+    pub creds: Option<String>,
+    pub inbox_prefix: Option<String>,
+}
+
 /// A connection and its JetStream context.
 #[derive(Clone)]
 pub struct Nats {
@@ -94,6 +103,9 @@ pub struct Nats {
     /// When the connection was lost (or, for a client that started without one, when it
     /// started), in milliseconds since the epoch; 0 while connected.
     offline_since: Arc<AtomicU64>,
+    /// What the server last said was wrong (credentials refused, a permission violation),
+    /// until the next connection.
+    server_error: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Nats {
@@ -101,18 +113,25 @@ impl Nats {
     /// that the client reconnects by itself for as long as the process runs. For a service
     /// that cannot do anything without NATS (the main owns the streams).
     pub async fn connect(url: &str, name: &str) -> Result<Nats, TransportError> {
-        Nats::open(url, name, false).await
+        Nats::open(url, name, &Login::default(), false).await
+    }
+
+    /// [`Nats::connect`] with credentials.
+    pub async fn connect_as(url: &str, name: &str, login: &Login) -> Result<Nats, TransportError> {
+        Nats::open(url, name, login, false).await
     }
 
     /// Returns at once, connecting in the background and reconnecting for as long as the
     /// process runs: for a service that works without NATS (a remote). Only an address that
     /// does not parse is an error; [`Nats::connected`] waits for the connection.
-    pub async fn connect_in_background(url: &str, name: &str) -> Result<Nats, TransportError> {
-        Nats::open(url, name, true).await
+    pub async fn connect_in_background(url: &str, name: &str, login: &Login) -> Result<Nats, TransportError> {
+        Nats::open(url, name, login, true).await
     }
 
-    async fn open(url: &str, name: &str, in_background: bool) -> Result<Nats, TransportError> {
+    async fn open(url: &str, name: &str, login: &Login, in_background: bool) -> Result<Nats, TransportError> {
         let (tx, connections) = tokio::sync::watch::channel(0u64);
+        let server_error = Arc::new(std::sync::Mutex::new(None));
+        let said = server_error.clone();
         // Offline until the first connection, if that is not waited for.
         let offline_since = Arc::new(AtomicU64::new(if in_background { crate::hlc::wall_ms() } else { 0 }));
         let offline = offline_since.clone();
@@ -125,10 +144,15 @@ impl Nats {
             // refused.
             .reconnect_delay_callback(reconnect_delay)
             .event_callback(move |event| {
-                let (tx, offline) = (tx.clone(), offline.clone());
+                let (tx, offline, said) = (tx.clone(), offline.clone(), said.clone());
                 async move {
                     match event {
+                        async_nats::Event::ServerError(e) => {
+                            tracing::warn!("NATS refused: {e}");
+                            *said.lock().unwrap() = Some(e.to_string());
+                        }
                         async_nats::Event::Connected => {
+                            *said.lock().unwrap() = None;
                             offline.store(0, Ordering::SeqCst);
                             tx.send_modify(|n| *n += 1);
                             tracing::info!("connected to NATS");
@@ -145,10 +169,38 @@ impl Nats {
         if in_background {
             options = options.retry_on_initial_connect();
         }
+        if let Some(creds) = &login.creds {
+            options = options.credentials(creds).map_err(|e| {
+                TransportError::request(
+                    "reading the NATS credentials",
+                    format!("{e} (the bundle's creds are damaged: re-create the remote)"),
+                )
+            })?;
+        }
+        if let Some(prefix) = &login.inbox_prefix {
+            options = options.custom_inbox_prefix(prefix.as_str());
+        }
         let client =
             options.connect(url).await.map_err(|source| TransportError::Connect { url: url.to_owned(), source })?;
         let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(10)).build(client.clone());
-        Ok(Nats { client, js, connections, url: url.to_owned(), offline_since })
+        Ok(Nats { client, js, connections, url: url.to_owned(), offline_since, server_error })
+    }
+
+    /// What the server last refused (credentials, a permission), while it stands.
+    pub fn server_error(&self) -> Option<String> {
+        self.server_error.lock().unwrap().clone()
+    }
+
+    /// Pushes an account JWT (new revocations) to the running server: needs a connection of
+    /// the system account. The server applies it at once and keeps it.
+    pub async fn push_account_jwt(&self, jwt: &str) -> Result<(), TransportError> {
+        let reply = self
+            .client
+            .request(crate::identity::CLAIMS_UPDATE_SUBJECT, jwt.to_owned().into())
+            .await
+            .map_err(|e| TransportError::request("pushing the account JWT to NATS", e))?;
+        crate::identity::check_claims_update_reply(&reply.payload)
+            .map_err(|e| TransportError::request("pushing the account JWT to NATS", e))
     }
 
     pub fn is_connected(&self) -> bool {

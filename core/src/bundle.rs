@@ -20,6 +20,11 @@ pub struct Bundle {
     pub consumer: String,
     pub expires_days: u32,
     pub created_ms: u64,
+    /// The remote's own NATS credentials (a `.creds` text), when the main issues them: with
+    /// them the server lets it read its own consumer and upload on its own subjects, nothing
+    /// else. A secret: the file is its owner's alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creds: Option<String>,
 }
 
 /// The name of a remote's durable consumer on `CRM_SYNC`, until it is re-created.
@@ -53,6 +58,7 @@ impl Bundle {
             consumer: consumer_of(remote, record),
             expires_days: int("expires_days") as u32,
             created_ms: int("created_ms") as u64,
+            creds: None,
         }
     }
 
@@ -111,6 +117,7 @@ mod tests {
                 consumer: "remote-laptop".into(),
                 expires_days: 30,
                 created_ms: 1_700_000_000_000,
+                creds: None,
             }
         );
         let json = serde_json::to_string(&bundle).unwrap();

@@ -15,6 +15,8 @@ pub const SCHEMA_MAJOR: u32 = 1;
 pub const EVENTS_STREAM: &str = "CRM_EVENTS";
 pub const SYNC_STREAM: &str = "CRM_SYNC";
 pub const UP_STREAM: &str = "CRM_UP";
+/// The main's durable consumer on `CRM_UP`, which merges what remotes upload.
+pub const MERGER: &str = "merger";
 
 /// The origin of changes made through the main's API.
 pub const ORIGIN_MAIN: &str = "main";

@@ -19,7 +19,10 @@ use crate::demo::{DemoSize, generate};
 pub(super) async fn data_set_figures(args: &BenchArgs, contacts: usize, figures: &mut Figures) -> anyhow::Result<()> {
     let scratch = Scratch::new("data")?;
     let store_dir = scratch.0.join("nats");
-    let nats = tokio::task::spawn_blocking(move || NatsServer::start(&NatsdOptions { port: 0, store_dir })).await??;
+    let nats = tokio::task::spawn_blocking(move || {
+        NatsServer::start(&NatsdOptions { port: 0, store_dir, ..Default::default() })
+    })
+    .await??;
     let http = reqwest::Client::builder().pool_max_idle_per_host(args.clients).build()?;
     let main_port = free_port();
     let main_dir = scratch.0.join("main");

@@ -169,5 +169,8 @@ pub(super) async fn wait_backlog_zero(http: &reqwest::Client, base: &str) -> any
 
 pub(super) async fn fresh_nats(scratch: &Scratch) -> anyhow::Result<NatsServer> {
     let store_dir = scratch.0.join("nats");
-    Ok(tokio::task::spawn_blocking(move || NatsServer::start(&NatsdOptions { port: 0, store_dir })).await??)
+    Ok(tokio::task::spawn_blocking(move || {
+        NatsServer::start(&NatsdOptions { port: 0, store_dir, ..Default::default() })
+    })
+    .await??)
 }

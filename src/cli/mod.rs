@@ -53,6 +53,20 @@ pub enum Command {
     Subscription(SubscriptionCommand),
     /// The service's state: database id, role, counts, stream position, backlog.
     Status,
+    /// Set up NATS authentication: make the authority (operator, accounts and their keys) if
+    /// FILE does not exist, and write the server's authentication settings to include in its
+    /// configuration. Give the main `--authority FILE`; it issues each remote's credentials.
+    NatsAuth {
+        /// The authority file (made 0600; it signs every credential: keep it on the main).
+        #[arg(long)]
+        authority: PathBuf,
+        /// Where nats-server keeps account updates (revocations pushed by the main).
+        #[arg(long)]
+        resolver_dir: PathBuf,
+        /// Write the settings here instead of to stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Sync sessions, newest last: at a remote its own, at the main every remote's.
     Sessions {
         /// Only this remote's (at the main).
@@ -116,6 +130,10 @@ pub struct NatsArg {
     /// The NATS server.
     #[arg(long = "nats", env = "CRMSYNC_NATS", default_value = "nats://127.0.0.1:4222")]
     pub url: String,
+    /// The NATS authority file (`crmsync nats-auth`): the main logs in with its own credentials
+    /// and issues each remote's. Without it, NATS must not require authentication.
+    #[arg(long, env = "CRMSYNC_NATS_AUTHORITY")]
+    pub authority: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -374,6 +392,19 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Bench(args) => crate::bench::run(args, cli.json).await,
         Command::Main(cmd) if !matches!(cmd, MainCommand::AcceptSyncs { .. }) => services::main(cmd).await,
         Command::Remote(RemoteCommand::Init { bundle, data }) => services::remote_init(&bundle, &data, cli.json),
+        Command::NatsAuth { authority, resolver_dir, out } => {
+            services::nats_auth(&authority, &resolver_dir).and_then(|settings| match out {
+                Some(file) => {
+                    crmsync::files::write_private(&file, settings.as_bytes())?;
+                    println!("wrote {}: include it in nats-server's configuration", file.display());
+                    Ok(())
+                }
+                None => {
+                    print!("{settings}");
+                    Ok(())
+                }
+            })
+        }
         Command::Remote(RemoteCommand::Serve { data, listen, nats, batch, sync }) => {
             let mode = crmsync::remote_service::Mode::of(sync);
             services::remote_serve(RemoteConfig { nats_url: nats, batch, mode, ..RemoteConfig::new(data) }, listen)

@@ -55,7 +55,8 @@ pub async fn main(cmd: MainCommand) -> anyhow::Result<()> {
         MainCommand::Serve { nats, data, listen } => {
             let listener = bind(listen).await?;
             let clock = WallClock::from_env()?;
-            let main = Main::start(MainConfig { clock, ..MainConfig::new(nats.url, data) }).await?;
+            let main =
+                Main::start(MainConfig { clock, authority: nats.authority, ..MainConfig::new(nats.url, data) }).await?;
             tracing::info!("main of database {} serving on http://{listen}", main.database_id());
             http::serve(listener, http::main_api(main.clone()), shutdown_signal()).await?;
             main.stop().await;
@@ -64,7 +65,8 @@ pub async fn main(cmd: MainCommand) -> anyhow::Result<()> {
         MainCommand::Rebuild { nats, data } => {
             let bar = progress_bar(0);
             let started = std::time::Instant::now();
-            let events = crmsync::main_service::rebuild(&MainConfig::new(nats.url, data), |done, total| {
+            let config = MainConfig { authority: nats.authority, ..MainConfig::new(nats.url, data) };
+            let events = crmsync::main_service::rebuild(&config, |done, total| {
                 bar.set_length(total);
                 bar.set_position(done);
             })
@@ -164,6 +166,23 @@ pub async fn remote_rebuild(data: PathBuf, nats: Option<String>, as_json: bool) 
 }
 
 const DEMO_REMOTES: [&str; 2] = ["laptop", "branch"];
+/// The NATS authority of `crmsync up`, in its data directory.
+const AUTHORITY_FILE: &str = "nats-authority.json";
+
+/// The NATS server's authentication settings from the authority file, made (0600) if it does
+/// not exist yet; the server keeps account updates in `resolver_dir`.
+pub fn nats_auth(authority: &Path, resolver_dir: &Path) -> anyhow::Result<String> {
+    if !authority.exists() {
+        if let Some(dir) = authority.parent().filter(|d| !d.as_os_str().is_empty()) {
+            crmsync::files::private_dir(dir)?;
+        }
+        crmsync::identity::Authority::generate().save(authority)?;
+        eprintln!("created the NATS authority {} (keep it secret: it signs every credential)", authority.display());
+    }
+    let authority = crmsync::identity::Authority::load(authority)?;
+    crmsync::files::private_dir(resolver_dir)?;
+    Ok(authority.server_config(resolver_dir))
+}
 const DEMO_SET: &str = "all";
 
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
@@ -176,12 +195,16 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     for addr in &args.remote_listen {
         remote_listeners.push(bind(*addr).await?);
     }
+    // Secure by default: the server requires credentials, the main issues each remote's.
+    let authority = args.data.join(AUTHORITY_FILE);
+    let auth = nats_auth(&authority, &args.data.join("nats-resolver"))?;
     let store_dir = args.data.join("nats");
-    let nats =
-        tokio::task::spawn_blocking(move || NatsServer::start(&NatsdOptions { port: args.nats_port, store_dir }))
-            .await??;
+    let opts = NatsdOptions { port: args.nats_port, store_dir, auth: Some(auth) };
+    let nats = tokio::task::spawn_blocking(move || NatsServer::start(&opts)).await??;
     let clock = WallClock::from_env()?;
-    let main = Main::start(MainConfig { clock, ..MainConfig::new(nats.url(), args.data.join("main")) }).await?;
+    let config =
+        MainConfig { clock, authority: Some(authority), ..MainConfig::new(nats.url(), args.data.join("main")) };
+    let main = Main::start(config).await?;
     let (stop_main_api, main_api) = spawn_api(main_listener, http::main_api(main.clone()));
 
     if main.store().get(Kind::Set, DEMO_SET)?.is_none() {

@@ -6,6 +6,7 @@
 //! write returns once the projector has applied it (read-your-writes). Nothing writes the
 //! projection except the projector, so the projection is always a prefix of the stream.
 
+mod credentials;
 mod lifecycle;
 mod merger;
 mod projector;
@@ -58,11 +59,25 @@ pub struct MainConfig {
     pub clock: WallClock,
     /// How often the main looks for remotes that expired.
     pub expiry_check: Duration,
+    /// The NATS authority file (`crmsync nats-auth`): the main connects with credentials of
+    /// its own and issues each remote's. `None`: a server without authentication.
+    pub authority: Option<PathBuf>,
 }
 
 impl MainConfig {
+    /// How the main's own connections log in: with credentials of the authority, if any.
+    fn login(&self) -> anyhow::Result<crate::transport::Login> {
+        Ok(match &self.authority {
+            Some(path) => crate::transport::Login {
+                creds: Some(crate::identity::Authority::load(path)?.main_creds()),
+                inbox_prefix: None,
+            },
+            None => crate::transport::Login::default(),
+        })
+    }
+
     pub fn new(nats_url: String, data_dir: PathBuf) -> MainConfig {
-        MainConfig { nats_url, data_dir, clock: WallClock::system(), expiry_check: EXPIRY_CHECK }
+        MainConfig { nats_url, data_dir, clock: WallClock::system(), expiry_check: EXPIRY_CHECK, authority: None }
     }
 }
 
@@ -91,6 +106,8 @@ struct Inner {
     /// Changes when a halted remote is resumed, so the merger merges the uploads it kept.
     resumed: watch::Sender<u64>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Each remote's NATS credentials, when this main issues them.
+    credentials: Option<credentials::Credentials>,
 }
 
 impl Main {
@@ -112,7 +129,14 @@ impl Main {
             }
             other => other?,
         };
-        let nats = Nats::connect(&config.nats_url, "crmsync-main").await?;
+        let (credentials, login) = match &config.authority {
+            Some(path) => {
+                let (credentials, login) = credentials::Credentials::open(path.clone(), &config.nats_url).await?;
+                (Some(credentials), login)
+            }
+            None => (None, crate::transport::Login::default()),
+        };
+        let nats = Nats::connect_as(&config.nats_url, "crmsync-main", &login).await?;
         let stored_id = store.meta_str(DATABASE_ID)?;
         let candidate = stored_id.clone().unwrap_or_else(names::new_id);
         let database_id = nats.ensure_streams(&candidate).await?;
@@ -144,6 +168,7 @@ impl Main {
             shutdown,
             resumed: watch::channel(0).0,
             tasks: Mutex::new(Vec::new()),
+            credentials,
         });
         let projector =
             Projector { store: store.clone(), nats: nats.clone(), database_id, applied_tx, notify: notify.clone() };
@@ -525,7 +550,8 @@ impl Main {
         // By the lifecycle clock, which its expiry is counted by.
         let created_ms = self.inner.config.clock.now_ms();
         let stamp = self.inner.clock.now();
-        let fields: Fields = [
+        let creds = self.issue_creds(&req.name, &consumer, &req.set)?;
+        let mut fields: Fields = [
             ("set", Value::Str(req.set.clone())),
             ("expires_days", Value::Int(expires_days.into())),
             ("created_ms", Value::Int(created_ms as i64)),
@@ -534,6 +560,9 @@ impl Main {
         .into_iter()
         .map(|(k, value)| (k.to_owned(), Field { value, stamp }))
         .collect();
+        if let Some((_, user)) = &creds {
+            fields.insert(credentials::NATS_USER.into(), Field { value: Value::Str(user.clone()), stamp });
+        }
         let name = req.name.clone();
         self.commit(Kind::Remote, &name, |current| {
             if current.is_some() {
@@ -543,7 +572,8 @@ impl Main {
         })
         .await?;
         let nats_url = req.nats_url.clone().unwrap_or_else(|| self.inner.config.nats_url.clone());
-        Ok(Bundle::of_remote(&self.inner.database_id, &req.name, &fields, nats_url))
+        let bundle = Bundle::of_remote(&self.inner.database_id, &req.name, &fields, nats_url);
+        Ok(Bundle { creds: creds.map(|(creds, _)| creds), ..bundle })
     }
 
     /// The bundle of a registered remote, as `create_remote` returned it.
@@ -745,16 +775,18 @@ async fn recover(config: &MainConfig, reason: &str) -> anyhow::Result<()> {
     };
     let database_id = match salvage.meta_str.get(DATABASE_ID) {
         Some(id) => id.clone(),
-        None => {
-            Nats::connect(&config.nats_url, "crmsync-main-recovery").await?.database_id().await?.ok_or_else(|| {
+        None => Nats::connect_as(&config.nats_url, "crmsync-main-recovery", &config.login()?)
+            .await?
+            .database_id()
+            .await?
+            .ok_or_else(|| {
                 anyhow::anyhow!(
                     "{} is damaged and the NATS server at {} holds no CRM_EVENTS to rebuild it from; point --nats at \
                  the server of this database",
                     path.display(),
                     config.nats_url
                 )
-            })?
-        }
+            })?,
     };
     let store = Store::open(&path)?;
     store.write(true, |t| {
@@ -781,7 +813,7 @@ async fn recover(config: &MainConfig, reason: &str) -> anyhow::Result<()> {
 /// events replayed.
 pub async fn rebuild(config: &MainConfig, progress: impl Fn(u64, u64)) -> anyhow::Result<u64> {
     let store = Store::open_any_format(&config.data_dir.join("main.redb"))?;
-    let nats = Nats::connect(&config.nats_url, "crmsync-main-rebuild").await?;
+    let nats = Nats::connect_as(&config.nats_url, "crmsync-main-rebuild", &config.login()?).await?;
     let database_id = store.meta_str(DATABASE_ID)?.ok_or_else(|| {
         anyhow::anyhow!("{} holds no main database; start `crmsync main serve` first", config.data_dir.display())
     })?;

@@ -51,6 +51,9 @@ impl Main {
         let consumer = self.consumer_of(name)?;
         // The consumer first: from here on the remote receives nothing, whatever follows.
         self.inner.nats.delete_remote_consumer(&consumer).await?;
+        if let Some(record) = self.inner.store.get(Kind::Remote, name)? {
+            self.revoke_creds(&record.fields).await?;
+        }
         self.commit(Kind::Remote, name, |current| match current {
             Some(_) => Ok(Decision::Delete),
             None => Err(ServiceError::NotFound { kind: Kind::Remote, id: name.to_owned() }),
@@ -83,6 +86,8 @@ impl Main {
         let consumer = recreated_consumer_name(name, created_ms);
         self.inner.nats.create_remote_consumer(&consumer, crate::wire::remote_filters(&set, name)).await?;
         self.inner.nats.delete_remote_consumer(&old).await?;
+        self.revoke_creds(&record.fields).await?;
+        let creds = self.issue_creds(name, &consumer, &set)?;
         let stamp = self.inner.clock.now();
         self.commit(Kind::Remote, name, |current| {
             let current = current.ok_or_else(|| ServiceError::NotFound { kind: Kind::Remote, id: name.to_owned() })?;
@@ -92,13 +97,17 @@ impl Main {
                 ("consumer".to_owned(), Value::Str(consumer.clone())),
                 ("enabled".to_owned(), Value::Bool(true)),
                 ("expired_ms".to_owned(), Value::Null),
+                (
+                    super::credentials::NATS_USER.to_owned(),
+                    creds.as_ref().map_or(Value::Null, |(_, u)| Value::Str(u.clone())),
+                ),
             ];
             crate::merge::apply_patch(&mut fields, &patch, stamp);
             Ok(Decision::Upsert(fields))
         })
         .await?;
         tracing::info!(remote = name, consumer, "re-created");
-        self.bundle(name)
+        Ok(Bundle { creds: creds.map(|(creds, _)| creds), ..self.bundle(name)? })
     }
 
     /// The consumer of a remote, as its record names it.

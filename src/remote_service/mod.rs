@@ -222,7 +222,11 @@ impl Remote {
         let nats_url = config.nats_url.clone().unwrap_or_else(|| bundle.nats_url.clone());
         // A remote works without NATS: it serves its copy and takes edits at once, and syncs
         // whenever NATS is reachable.
-        let nats = Nats::connect_in_background(&nats_url, &format!("crmsync-remote-{}", bundle.remote)).await?;
+        let login = crate::transport::Login {
+            inbox_prefix: bundle.creds.as_ref().map(|_| crate::identity::inbox_prefix(&bundle.remote)).transpose()?,
+            creds: bundle.creds.clone(),
+        };
+        let nats = Nats::connect_in_background(&nats_url, &format!("crmsync-remote-{}", bundle.remote), &login).await?;
         let (rebuild_tx, rebuild_rx) = mpsc::channel(4);
         let (edits, edit_rx) = mpsc::unbounded_channel();
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -350,6 +354,9 @@ impl Remote {
                 "url": self.inner.nats_url,
                 "connected": nats.is_connected(),
                 "offline_since_ms": nats.offline_since_ms(),
+                // What the server refused, in its words (credentials revoked: the remote was
+                // deleted or re-created at the main).
+                "error": nats.server_error(),
             },
             "counts": crate::model::counts_json(&counts),
             "applied": store.meta(APPLIED)?,

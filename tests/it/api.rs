@@ -161,6 +161,13 @@ async fn crmsync_up_runs_everything_on_one_machine_and_resumes_from_its_data() {
         apis[0].get("/v1/contacts/contact-7").await.1["city"] == "Ithaca"
     })
     .await;
+    // Secure by default: NATS refuses a client without credentials, and the authority is the
+    // owner's alone.
+    let anonymous = crmsync::transport::Nats::connect(&format!("nats://127.0.0.1:{nats}"), "anonymous").await;
+    assert!(anonymous.is_err(), "an anonymous client connected");
+    let authority = data.join("nats-authority.json");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&authority).unwrap().permissions().mode() & 0o777, 0o600);
     stop(&mut up, Stop::Term).await;
 
     // Started again on the same data: nothing seeded twice, nothing lost.

@@ -20,6 +20,8 @@ pub struct Env {
     main: Option<Main>,
     pub api: Api,
     stop_api: Option<tokio::sync::oneshot::Sender<()>>,
+    /// NATS requires credentials ([`Env::start_secure`]).
+    secure: bool,
 }
 
 /// A service's HTTP API, as a client sees it.
@@ -106,19 +108,39 @@ impl RemoteHandle {
 impl Env {
     /// A nats-server on a free port and a main with its API, all under one temporary directory.
     pub async fn start() -> Env {
+        Env::start_with(false).await
+    }
+
+    /// [`Env::start`] with NATS requiring credentials: the main logs in with the authority's
+    /// and issues each remote's (as `crmsync up` runs it).
+    pub async fn start_secure() -> Env {
+        Env::start_with(true).await
+    }
+
+    async fn start_with(secure: bool) -> Env {
         // CRMSYNC_LOG=crmsync=debug shows the services' logs with a failing test's output.
         let filter = tracing_subscriber::EnvFilter::try_from_env("CRMSYNC_LOG")
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("crmsync=warn"));
         let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
         let dir = tempfile::tempdir().unwrap();
         let store_dir = dir.path().join("nats");
-        let nats = tokio::task::spawn_blocking(move || NatsServer::start(&NatsdOptions { port: 0, store_dir }))
+        let authority = dir.path().join("nats-authority.json");
+        let auth = secure.then(|| {
+            crmsync::identity::Authority::generate().save(&authority).unwrap();
+            let resolver = dir.path().join("nats-resolver");
+            std::fs::create_dir_all(&resolver).unwrap();
+            crmsync::identity::Authority::load(&authority).unwrap().server_config(&resolver)
+        });
+        let nats = tokio::task::spawn_blocking(move || NatsServer::start(&NatsdOptions { port: 0, store_dir, auth }))
             .await
             .unwrap()
             .expect("nats-server starts (run ops/install-nats-server)");
-        let main = Main::start(MainConfig::new(nats.url(), dir.path().join("main"))).await.unwrap();
+        let authority = secure.then_some(authority);
+        let main = Main::start(MainConfig { authority, ..MainConfig::new(nats.url(), dir.path().join("main")) })
+            .await
+            .unwrap();
         let (base, stop_api) = serve(crmsync::http::main_api(main.clone())).await;
-        Env { dir, nats, main: Some(main), api: Api::new(base), stop_api: Some(stop_api) }
+        Env { dir, nats, main: Some(main), api: Api::new(base), stop_api: Some(stop_api), secure }
     }
 
     pub fn main(&self) -> &Main {
@@ -126,7 +148,8 @@ impl Env {
     }
 
     pub fn main_config(&self) -> MainConfig {
-        MainConfig::new(self.nats.url(), self.dir.path().join("main"))
+        let authority = self.secure.then(|| self.dir.path().join("nats-authority.json"));
+        MainConfig { authority, ..MainConfig::new(self.nats.url(), self.dir.path().join("main")) }
     }
 
     /// Stops the main (API, projector, outbox publisher) so its redb file is free.
@@ -270,7 +293,11 @@ pub async fn seed_contacts(main: &Main, n: usize, prefix: &str) {
 impl Env {
     /// A separate NATS connection, for looking at the streams as an operator would.
     pub async fn main_nats(&self) -> crmsync::transport::Nats {
-        crmsync::transport::Nats::connect(&self.nats.url(), "test").await.unwrap()
+        let creds = self.secure.then(|| {
+            crmsync::identity::Authority::load(&self.dir.path().join("nats-authority.json")).unwrap().main_creds()
+        });
+        let login = crmsync::transport::Login { creds, inbox_prefix: None };
+        crmsync::transport::Nats::connect_as(&self.nats.url(), "test", &login).await.unwrap()
     }
 }
 

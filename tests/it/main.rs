@@ -14,5 +14,6 @@ mod pipeline;
 mod rebuild;
 mod resilience;
 mod schedule;
+mod security;
 mod sets;
 mod wire;

@@ -1,0 +1,97 @@
+//! Each remote's own NATS credentials, issued and revoked by the main.
+//!
+//! When the main is given the authority file (`--authority`, made by `crmsync nats-auth`), it
+//! connects with credentials of its own, signs one user JWT per remote into the remote's
+//! bundle, and keeps the public key of that user in the remote's record (`nats_user`). Deleting
+//! or re-creating a remote revokes its user: the account JWT is re-issued with the key in its
+//! revocations and pushed to the server through the system account, which closes the remote's
+//! connections at once and refuses its credentials from then on, without a restart. An expired
+//! remote keeps its credentials, so it can read from its consumer why it stopped; its consumer
+//! is paused and its uploads are refused.
+//! Without an authority (a server without authentication) no credentials are issued.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use super::Main;
+use crate::error::ServiceError;
+use crate::identity::Authority;
+use crate::model::{self, Fields};
+use crate::transport::{Login, Nats};
+
+/// The main's authority over NATS identities, and its system-account connection.
+pub(super) struct Credentials {
+    authority: Mutex<Authority>,
+    path: PathBuf,
+    system: Nats,
+}
+
+impl Credentials {
+    /// Reads the authority file and connects to the system account; pushes the account JWT
+    /// with every revocation made so far (a server set up from an older configuration learns
+    /// them).
+    pub(super) async fn open(path: PathBuf, url: &str) -> anyhow::Result<(Credentials, Login)> {
+        let authority = Authority::load(&path).map_err(|e| {
+            anyhow::anyhow!("cannot read the NATS authority: {e}; make it with `crmsync nats-auth --authority FILE`")
+        })?;
+        let system = Login { creds: Some(authority.system_creds()), inbox_prefix: None };
+        let system = Nats::connect_as(url, "crmsync-main-system", &system).await?;
+        system.push_account_jwt(&authority.account_jwt()).await?;
+        let login = Login { creds: Some(authority.main_creds()), inbox_prefix: None };
+        Ok((Credentials { authority: Mutex::new(authority), path, system }, login))
+    }
+
+    /// New credentials for a remote: the `.creds` text and its user's public key.
+    fn issue(&self, remote: &str, consumer: &str, set: &str) -> Result<(String, String), ServiceError> {
+        let issued = self
+            .authority
+            .lock()
+            .unwrap()
+            .remote_creds(remote, consumer, set)
+            .map_err(|e| ServiceError::Invalid(e.to_string()))?;
+        Ok((issued.creds, issued.user_public_key))
+    }
+
+    /// Revokes users: saved first (every later account JWT carries the revocation), then pushed.
+    async fn revoke(&self, users: &[String]) -> Result<(), ServiceError> {
+        let jwt = {
+            let mut authority = self.authority.lock().unwrap();
+            let jwt = authority.account_jwt_with_revocations(users);
+            authority
+                .save(&self.path)
+                .map_err(|e| ServiceError::Internal(format!("saving the NATS authority: {e}")))?;
+            jwt
+        };
+        self.system.push_account_jwt(&jwt).await?;
+        tracing::info!(users = users.len(), "revoked NATS credentials");
+        Ok(())
+    }
+}
+
+impl Main {
+    /// Credentials for a remote, if this main issues them: the `.creds` text, and the field
+    /// naming its user for the remote's record.
+    pub(super) fn issue_creds(
+        &self,
+        remote: &str,
+        consumer: &str,
+        set: &str,
+    ) -> Result<Option<(String, String)>, ServiceError> {
+        match &self.inner.credentials {
+            Some(credentials) => Ok(Some(credentials.issue(remote, consumer, set)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Revokes the NATS user a remote's record names, if any: its connections close, its
+    /// credentials are refused.
+    pub(super) async fn revoke_creds(&self, record: &Fields) -> Result<(), ServiceError> {
+        match (&self.inner.credentials, model::text(record, NATS_USER)) {
+            (Some(credentials), Some(user)) => credentials.revoke(&[user.to_owned()]).await,
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The field of a remote's record that names its NATS user (a public key).
+pub(super) const NATS_USER: &str = "nats_user";

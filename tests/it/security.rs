@@ -1,0 +1,246 @@
+//! Each remote's own NATS identity, enforced by the server: with a remote's credentials a raw
+//! client can read its own consumer and upload on its own subjects, and nothing else; a remote
+//! deleted or re-created at the main is cut off within seconds, the server not restarted.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crmsync::main_service::RemoteRequest;
+use crmsync::model::Kind;
+use crmsync::transport::{Login, Nats};
+use serde_json::json;
+
+use crate::harness::{Env, seed_contacts, wait_converged, wait_for, wait_for_status};
+
+/// A raw client logged in with a remote's credentials, and what the server refused it.
+struct Raw {
+    client: async_nats::Client,
+    refused: Arc<Mutex<Vec<String>>>,
+}
+
+impl Raw {
+    async fn of(env: &Env, dir: &std::path::Path) -> Raw {
+        let bundle = crmsync::remote_service::read_bundle(dir).unwrap();
+        let refused = Arc::new(Mutex::new(Vec::new()));
+        let said = refused.clone();
+        let client = async_nats::ConnectOptions::with_credentials(bundle.creds.as_deref().unwrap())
+            .unwrap()
+            .custom_inbox_prefix(crmsync::identity::inbox_prefix(&bundle.remote).unwrap())
+            .request_timeout(Some(Duration::from_millis(700)))
+            .event_callback(move |event| {
+                let said = said.clone();
+                async move {
+                    if let async_nats::Event::ServerError(e) = event {
+                        said.lock().unwrap().push(e.to_string());
+                    }
+                }
+            })
+            .connect(env.nats.url())
+            .await
+            .unwrap();
+        Raw { client, refused }
+    }
+
+    /// Waits for the server to refuse something on `subject`.
+    async fn refused_on(&self, subject: &str) {
+        let start = Instant::now();
+        loop {
+            if self.refused.lock().unwrap().iter().any(|e| e.contains("Permissions Violation") && e.contains(subject)) {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "no refusal on {subject}: {:?}",
+                self.refused.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A JetStream API request the server must refuse: no answer comes, and it says why.
+    async fn request_refused(&self, subject: &str, body: &str) {
+        let answer = self.client.request(subject.to_owned(), body.to_owned().into()).await;
+        assert!(answer.is_err(), "{subject} was answered: {:?}", answer.map(|m| m.payload));
+        self.refused_on(subject).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_syncs_with_its_own_credentials_and_the_server_refuses_it_everything_else() {
+    let env = Env::start_secure().await;
+    env.create_all_set("everyone").await;
+    env.create_all_set("others").await;
+    let laptop = env.remote("laptop", "everyone").await;
+    let branch_dir = env.init_remote("branch", "others").await;
+    seed_contacts(env.main(), 5, "c").await;
+    // What it may do, it does: pull, acknowledge, upload, report its sessions.
+    wait_converged(env.main(), laptop.remote.store()).await;
+    let (status, body) = laptop.api.patch("/v1/contacts/c1", &json!({ "city": "Ithaca" })).await;
+    assert_eq!(status, 200, "{body}");
+    wait_for("the edit is merged", Duration::from_secs(20), || async {
+        env.api.get("/v1/contacts/c1").await.1["city"] == "Ithaca"
+    })
+    .await;
+    wait_for("the session reaches the main", Duration::from_secs(20), || async {
+        !env.main().sessions(Some("laptop"), 1).unwrap().is_empty()
+    })
+    .await;
+
+    let nats = env.main_nats().await;
+    let events_before = nats.last_sequence(crmsync::wire::EVENTS_STREAM).await.unwrap();
+    let raw = Raw::of(&env, &laptop.data_dir).await;
+    // Reading beyond its own consumer.
+    for subject in ["crm.sync.>", "crm.sync.others.>", "crm.sync.everyone.>", "_INBOX.>", "crm.up.>", ">"] {
+        let _sub = raw.client.subscribe(subject.to_owned()).await.unwrap();
+        raw.refused_on(subject).await;
+    }
+    let branch = crmsync::remote_service::read_bundle(&branch_dir).unwrap().consumer;
+    for (subject, body) in [
+        (format!("$JS.API.CONSUMER.MSG.NEXT.CRM_SYNC.{branch}"), r#"{"batch":1}"#.to_owned()),
+        (format!("$JS.API.CONSUMER.INFO.CRM_SYNC.{branch}"), String::new()),
+        (
+            "$JS.API.CONSUMER.CREATE.CRM_SYNC.mine".to_owned(),
+            r#"{"stream_name":"CRM_SYNC","config":{"name":"mine","filter_subject":"crm.sync.>"}}"#.to_owned(),
+        ),
+        (format!("$JS.API.CONSUMER.DELETE.CRM_SYNC.{branch}"), String::new()),
+        (format!("$JS.API.CONSUMER.PAUSE.CRM_SYNC.{}", laptop.remote.bundle().consumer), "{}".to_owned()),
+        ("$JS.API.STREAM.DELETE.CRM_SYNC".to_owned(), String::new()),
+        ("$JS.API.STREAM.PURGE.CRM_UP".to_owned(), String::new()),
+        ("$JS.API.STREAM.LIST".to_owned(), "{}".to_owned()),
+        ("$JS.API.DIRECT.GET.CRM_SYNC.crm.sync.others.contact.c1".to_owned(), String::new()),
+        ("$JS.API.DIRECT.GET.CRM_SYNC.crm.sync.~branch.contact.c1".to_owned(), String::new()),
+    ] {
+        raw.request_refused(&subject, &body).await;
+    }
+    // Writing where it may not.
+    for subject in ["crm.up.branch.contact.c1", "crm.evt.contact.c1", "crm.sync.everyone.contact.c1"] {
+        raw.client.publish(subject.to_owned(), "forged".into()).await.unwrap();
+        raw.refused_on(subject).await;
+    }
+    // Nothing it tried changed anything.
+    assert_eq!(nats.last_sequence(crmsync::wire::EVENTS_STREAM).await.unwrap(), events_before);
+    assert_eq!(nats.uploads_waiting_from("branch").await.unwrap(), 0);
+    assert!(nats.remote_backlog(&branch).await.is_ok(), "the other remote's consumer is still there");
+    // Its own consumer answers it.
+    let own = format!("$JS.API.CONSUMER.INFO.CRM_SYNC.{}", laptop.remote.bundle().consumer);
+    assert!(raw.client.request(own, "".into()).await.is_ok());
+    laptop.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_deleted_or_recreated_at_the_main_is_cut_off_within_seconds() {
+    let env = Env::start_secure().await;
+    env.create_all_set("everyone").await;
+    let laptop = env.remote("laptop", "everyone").await;
+    let branch = env.remote("branch", "everyone").await;
+    seed_contacts(env.main(), 3, "c").await;
+    wait_converged(env.main(), laptop.remote.store()).await;
+    wait_converged(env.main(), branch.remote.store()).await;
+    let old_laptop = crmsync::remote_service::read_bundle(&laptop.data_dir).unwrap();
+
+    // Re-created: the old copy's connection is closed and its credentials refused.
+    let bundle = env.main().recreate_remote("laptop").await.unwrap();
+    let status = wait_for_status(&laptop.api, |s| s["nats"]["connected"] == false).await;
+    assert!(status["nats"]["error"].as_str().is_some_and(|e| e.to_lowercase().contains("revoked")), "{status}");
+    let login = Login { creds: old_laptop.creds.clone(), inbox_prefix: Some("_INBOX_laptop".into()) };
+    assert!(Nats::connect_as(&env.nats.url(), "old", &login).await.is_err(), "the old credentials still work");
+    // The new bundle syncs.
+    let file = env.dir.path().join("new.bundle.json");
+    std::fs::write(&file, serde_json::to_vec(&bundle).unwrap()).unwrap();
+    let dir = env.dir.path().join("new-laptop");
+    crmsync::remote_service::init(&file, &dir).unwrap();
+    let new = env.start_remote(&dir).await;
+    wait_converged(env.main(), new.remote.store()).await;
+
+    // Deleted: the same, and the other remotes go on.
+    env.main().delete_remote("branch").await.unwrap();
+    wait_for_status(&branch.api, |s| s["nats"]["connected"] == false).await;
+    env.main().create(Kind::Contact, &json!({ "id": "after" })).await.unwrap();
+    wait_converged(env.main(), new.remote.store()).await;
+    assert!(
+        env.main()
+            .create_remote(&RemoteRequest { name: "branch".into(), set: "everyone".into(), ..Default::default() })
+            .await
+            .is_ok()
+    );
+    laptop.stop().await;
+    branch.stop().await;
+    new.stop().await;
+}
+
+/// The deployment the README describes: `crmsync nats-auth` makes the authority and the
+/// server's settings, nats-server runs with them, the main logs in with `--authority`, and a
+/// remote set up from its bundle syncs with the credentials inside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_auth_sets_up_a_server_that_the_main_and_its_remotes_log_in_to() {
+    use crate::harness::{Api, Stop, cli, crmsync_process, stop};
+    let dir = tempfile::tempdir().unwrap();
+    let (authority, settings) = (dir.path().join("main-data/nats-authority.json"), dir.path().join("nats-auth.conf"));
+    let resolver = dir.path().join("resolver");
+    let offline = Api::new("http://127.0.0.1:9".into());
+    let (code, out, err) = cli(
+        &offline,
+        &[
+            "nats-auth",
+            "--authority",
+            authority.to_str().unwrap(),
+            "--resolver-dir",
+            resolver.to_str().unwrap(),
+            "--out",
+            settings.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("nats-auth.conf") && err.contains("created the NATS authority"), "{out} {err}");
+    let auth = std::fs::read_to_string(&settings).unwrap();
+    assert!(auth.contains("operator:") && auth.contains("resolver"), "{auth}");
+    let store_dir = dir.path().join("nats");
+    let nats = tokio::task::spawn_blocking(move || {
+        crmsync::natsd::NatsServer::start(&crmsync::natsd::NatsdOptions { port: 0, store_dir, auth: Some(auth) })
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(Nats::connect(&nats.url(), "anonymous").await.is_err(), "the server takes anonymous clients");
+
+    let port = crmsync::natsd::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let main_data = dir.path().join("main-data");
+    let args = [
+        "main",
+        "serve",
+        "--nats",
+        &nats.url(),
+        "--listen",
+        &listen,
+        "--authority",
+        authority.to_str().unwrap(),
+        "--data",
+    ];
+    let mut main = crmsync_process(&args, &main_data);
+    let api = Api::new(format!("http://{listen}"));
+    wait_for_status(&api, |s| s["role"] == "main").await;
+    let bundle = dir.path().join("laptop.bundle.json");
+    for command in [
+        vec!["set", "create", "everyone", "--all"],
+        vec!["remote", "create", "laptop", "--set", "everyone", "--out", bundle.to_str().unwrap()],
+        vec!["contact", "add", "id=c1", "city=Albany"],
+    ] {
+        let (code, _, err) = cli(&api, &command).await;
+        assert_eq!(code, 0, "{command:?}: {err}");
+    }
+    let text = std::fs::read_to_string(&bundle).unwrap();
+    assert!(text.contains("BEGIN NATS USER JWT"), "the bundle carries the remote's credentials");
+    let laptop = dir.path().join("laptop-data");
+    let (code, _, err) =
+        cli(&api, &["remote", "init", "--bundle", bundle.to_str().unwrap(), "--data", laptop.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    let remote_port = crmsync::natsd::free_port();
+    let mut remote = crate::harness::remote_process(&laptop, remote_port, 100);
+    let remote_api = Api::new(format!("http://127.0.0.1:{remote_port}"));
+    wait_for_status(&remote_api, |s| s["counts"]["contact"] == 1).await;
+    assert_eq!(remote_api.get("/v1/contacts/c1").await.1["city"], "Albany");
+    stop(&mut remote, Stop::Term).await;
+    stop(&mut main, Stop::Term).await;
+}

@@ -494,9 +494,41 @@ pub fn check_claims_update_reply(payload: &[u8]) -> Result<(), IdentityError> {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// API tokens: who a request to a service's HTTP API is made by.
+// ---------------------------------------------------------------------------------------------
+
+/// A new token and the hash a user record keeps of it.
+/// (SHA-256 rather than a password hash: a token is 256 random bits, not a password a person
+/// chose, so no dictionary guesses it, and a slow hash would only slow every request.)
+pub fn new_token() -> (String, String) {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).expect("the operating system gives random bytes");
+    let token = format!("crm_{}", data_encoding::BASE32_NOPAD.encode(&bytes).to_lowercase());
+    let hash = token_hash(&token);
+    (token, hash)
+}
+
+/// The hash a user record keeps of `token` (hex SHA-256).
+pub fn token_hash(token: &str) -> String {
+    data_encoding::HEXLOWER.encode(&Sha256::digest(token.trim().as_bytes()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_are_random_and_kept_as_their_hash() {
+        let (a, hash) = new_token();
+        let (b, _) = new_token();
+        assert_ne!(a, b);
+        assert!(a.starts_with("crm_") && a.len() == 4 + 52, "{a}");
+        assert_eq!(token_hash(&a), hash);
+        assert_eq!(token_hash(&format!("{a}\n")), hash, "a token read from a file keeps working");
+        assert_eq!(hash.len(), 64);
+        assert!(crate::names::check("a token hash", &hash).is_ok(), "it fits the user's `tokens` field");
+    }
 
     #[test]
     fn jwts_round_trip_and_verify() {

@@ -28,7 +28,7 @@ pub mod transport;
 pub mod wall_clock;
 
 pub use crmsync_core::{
-    apply, bundle, date, hlc, lifecycle, merge, model, names, outgoing, query, routing, schedule, schema, wire,
+    access, apply, bundle, date, hlc, lifecycle, merge, model, names, outgoing, query, routing, schedule, schema, wire,
 };
 
 #[cfg(test)]

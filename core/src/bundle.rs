@@ -25,6 +25,10 @@ pub struct Bundle {
     /// else. A secret: the file is its owner's alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creds: Option<String>,
+    /// The users as the main held them when the bundle was made (their roles, teams and token
+    /// hashes), so people can sign in at the remote before its first sync.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<(String, Fields)>,
 }
 
 /// The name of a remote's durable consumer on `CRM_SYNC`, until it is re-created.
@@ -59,6 +63,7 @@ impl Bundle {
             expires_days: int("expires_days") as u32,
             created_ms: int("created_ms") as u64,
             creds: None,
+            users: Vec::new(),
         }
     }
 
@@ -118,6 +123,7 @@ mod tests {
                 expires_days: 30,
                 created_ms: 1_700_000_000_000,
                 creds: None,
+                users: Vec::new(),
             }
         );
         let json = serde_json::to_string(&bundle).unwrap();

@@ -7,6 +7,7 @@
 //! - [`query`]: the set query language;
 //! - [`merge`]: stamps, newest-stamp-wins merging, and what the main accepts from a remote;
 //! - [`routing`]: which targets hold a record, and what a change makes enter or leave them;
+//! - [`access`]: who may do what through the APIs (roles), and see which records;
 //! - [`apply`]: what a remote does with a message from the main;
 //! - [`lifecycle`]: when a remote expires;
 //! - [`outgoing`]: routed messages and uploads waiting to be published;
@@ -14,6 +15,7 @@
 //! - [`wire`]: the envelope and subjects every message uses, and [`schema`] for its JSON
 //!   Schema documents; [`bundle`]: the file a remote is set up from.
 
+pub mod access;
 pub mod apply;
 pub mod bundle;
 pub mod date;

@@ -340,7 +340,13 @@ const USER: &[FieldSpec] = &[
     f("email", SHORT),
     f("role", FieldType::Choice(ROLES)),
     f("teams", FieldType::Refs(Kind::Team)),
+    // The SHA-256 (hex) of each of the user's API tokens. Set only through the token endpoint,
+    // never shown by the APIs; routed with the user, so a token works at every remote.
+    f(TOKENS, FieldType::Names),
 ];
+
+/// The field of a user that holds the hashes of their API tokens.
+pub const TOKENS: &str = "tokens";
 
 const TEAM: &[FieldSpec] = &[req("name", SHORT), f("description", FieldType::Text(4096))];
 

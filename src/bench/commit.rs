@@ -91,7 +91,7 @@ async fn commit_http(sets: usize, changes: usize, clients: usize) -> anyhow::Res
         port,
     )
     .await?;
-    let http = reqwest::Client::builder().pool_max_idle_per_host(clients).build()?;
+    let http = super::services::signed_in(std::path::Path::new(&dir), clients)?;
     for s in 0..sets {
         post(&http, format!("{}/v1/sets", main.base), &json!({ "name": format!("set{s}"), "all": true })).await?;
     }

@@ -23,7 +23,6 @@ pub(super) async fn data_set_figures(args: &BenchArgs, contacts: usize, figures:
         NatsServer::start(&NatsdOptions { port: 0, store_dir, ..Default::default() })
     })
     .await??;
-    let http = reqwest::Client::builder().pool_max_idle_per_host(args.clients).build()?;
     let main_port = free_port();
     let main_dir = scratch.0.join("main");
     let main_dir_s = main_dir.to_string_lossy().into_owned();
@@ -32,6 +31,7 @@ pub(super) async fn data_set_figures(args: &BenchArgs, contacts: usize, figures:
         main_port,
     )
     .await?;
+    let http = super::services::signed_in(&main_dir, args.clients)?;
     post(&http, format!("{}/v1/sets", main.base), &json!({ "name": "all", "all": true })).await?;
 
     // Load the data set through the API, as clients would.

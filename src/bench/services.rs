@@ -174,3 +174,12 @@ pub(super) async fn fresh_nats(scratch: &Scratch) -> anyhow::Result<NatsServer> 
     })
     .await??)
 }
+
+/// An HTTP client signed in as the administrator of the main in `main_dir` (its token is
+/// there once it has started), keeping `clients` connections.
+pub(super) fn signed_in(main_dir: &std::path::Path, clients: usize) -> anyhow::Result<reqwest::Client> {
+    let token = std::fs::read_to_string(main_dir.join(crmsync::main_service::ADMIN_TOKEN_FILE))?;
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {}", token.trim()).parse()?);
+    Ok(reqwest::Client::builder().pool_max_idle_per_host(clients).default_headers(headers).build()?)
+}

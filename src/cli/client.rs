@@ -34,15 +34,20 @@ impl ClientError {
 pub struct Client {
     base: String,
     http: reqwest::Client,
+    token: Option<String>,
 }
 
 impl Client {
-    pub fn new(base: &str) -> Client {
+    pub fn new(base: &str, token: Option<String>) -> Client {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(900)).build().expect("HTTP client builds");
-        Client { base: base.trim_end_matches('/').to_owned(), http }
+        Client { base: base.trim_end_matches('/').to_owned(), http, token }
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<J, ClientError> {
+        let req = match &self.token {
+            Some(token) => req.bearer_auth(token),
+            None => req,
+        };
         let resp = req
             .send()
             .await
@@ -91,6 +96,19 @@ impl Client {
             }
         }
     }
+}
+
+/// The token the command line signs in with: `--token`, else `CRMSYNC_TOKEN` (both read by
+/// clap into `given`), else the file `CRMSYNC_TOKEN_FILE` names.
+pub fn token(given: Option<String>) -> Result<Option<String>, ClientError> {
+    if let Some(token) = given.filter(|t| !t.trim().is_empty()) {
+        return Ok(Some(token.trim().to_owned()));
+    }
+    let Some(file) = std::env::var_os("CRMSYNC_TOKEN_FILE").filter(|f| !f.is_empty()) else { return Ok(None) };
+    let text = std::fs::read_to_string(&file).map_err(|e| {
+        ClientError::Usage(format!("cannot read the token file {} (CRMSYNC_TOKEN_FILE): {e}", file.to_string_lossy()))
+    })?;
+    Ok(Some(text.trim().to_owned()).filter(|t| !t.is_empty()))
 }
 
 /// How often the command line sends a write that was answered 503.

@@ -28,6 +28,10 @@ pub struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
+    /// The API token to sign in with (else CRMSYNC_TOKEN, else the file CRMSYNC_TOKEN_FILE
+    /// names); a main writes its administrator's to `<data>/admin.token` on first start.
+    #[arg(long, global = true, env = "CRMSYNC_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -100,7 +104,7 @@ pub enum Command {
     Activity(RecordCommand),
     /// Users, with role and teams.
     #[command(subcommand)]
-    User(RecordCommand),
+    User(UserCommand),
     /// Teams of users.
     #[command(subcommand)]
     Team(RecordCommand),
@@ -134,6 +138,16 @@ pub struct NatsArg {
     /// and issues each remote's. Without it, NATS must not require authentication.
     #[arg(long, env = "CRMSYNC_NATS_AUTHORITY")]
     pub authority: Option<PathBuf>,
+}
+
+/// Users: the record commands, and their API tokens.
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    #[command(flatten)]
+    Record(RecordCommand),
+    /// Make a new API token for a user (at the main; administrators and managers). It is
+    /// shown once: keep it (`--token`, CRMSYNC_TOKEN or a file CRMSYNC_TOKEN_FILE names).
+    Token { user: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -430,7 +444,13 @@ pub async fn run(cli: Cli) -> i32 {
             unsafe {
                 libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             }
-            let client = Client::new(&cli.api);
+            let client = match client::token(cli.token) {
+                Ok(token) => Client::new(&cli.api, token),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return e.exit_code();
+                }
+            };
             return match records::run(&client, command, cli.json).await {
                 Ok(()) => 0,
                 Err(e) => {

@@ -5,7 +5,10 @@ use std::time::Duration;
 use serde_json::{Value as J, json};
 
 use super::client::{Client, ClientError};
-use super::{Command, MainCommand, OnOff, RecordCommand, RemoteCommand, SetCommand, SetSpecArgs, SubscriptionCommand};
+use super::{
+    Command, MainCommand, OnOff, RecordCommand, RemoteCommand, SetCommand, SetSpecArgs, SubscriptionCommand,
+    UserCommand,
+};
 use crmsync::model::{FieldType, Kind};
 
 pub async fn run(client: &Client, command: Command, as_json: bool) -> Result<(), ClientError> {
@@ -41,7 +44,16 @@ pub async fn run(client: &Client, command: Command, as_json: bool) -> Result<(),
         Command::Note(cmd) => record(client, Kind::Note, cmd, as_json).await?,
         Command::History(cmd) => record(client, Kind::History, cmd, as_json).await?,
         Command::Activity(cmd) => record(client, Kind::Activity, cmd, as_json).await?,
-        Command::User(cmd) => record(client, Kind::User, cmd, as_json).await?,
+        Command::User(UserCommand::Record(cmd)) => record(client, Kind::User, cmd, as_json).await?,
+        Command::User(UserCommand::Token { user }) => {
+            let answer = client.post(&format!("/v1/users/{user}/tokens"), &json!({})).await?;
+            if as_json {
+                println!("{answer}");
+            } else {
+                println!("{}", answer["token"].as_str().unwrap_or_default());
+                eprintln!("a new API token of {user}; it is not shown again");
+            }
+        }
         Command::Team(cmd) => record(client, Kind::Team, cmd, as_json).await?,
         other => unreachable!("{other:?} runs locally, not through the API"),
     }

@@ -271,8 +271,11 @@ fn print_welcome(args: &UpArgs, main: &Main, nats: &NatsServer) {
         println!("  {name:7} http://{addr}   remote on set {DEMO_SET}");
     }
     println!("  nats    {}   data in {}", nats.url(), args.data.display());
+    let token = args.data.join("main").join(crmsync::main_service::ADMIN_TOKEN_FILE);
+    println!("  token   {}   (the administrator's API token)", token.display());
     println!();
     println!("Try, in another terminal:");
+    println!("  export CRMSYNC_TOKEN_FILE={}", token.display());
     println!("  crmsync status");
     println!("  crmsync contact list state=NY --limit 5");
     println!("  crmsync contact edit contact-1 city=Albany phone='+1 518 555 0100'");

@@ -10,9 +10,11 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use serde_json::json;
 
+use super::auth::Authenticated;
 use super::error::{ApiError, ApiResult, ok};
 use super::extract::{ApiPath, ApiQuery, SessionsQuery, parse_body, parse_typed};
 use super::records::{MAX_LIMIT, get_record, list_records, record_json};
+use crate::access::Request;
 use crate::error::ServiceError;
 use crate::main_service::{Main, RemoteRequest, SetRequest};
 use crate::model::{Kind, Record};
@@ -33,35 +35,42 @@ pub fn main_api(main: Main) -> Router {
         .route("/v1/remotes/{name}/sessions", get(remote_sessions))
         .route("/v1/sessions", get(list_sessions))
         .route("/v1/accept-syncs", post(accept_syncs))
+        .route("/v1/users/{id}/tokens", post(new_token))
         .route("/v1/rebuild", post(main_rebuild));
     super::api(main, own)
 }
 
-async fn create_set(State(main): State<Main>, body: Result<Bytes, BytesRejection>) -> ApiResult {
+async fn create_set(State(main): State<Main>, caller: Authenticated, body: Result<Bytes, BytesRejection>) -> ApiResult {
+    caller.permit(&Request::Configure("sets"))?;
     let req: SetRequest = parse_typed(body)?;
     let stored = main.create_set(&req).await?;
     ok(StatusCode::CREATED, record_json(&req.name, &stored))
 }
 
-async fn list_sets(State(main): State<Main>, ApiQuery(q): ApiQuery) -> ApiResult {
-    ok(StatusCode::OK, list_records(main.store().clone(), Kind::Set, q).await?)
+async fn list_sets(State(main): State<Main>, caller: Authenticated, ApiQuery(q): ApiQuery) -> ApiResult {
+    caller.permit(&Request::Configure("sets"))?;
+    ok(StatusCode::OK, list_records(main.store().clone(), Kind::Set, q, caller.0).await?)
 }
 
-async fn show_set(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
-    get_record(main.store(), Kind::Set, &name)
+async fn show_set(State(main): State<Main>, caller: Authenticated, ApiPath(name): ApiPath<String>) -> ApiResult {
+    caller.permit(&Request::Configure("sets"))?;
+    get_record(main.store(), &caller.0, Kind::Set, &name)
 }
 
 async fn edit_set(
     State(main): State<Main>,
+    caller: Authenticated,
     ApiPath(name): ApiPath<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
+    caller.permit(&Request::Configure("sets"))?;
     let body = parse_body(body)?;
     let stored = main.edit_set(&name, &body).await?;
     ok(StatusCode::OK, record_json(&name, &stored))
 }
 
-async fn delete_set(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
+async fn delete_set(State(main): State<Main>, caller: Authenticated, ApiPath(name): ApiPath<String>) -> ApiResult {
+    caller.permit(&Request::Configure("sets"))?;
     main.delete_set(&name).await?;
     ok(StatusCode::OK, json!({ "deleted": { "kind": Kind::Set, "id": name } }))
 }
@@ -74,15 +83,23 @@ struct CopyRequest {
 
 async fn copy_set(
     State(main): State<Main>,
+    caller: Authenticated,
     ApiPath(name): ApiPath<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
+    caller.permit(&Request::Configure("sets"))?;
     let req: CopyRequest = parse_typed(body)?;
     let stored = main.copy_set(&name, &req.name).await?;
     ok(StatusCode::CREATED, record_json(&req.name, &stored))
 }
 
-async fn preview_set(State(main): State<Main>, ApiPath(name): ApiPath<String>, ApiQuery(q): ApiQuery) -> ApiResult {
+async fn preview_set(
+    State(main): State<Main>,
+    caller: Authenticated,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(q): ApiQuery,
+) -> ApiResult {
+    caller.permit(&Request::Configure("sets"))?;
     let limit = match q.get("limit") {
         Some(v) => v.parse().ok().filter(|n| *n <= MAX_LIMIT).ok_or_else(|| {
             ApiError::new(StatusCode::BAD_REQUEST, format!("limit must be a number from 0 to {MAX_LIMIT}, got {v:?}"))
@@ -95,8 +112,27 @@ async fn preview_set(State(main): State<Main>, ApiPath(name): ApiPath<String>, A
     ok(StatusCode::OK, preview)
 }
 
-async fn list_subscriptions(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
-    ok(StatusCode::OK, json!({ "remote": name, "contacts": main.subscriptions(&name)? }))
+async fn list_subscriptions(
+    State(main): State<Main>,
+    caller: Authenticated,
+    ApiPath(name): ApiPath<String>,
+) -> ApiResult {
+    caller.permit(&Request::Subscriptions)?;
+    let contacts = seen_contacts(&main, &caller, main.subscriptions(&name)?)?;
+    ok(StatusCode::OK, json!({ "remote": name, "contacts": contacts }))
+}
+
+/// The contacts of a list `caller` may see: the others are not theirs to know of.
+fn seen_contacts(main: &Main, caller: &Authenticated, ids: Vec<String>) -> Result<Vec<String>, ServiceError> {
+    let mut seen = Vec::with_capacity(ids.len());
+    for id in ids {
+        if let Some(contact) = main.store().get(Kind::Contact, &id)?
+            && crate::access::may_see(&caller.0, Kind::Contact, &contact.fields, None)
+        {
+            seen.push(id);
+        }
+    }
+    Ok(seen)
 }
 
 #[derive(serde::Deserialize)]
@@ -110,10 +146,21 @@ struct SubscriptionChange {
 
 async fn change_subscriptions(
     State(main): State<Main>,
+    caller: Authenticated,
     ApiPath(name): ApiPath<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
+    caller.permit(&Request::Subscriptions)?;
     let req: SubscriptionChange = parse_typed(body)?;
+    // A contact the caller may not see is, to them, one that does not exist.
+    for id in req.add.iter().chain(&req.remove) {
+        let contact = main.store().get(Kind::Contact, id)?;
+        if !contact.is_some_and(|c| crate::access::may_see(&caller.0, Kind::Contact, &c.fields, None)) {
+            return Err(
+                ServiceError::MissingRef { field: "contacts".into(), kind: Kind::Contact, id: id.clone() }.into()
+            );
+        }
+    }
     let mut contacts = main.subscriptions(&name)?;
     if !req.add.is_empty() {
         contacts = main.subscribe(&name, &req.add).await?;
@@ -121,18 +168,24 @@ async fn change_subscriptions(
     if !req.remove.is_empty() {
         contacts = main.unsubscribe(&name, &req.remove).await?;
     }
-    ok(StatusCode::OK, json!({ "remote": name, "contacts": contacts }))
+    ok(StatusCode::OK, json!({ "remote": name, "contacts": seen_contacts(&main, &caller, contacts)? }))
 }
 
-async fn create_remote(State(main): State<Main>, body: Result<Bytes, BytesRejection>) -> ApiResult {
+async fn create_remote(
+    State(main): State<Main>,
+    caller: Authenticated,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    caller.permit(&Request::Configure("remotes"))?;
     let req: RemoteRequest = parse_typed(body)?;
     let bundle = main.create_remote(&req).await?;
     ok(StatusCode::CREATED, serde_json::to_value(bundle).unwrap_or_default())
 }
 
 /// The remotes, each as `show_remote` shows it.
-async fn list_remotes(State(main): State<Main>, ApiQuery(q): ApiQuery) -> ApiResult {
-    let mut page = list_records(main.store().clone(), Kind::Remote, q).await?;
+async fn list_remotes(State(main): State<Main>, caller: Authenticated, ApiQuery(q): ApiQuery) -> ApiResult {
+    caller.permit(&Request::Configure("remotes"))?;
+    let mut page = list_records(main.store().clone(), Kind::Remote, q, caller.0).await?;
     if let Some(items) = page["items"].as_array_mut() {
         let backlogs = futures::future::join_all(
             items.iter().map(|item| main.remote_backlog(item["id"].as_str().unwrap_or_default())),
@@ -152,29 +205,34 @@ async fn list_remotes(State(main): State<Main>, ApiQuery(q): ApiQuery) -> ApiRes
     ok(StatusCode::OK, page)
 }
 
-async fn show_remote(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
+async fn show_remote(State(main): State<Main>, caller: Authenticated, ApiPath(name): ApiPath<String>) -> ApiResult {
+    caller.permit(&Request::Configure("remotes"))?;
     let Some(stored) = main.store().get(Kind::Remote, &name)? else {
         return Err(ServiceError::NotFound { kind: Kind::Remote, id: name }.into());
     };
     ok(StatusCode::OK, remote_json(&main, &name, &stored).await?)
 }
 
-async fn halt_remote(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
+async fn halt_remote(State(main): State<Main>, caller: Authenticated, ApiPath(name): ApiPath<String>) -> ApiResult {
+    caller.permit(&Request::Configure("remotes"))?;
     let stored = main.halt_remote(&name).await?;
     ok(StatusCode::OK, remote_json(&main, &name, &stored).await?)
 }
 
-async fn resume_remote(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
+async fn resume_remote(State(main): State<Main>, caller: Authenticated, ApiPath(name): ApiPath<String>) -> ApiResult {
+    caller.permit(&Request::Configure("remotes"))?;
     let stored = main.resume_remote(&name).await?;
     ok(StatusCode::OK, remote_json(&main, &name, &stored).await?)
 }
 
-async fn recreate_remote(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
+async fn recreate_remote(State(main): State<Main>, caller: Authenticated, ApiPath(name): ApiPath<String>) -> ApiResult {
+    caller.permit(&Request::Configure("remotes"))?;
     let bundle = main.recreate_remote(&name).await?;
     ok(StatusCode::OK, serde_json::to_value(bundle).unwrap_or_default())
 }
 
-async fn delete_remote(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
+async fn delete_remote(State(main): State<Main>, caller: Authenticated, ApiPath(name): ApiPath<String>) -> ApiResult {
+    caller.permit(&Request::Configure("remotes"))?;
     main.delete_remote(&name).await?;
     ok(StatusCode::OK, json!({ "deleted": name }))
 }
@@ -206,13 +264,19 @@ fn lifecycle_json(main: &Main, name: &str, stored: &Record, body: &mut serde_jso
 }
 
 /// The newest sync sessions, of every remote or of one (see [`SessionsQuery`]).
-async fn list_sessions(State(main): State<Main>, q: Result<Query<SessionsQuery>, QueryRejection>) -> ApiResult {
+async fn list_sessions(
+    State(main): State<Main>,
+    caller: Authenticated,
+    q: Result<Query<SessionsQuery>, QueryRejection>,
+) -> ApiResult {
+    caller.permit(&Request::Configure("remotes"))?;
     let q = SessionsQuery::read(q)?;
     let sessions = main.sessions(q.remote.as_deref(), q.limit())?;
     ok(StatusCode::OK, json!({ "sessions": sessions }))
 }
 
-async fn remote_sessions(State(main): State<Main>, ApiPath(name): ApiPath<String>) -> ApiResult {
+async fn remote_sessions(State(main): State<Main>, caller: Authenticated, ApiPath(name): ApiPath<String>) -> ApiResult {
+    caller.permit(&Request::Configure("remotes"))?;
     ok(StatusCode::OK, json!({ "remote": name, "sessions": main.sessions(Some(&name), 100)? }))
 }
 
@@ -222,14 +286,27 @@ struct AcceptSyncs {
     accept: bool,
 }
 
-async fn accept_syncs(State(main): State<Main>, body: Result<Bytes, BytesRejection>) -> ApiResult {
+async fn accept_syncs(
+    State(main): State<Main>,
+    caller: Authenticated,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    caller.permit(&Request::Configure("synchronizations"))?;
     let req: AcceptSyncs = parse_typed(body)?;
     ok(StatusCode::OK, json!({ "accepting_syncs": main.accept_syncs(req.accept).await? }))
 }
 
-async fn main_rebuild() -> ApiError {
-    ApiError::new(
+/// A new API token for a user, shown once.
+async fn new_token(State(main): State<Main>, caller: Authenticated, ApiPath(id): ApiPath<String>) -> ApiResult {
+    caller.permit(&Request::Configure("users' tokens"))?;
+    let token = main.new_token(&id).await?;
+    ok(StatusCode::CREATED, json!({ "user": id, "token": token }))
+}
+
+async fn main_rebuild(caller: Authenticated) -> ApiResult {
+    caller.permit(&Request::Configure("the main"))?;
+    Err(ApiError::new(
         StatusCode::CONFLICT,
         "the main rebuilds offline: stop `crmsync main serve`, run `crmsync main rebuild --data DIR`, then start it again",
-    )
+    ))
 }

@@ -11,6 +11,7 @@
 //! - [`error`]: the JSON error answer;
 //! - [`server`]: the HTTP server under both, with timeouts and a connection limit.
 
+mod auth;
 mod error;
 mod extract;
 mod main_api;

@@ -13,8 +13,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
 use serde_json::{Value as J, json};
 
+use super::auth::Authenticated;
 use super::error::{ApiError, ApiResult, ok};
 use super::extract::{ApiPath, ApiQuery, idempotency_key, parse_body};
+use crate::access::{Caller, Request, Role, manager_of, may_see};
 use crate::error::ServiceError;
 use crate::main_service::Main;
 use crate::model::Record;
@@ -111,35 +113,80 @@ pub(super) fn routes<S: Records>(own: Router<S>) -> Router<S> {
         .route("/v1/{collection}/{id}", get(show::<S>).patch(update::<S>).delete(delete::<S>))
 }
 
-async fn status<S: Records>(State(service): State<S>) -> ApiResult {
-    ok(StatusCode::OK, service.status().await?)
+async fn status<S: Records>(State(service): State<S>, caller: Authenticated) -> ApiResult {
+    let mut status = service.status().await?;
+    if !caller.0.role.manages() {
+        // What a user may not see stays out of the logs too.
+        let store = service.store();
+        if let Some(log) = status.get_mut("sync_log").and_then(J::as_array_mut) {
+            let mut kept = Vec::new();
+            for entry in log.drain(..) {
+                let kind = entry["kind"].as_str().and_then(Kind::parse);
+                let id = entry["id"].as_str().unwrap_or_default();
+                if let Some(kind) = kind
+                    && let Some(record) = store.get(kind, id)?
+                    && visible(store, &caller.0, kind, &record.fields)?
+                {
+                    kept.push(entry);
+                }
+            }
+            *log = kept;
+        }
+        if let Some(quarantine) = status.get_mut("quarantine") {
+            *quarantine = json!([]);
+        }
+    }
+    ok(StatusCode::OK, status)
 }
 
-async fn list<S: Records>(State(service): State<S>, ApiPath(c): ApiPath<String>, ApiQuery(q): ApiQuery) -> ApiResult {
+async fn list<S: Records>(
+    State(service): State<S>,
+    caller: Authenticated,
+    ApiPath(c): ApiPath<String>,
+    ApiQuery(q): ApiQuery,
+) -> ApiResult {
     let kind = collection(&c, S::READABLE)?;
-    ok(StatusCode::OK, list_records(service.store().clone(), kind, q).await?)
+    ok(StatusCode::OK, list_records(service.store().clone(), kind, q, caller.0).await?)
 }
 
-async fn show<S: Records>(State(service): State<S>, ApiPath((c, id)): ApiPath<(String, String)>) -> ApiResult {
+async fn show<S: Records>(
+    State(service): State<S>,
+    caller: Authenticated,
+    ApiPath((c, id)): ApiPath<(String, String)>,
+) -> ApiResult {
     let kind = collection(&c, S::READABLE)?;
-    get_record(service.store(), kind, &id)
+    get_record(service.store(), &caller.0, kind, &id)
 }
 
 async fn create<S: Records>(
     State(service): State<S>,
+    caller: Authenticated,
     ApiPath(c): ApiPath<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let kind = collection(&c, &Kind::DATA)?;
     let key = idempotency_key(&headers)?;
-    let body = parse_body(body)?;
+    let mut body = parse_body(body)?;
+    no_tokens(kind, &body)?;
+    let store = service.store();
+    let contact = body_contact(store, &caller.0, kind, &body, None)?;
+    if caller.0.role == Role::Restricted
+        && kind.fields().iter().any(|f| f.name == "manager")
+        && body.get("manager").is_none()
+    {
+        // What a restricted user creates is theirs to manage.
+        body["manager"] = json!(caller.0.user.id);
+    }
+    let after = body_manager(kind, &body, contact.as_ref(), None);
+    caller.permit(&Request::Write { kind, new: true, before: None, after: after.as_deref() })?;
     let (id, stored) = service.create(kind, &body, key.as_deref()).await?;
     ok(StatusCode::CREATED, record_json(&id, &stored))
 }
 
 async fn update<S: Records>(
     State(service): State<S>,
+    caller: Authenticated,
     ApiPath((c, id)): ApiPath<(String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -147,19 +194,123 @@ async fn update<S: Records>(
     let kind = collection(&c, &Kind::DATA)?;
     let key = idempotency_key(&headers)?;
     let body = parse_body(body)?;
+    no_tokens(kind, &body)?;
+    let store = service.store();
+    // A record not held is the service's to answer (missing, or a request repeated with its key).
+    if let Some((current, contact)) = seen(store, &caller.0, kind, &id)? {
+        let before = manager_of(kind, &current.fields, contact.as_ref()).map(str::to_owned);
+        let new_contact = body_contact(store, &caller.0, kind, &body, contact)?;
+        let after = body_manager(kind, &body, new_contact.as_ref(), before.as_deref());
+        caller.permit(&Request::Write { kind, new: false, before: before.as_deref(), after: after.as_deref() })?;
+    } else {
+        caller
+            .permit(&Request::Write { kind, new: false, before: None, after: None })
+            .map_err(|_| missing(kind, &id))?;
+    }
     let stored = service.update(kind, &id, &body, key.as_deref()).await?;
     ok(StatusCode::OK, record_json(&id, &stored))
 }
 
 async fn delete<S: Records>(
     State(service): State<S>,
+    caller: Authenticated,
     ApiPath((c, id)): ApiPath<(String, String)>,
     headers: HeaderMap,
 ) -> ApiResult {
     let kind = collection(&c, &Kind::DATA)?;
     let key = idempotency_key(&headers)?;
+    match seen(service.store(), &caller.0, kind, &id)? {
+        Some((current, contact)) => {
+            let before = manager_of(kind, &current.fields, contact.as_ref());
+            caller.permit(&Request::Write { kind, new: false, before, after: before })?;
+        }
+        // Not held: the service answers (missing, or a delete repeated with its key).
+        None => caller
+            .permit(&Request::Write { kind, new: false, before: None, after: None })
+            .map_err(|_| missing(kind, &id))?,
+    }
     service.delete(kind, &id, key.as_deref()).await?;
     ok(StatusCode::OK, json!({ "deleted": { "kind": kind, "id": id } }))
+}
+
+/// A user's tokens are made by `POST /v1/users/{id}/tokens`, never written directly.
+fn no_tokens(kind: Kind, body: &J) -> Result<(), ApiError> {
+    if kind == Kind::User && body.get(model::TOKENS).is_some() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "a user's tokens are made with `POST /v1/users/{id}/tokens` (`crmsync user token USER`), not written",
+        ));
+    }
+    Ok(())
+}
+
+/// The contact of a child record, if it is held.
+fn contact_of(store: &Store, kind: Kind, fields: &model::Fields) -> Result<Option<model::Fields>, ServiceError> {
+    let Some(field) = kind.parent_field() else { return Ok(None) };
+    let Some(contact) = model::text(fields, field) else { return Ok(None) };
+    Ok(store.get(Kind::Contact, contact)?.map(|r| r.fields))
+}
+
+/// Whether `caller` may see this record (a child through its contact).
+pub(super) fn visible(
+    store: &Store,
+    caller: &Caller,
+    kind: Kind,
+    fields: &model::Fields,
+) -> Result<bool, ServiceError> {
+    let contact = contact_of(store, kind, fields)?;
+    Ok(may_see(caller, kind, fields, contact.as_ref()))
+}
+
+fn missing(kind: Kind, id: &str) -> ApiError {
+    ServiceError::NotFound { kind, id: id.to_owned() }.into()
+}
+
+/// The record `caller` may see, with its contact (for a child); `None` when it is not held. A
+/// record they may not see is missing, as far as they can tell (404).
+fn seen(
+    store: &Store,
+    caller: &Caller,
+    kind: Kind,
+    id: &str,
+) -> Result<Option<(Record, Option<model::Fields>)>, ApiError> {
+    let Some(current) = store.get(kind, id)? else { return Ok(None) };
+    let contact = contact_of(store, kind, &current.fields)?;
+    if !may_see(caller, kind, &current.fields, contact.as_ref()) {
+        return Err(missing(kind, id));
+    }
+    Ok(Some((current, contact)))
+}
+
+/// The contact a child's body names (else `current`), which `caller` must be able to see: one
+/// they cannot is answered as missing.
+fn body_contact(
+    store: &Store,
+    caller: &Caller,
+    kind: Kind,
+    body: &J,
+    current: Option<model::Fields>,
+) -> Result<Option<model::Fields>, ServiceError> {
+    let Some(field) = kind.parent_field() else { return Ok(None) };
+    let Some(id) = body.get(field).and_then(J::as_str) else { return Ok(current) };
+    match store.get(Kind::Contact, id)? {
+        Some(contact) if may_see(caller, Kind::Contact, &contact.fields, None) => Ok(Some(contact.fields)),
+        Some(_) => Err(ServiceError::MissingRef { field: field.into(), kind: Kind::Contact, id: id.to_owned() }),
+        // Not held: the service says why (missing, or deleted here).
+        None => Ok(None),
+    }
+}
+
+/// The record manager after a change: the body's (its contact's, for a child), else `before`.
+fn body_manager(kind: Kind, body: &J, contact: Option<&model::Fields>, before: Option<&str>) -> Option<String> {
+    match kind.parent_field() {
+        Some(_) => contact.and_then(|c| model::text(c, "manager")).map(str::to_owned),
+        None => match body.get("manager") {
+            Some(J::String(m)) => Some(m.clone()),
+            Some(_) => None,
+            None => before.map(str::to_owned),
+        },
+    }
 }
 
 fn collection(name: &str, allowed: &[Kind]) -> Result<Kind, ApiError> {
@@ -174,14 +325,24 @@ fn collection(name: &str, allowed: &[Kind]) -> Result<Kind, ApiError> {
     })
 }
 
+/// A record as the APIs show it: never a user's token hashes.
 pub(super) fn record_json(id: &str, stored: &Record) -> J {
-    model::to_json(id, stored.version, &stored.fields)
+    let mut json = model::to_json(id, stored.version, &stored.fields);
+    if let Some(obj) = json.as_object_mut() {
+        obj.remove(model::TOKENS);
+    }
+    json
 }
 
 /// A page of records as `{"items": [...], "next": ID}`, filtered by `FIELD=VALUE` parameters:
 /// each an equality of the set query language ([`Query::equals_all`]), so a list filter and a
 /// set's query agree on what matches.
-pub(super) async fn list_records(store: Store, kind: Kind, params: BTreeMap<String, String>) -> Result<J, ApiError> {
+pub(super) async fn list_records(
+    store: Store,
+    kind: Kind,
+    params: BTreeMap<String, String>,
+    caller: Caller,
+) -> Result<J, ApiError> {
     let mut limit = DEFAULT_LIMIT;
     let mut after = None;
     let mut filters = Vec::new();
@@ -210,7 +371,11 @@ pub(super) async fn list_records(store: Store, kind: Kind, params: BTreeMap<Stri
         )
     })?;
     let page = tokio::task::spawn_blocking(move || {
-        store.list(kind, after.as_deref(), limit + 1, |_, s| query.as_ref().is_none_or(|q| q.matches(&s.fields)))
+        // Only what the caller may see: a filter never tells of a record they may not.
+        store.list(kind, after.as_deref(), limit + 1, |_, s| {
+            query.as_ref().is_none_or(|q| q.matches(&s.fields))
+                && visible(&store, &caller, kind, &s.fields).unwrap_or(false)
+        })
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
@@ -219,9 +384,7 @@ pub(super) async fn list_records(store: Store, kind: Kind, params: BTreeMap<Stri
     Ok(json!({ "items": items, "next": next }))
 }
 
-pub(super) fn get_record(store: &Store, kind: Kind, id: &str) -> ApiResult {
-    match store.get(kind, id)? {
-        Some(stored) => ok(StatusCode::OK, record_json(id, &stored)),
-        None => Err(ServiceError::NotFound { kind, id: id.to_owned() }.into()),
-    }
+pub(super) fn get_record(store: &Store, caller: &Caller, kind: Kind, id: &str) -> ApiResult {
+    let (stored, _) = seen(store, caller, kind, id)?.ok_or_else(|| missing(kind, id))?;
+    ok(StatusCode::OK, record_json(id, &stored))
 }

@@ -13,10 +13,10 @@
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use super::Main;
+use super::{Decision, Main};
 use crate::error::ServiceError;
 use crate::identity::Authority;
-use crate::model::{self, Fields};
+use crate::model::{self, Fields, Kind, Value};
 use crate::transport::{Login, Nats};
 
 /// The main's authority over NATS identities, and its system-account connection.
@@ -95,3 +95,49 @@ impl Main {
 
 /// The field of a remote's record that names its NATS user (a public key).
 pub(super) const NATS_USER: &str = "nats_user";
+
+/// The file a main writes its first administrator's token to, in its data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// The id of the administrator a main makes on its first start.
+pub const ADMIN_USER: &str = "admin";
+
+impl Main {
+    /// A new API token for `user`: its hash joins the user's `tokens` (routed with the user, so
+    /// the token works at the remotes too); the token itself is returned once, never stored.
+    pub async fn new_token(&self, user: &str) -> Result<String, ServiceError> {
+        crate::names::check("user id", user)?;
+        let (token, hash) = crate::identity::new_token();
+        let stamp = self.inner.clock.now();
+        self.commit(Kind::User, user, |current| {
+            let current = current.ok_or_else(|| ServiceError::NotFound { kind: Kind::User, id: user.to_owned() })?;
+            let mut tokens = model::names(&current.fields, model::TOKENS).to_vec();
+            tokens.push(hash.clone());
+            let mut fields = current.fields.clone();
+            crate::merge::apply_patch(&mut fields, &vec![(model::TOKENS.to_owned(), Value::List(tokens))], stamp);
+            Ok(Decision::Upsert(fields))
+        })
+        .await?;
+        Ok(token)
+    }
+
+    /// On a main's first start (no `admin.token` in its data directory): the administrator
+    /// `admin`, made if missing, and a token of theirs written there (0600). Returns the file
+    /// when it was written.
+    pub(super) async fn first_administrator(&self) -> anyhow::Result<Option<PathBuf>> {
+        let file = self.inner.config.data_dir.join(ADMIN_TOKEN_FILE);
+        if file.exists() {
+            return Ok(None);
+        }
+        if self.inner.store.get(Kind::User, ADMIN_USER)?.is_none() {
+            let body = serde_json::json!({ "id": ADMIN_USER, "name": "Administrator", "role": "administrator" });
+            match self.create(Kind::User, &body).await {
+                Ok(_) | Err(ServiceError::Exists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let token = self.new_token(ADMIN_USER).await?;
+        crate::files::write_private(&file, format!("{token}\n").as_bytes())?;
+        tracing::info!("the administrator's API token is in {}", file.display());
+        Ok(Some(file))
+    }
+}

@@ -86,6 +86,7 @@ impl MainConfig {
 pub const EXPIRY_CHECK: Duration = Duration::from_secs(60);
 
 pub use crate::bundle::{Bundle, consumer_name};
+pub use credentials::{ADMIN_TOKEN_FILE, ADMIN_USER};
 
 #[derive(Clone)]
 pub struct Main {
@@ -181,6 +182,7 @@ impl Main {
         let expiry = main.inner.config.expiry_check;
         let expiry = tokio::spawn(lifecycle::run_expiry(main.clone(), expiry, main.inner.shutdown.subscribe()));
         main.inner.tasks.lock().unwrap().extend([merger, expiry]);
+        main.first_administrator().await?;
         Ok(main)
     }
 
@@ -573,7 +575,14 @@ impl Main {
         .await?;
         let nats_url = req.nats_url.clone().unwrap_or_else(|| self.inner.config.nats_url.clone());
         let bundle = Bundle::of_remote(&self.inner.database_id, &req.name, &fields, nats_url);
-        Ok(Bundle { creds: creds.map(|(creds, _)| creds), ..bundle })
+        Ok(Bundle { creds: creds.map(|(creds, _)| creds), users: self.users()?, ..bundle })
+    }
+
+    /// Every user, for a bundle.
+    fn users(&self) -> Result<Vec<(String, Fields)>, ServiceError> {
+        let mut users = Vec::new();
+        self.inner.store.for_each(Kind::User, |id, user| users.push((id.to_owned(), user.fields)))?;
+        Ok(users)
     }
 
     /// The bundle of a registered remote, as `create_remote` returned it.

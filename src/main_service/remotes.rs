@@ -107,7 +107,7 @@ impl Main {
         })
         .await?;
         tracing::info!(remote = name, consumer, "re-created");
-        Ok(Bundle { creds: creds.map(|(creds, _)| creds), ..self.bundle(name)? })
+        Ok(Bundle { creds: creds.map(|(creds, _)| creds), users: self.users()?, ..self.bundle(name)? })
     }
 
     /// The consumer of a remote, as its record names it.

@@ -76,10 +76,24 @@ pub fn init(bundle_file: &Path, data_dir: &Path) -> anyhow::Result<Bundle> {
     let store = Store::open(&data_dir.join(STORE_FILE))?;
     store.write(true, |t| {
         t.set_meta_str(DATABASE_ID, &bundle.database_id)?;
+        seed_users(t, &bundle)?;
         t.set_meta_str("role", "remote")
     })?;
     crate::files::write_private(&existing, &serde_json::to_vec_pretty(&bundle)?)?;
     Ok(bundle)
+}
+
+/// The users of the bundle, where the store holds none of that id: so people can sign in before
+/// the first sync, and during a rebuild. The stream brings their newest state (version 0 gives
+/// way to any).
+fn seed_users(t: &mut crate::store::Tables<'_>, bundle: &Bundle) -> Result<(), crate::store::StoreError> {
+    for (id, fields) in &bundle.users {
+        if t.get(crate::model::Kind::User, id)?.is_none() {
+            let user = crate::model::Record { version: 0, holders: HELD_BY_SET, fields: fields.clone() };
+            t.put(crate::model::Kind::User, id, &user)?;
+        }
+    }
+    Ok(())
 }
 
 /// The bundle `init` kept in a remote's data directory.
@@ -212,7 +226,7 @@ impl Remote {
                 // and replayed (the pull loop starts from the emptied position).
                 tracing::warn!("{} has storage format {found}; rebuilding it from CRM_SYNC", path.display());
                 let store = Store::open_any_format(&path)?;
-                store.clear_projection(|_| Ok(()))?;
+                store.clear_projection(|t| seed_users(t, &bundle))?;
                 store
             }
             Err(crate::store::StoreError::Damaged { detail, .. }) => recover(&config.data_dir, &bundle, &detail)?,
@@ -435,6 +449,7 @@ fn recover(data_dir: &Path, bundle: &Bundle, reason: &str) -> anyhow::Result<Sto
     store.write(true, |t| {
         // The queue goes on with its own id and numbers, so the main merges what follows in order.
         salvage.restore(t, |k| [QUEUE, BASE, UPLOADS_NEXT, "sync_log_next", SESSIONS_NEXT, LAST_SYNC].contains(&k))?;
+        seed_users(t, bundle)?;
         t.set_meta_str(DATABASE_ID, &bundle.database_id)?;
         t.set_meta_str("role", "remote")?;
         t.set_meta_str(RECOVERED, &serde_json::to_string(&recovery).unwrap_or_default())
@@ -633,7 +648,7 @@ impl SyncLoop {
     fn start_rebuild(&mut self, request: Option<RebuildRequest>) -> Result<(), Stop> {
         let Some(reply) = request else { return Ok(()) };
         let started = Instant::now();
-        if let Err(e) = self.inner.store.clear_projection(|_| Ok(())) {
+        if let Err(e) = self.inner.store.clear_projection(|t| seed_users(t, &self.inner.bundle)) {
             let _ = reply.send(Err(e.to_string()));
             return Err(store_stop(e));
         }

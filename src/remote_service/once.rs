@@ -88,9 +88,9 @@ impl Remote {
             let caught_up = self.inner.nats.is_connected()
                 && self.inner.nats.remote_backlog(&self.inner.bundle.consumer).await.ok() == Some(0);
             if uploaded && answers_done && caught_up {
-                let refused = store.sync_log(0).map_err(|e| fail(&e))?.0 - refused_before;
+                let refused = store.sync_log(0).map_err(|e| fail(&e))?.0.saturating_sub(refused_before);
                 return Ok(SyncSummary {
-                    received: self.state().received - received_before,
+                    received: self.state().received.saturating_sub(received_before),
                     sent: sent.len() as u64,
                     refused,
                     unanswered,
@@ -116,8 +116,12 @@ impl Remote {
     fn unanswered(&self, sent: &[Sent], refused_before: u64) -> Result<u64, String> {
         let store = &self.inner.store;
         let (total, log) = store.sync_log(usize::MAX).map_err(|e| e.to_string())?;
-        let refused: BTreeSet<&str> =
-            log.iter().rev().take((total - refused_before) as usize).map(|(_, e)| e.event.as_str()).collect();
+        let refused: BTreeSet<&str> = log
+            .iter()
+            .rev()
+            .take(total.saturating_sub(refused_before) as usize)
+            .map(|(_, e)| e.event.as_str())
+            .collect();
         let mut left = 0;
         for edit in sent {
             let answered = refused.contains(edit.event.as_str())

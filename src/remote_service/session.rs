@@ -202,10 +202,12 @@ impl Inner {
             id: crate::names::new_id(),
             started_ms,
             ended_ms: now,
-            received: counters.received - before.received,
-            sent: counters.sent - before.sent,
-            refused: counters.refused - before.refused,
-            conflicts: counters.conflicts - before.conflicts,
+            // Saturating: the refusals are counted in the store, where a full disk can roll
+            // back the last moments of the projection.
+            received: counters.received.saturating_sub(before.received),
+            sent: counters.sent.saturating_sub(before.sent),
+            refused: counters.refused.saturating_sub(before.refused),
+            conflicts: counters.conflicts.saturating_sub(before.conflicts),
             mode: self.mode.name(),
         };
         let first = sessions.last_report_ms == 0;

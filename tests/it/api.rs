@@ -96,7 +96,13 @@ async fn the_command_line_prints_one_clear_line_and_exits_non_zero_on_errors() {
     let env = Env::start().await;
     let bin = env!("CARGO_BIN_EXE_crmsync");
     let run_at = |api: &str, args: &[&str]| {
-        let out = std::process::Command::new(bin).arg("--api").arg(api).args(args).output().unwrap();
+        let out = std::process::Command::new(bin)
+            .arg("--api")
+            .arg(api)
+            .args(args)
+            .env("CRMSYNC_TOKEN", &env.token)
+            .output()
+            .unwrap();
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -150,7 +156,9 @@ async fn crmsync_up_runs_everything_on_one_machine_and_resumes_from_its_data() {
     ];
     let data = dir.path().join("crmsync-data");
     let mut up = crmsync_process(&args, &data);
-    let apis = [main, laptop, branch].map(|p| Api::new(format!("http://127.0.0.1:{p}")));
+    // `up` writes the administrator's token on first start; it works at the main and the remotes.
+    let token = crate::harness::admin_token(&data.join("main")).await;
+    let apis = [main, laptop, branch].map(|p| Api::new(format!("http://127.0.0.1:{p}")).with_token(&token));
     for api in &apis {
         wait_for_status(api, |s| s["counts"]["contact"] == 50).await;
     }

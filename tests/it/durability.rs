@@ -61,7 +61,7 @@ async fn merge_order_survives_main_stops(stops: &[(u64, Stop)]) {
 
     let data = env.main_config().data_dir;
     let port = crmsync::natsd::free_port();
-    let main_api = Api::new(format!("http://127.0.0.1:{port}"));
+    let main_api = env.api_at(format!("http://127.0.0.1:{port}"));
     for &(merged, how) in stops {
         let mut main = main_process(&env.nats.url(), &data, port);
         let start = Instant::now();
@@ -290,10 +290,23 @@ async fn with_nats_down_status_answers_at_once_and_a_write_is_refused_within_sec
 
     let client = impatient(Duration::from_secs(5));
     for api in [&env.api, &remote.api] {
-        let status: J = client.get(format!("{}/v1/status", api.base)).send().await.unwrap().json().await.unwrap();
+        let status: J = client
+            .get(format!("{}/v1/status", api.base))
+            .bearer_auth(&env.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(status["nats"]["connected"], false, "{status}");
     }
-    let resp = client.post(format!("{}/v1/contacts", env.api.base)).json(&json!({ "id": "during" })).send().await;
+    let resp = client
+        .post(format!("{}/v1/contacts", env.api.base))
+        .bearer_auth(&env.token)
+        .json(&json!({ "id": "during" }))
+        .send()
+        .await;
     let resp = resp.expect("the write is answered within seconds");
     assert_eq!(resp.status().as_u16(), 503);
     let body: J = resp.json().await.unwrap();
@@ -313,7 +326,10 @@ async fn with_nats_down_status_answers_at_once_and_a_write_is_refused_within_sec
 
 /// Sends a write with an `Idempotency-Key` header.
 async fn keyed(method: reqwest::Method, api: &Api, path: &str, key: &str, body: Option<J>) -> (u16, J) {
-    let mut req = reqwest::Client::new().request(method, format!("{}{path}", api.base)).header("Idempotency-Key", key);
+    let mut req = reqwest::Client::new()
+        .request(method, format!("{}{path}", api.base))
+        .header("Idempotency-Key", key)
+        .bearer_auth(api.token.as_deref().unwrap_or_default());
     if let Some(body) = body {
         req = req.json(&body);
     }
@@ -383,6 +399,7 @@ async fn data_files_are_readable_by_their_owner_alone() {
     let bundle = env.dir.path().join("branch.bundle.json");
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
         .args(["--api", &env.api.base, "remote", "create", "branch", "--set", "everyone", "--out"])
+        .env("CRMSYNC_TOKEN", &env.token)
         .arg(&bundle)
         .output()
         .await
@@ -524,7 +541,7 @@ async fn a_full_disk_refuses_writes_with_507_keeps_reads_and_resumes_by_itself()
     let dir = env.init_remote("laptop", "everyone").await;
     crate::harness::seed_contacts(env.main(), 20, "c").await;
     let port = crmsync::natsd::free_port();
-    let api = Api::new(format!("http://127.0.0.1:{port}"));
+    let api = env.api_at(format!("http://127.0.0.1:{port}"));
     let mut child = crate::harness::remote_process(&dir, port, 200);
     wait_for_status(&api, |s| s["counts"]["contact"] == 20).await;
 
@@ -614,7 +631,7 @@ async fn a_full_disk_at_the_main_refuses_new_changes_and_loses_none_it_took() {
     env.stop_main().await;
     let data = env.main_config().data_dir;
     let port = crmsync::natsd::free_port();
-    let api = Api::new(format!("http://127.0.0.1:{port}"));
+    let api = env.api_at(format!("http://127.0.0.1:{port}"));
     let mut main = main_process(&env.nats.url(), &data, port);
     wait_for_status(&api, |s| s["nats"]["connected"] == true).await;
     let size = std::fs::metadata(data.join("main.redb")).unwrap().len();
@@ -709,7 +726,7 @@ async fn merge_order_survives_a_remote_killed_right_after_its_answers() {
     env.create_all_set("everyone").await;
     let dir = env.init_remote("laptop", "everyone").await;
     let port = crmsync::natsd::free_port();
-    let api = Api::new(format!("http://127.0.0.1:{port}"));
+    let api = env.api_at(format!("http://127.0.0.1:{port}"));
     let mut child = crate::harness::remote_process(&dir, port, 200);
     wait_for_status(&api, |s| s["nats"]["connected"] == true).await;
     const N: usize = 150;

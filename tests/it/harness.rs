@@ -22,6 +22,8 @@ pub struct Env {
     stop_api: Option<tokio::sync::oneshot::Sender<()>>,
     /// NATS requires credentials ([`Env::start_secure`]).
     secure: bool,
+    /// The administrator's API token, which works at the main and at every remote.
+    pub token: String,
 }
 
 /// A service's HTTP API, as a client sees it.
@@ -29,14 +31,26 @@ pub struct Env {
 pub struct Api {
     pub base: String,
     http: reqwest::Client,
+    /// The API token it signs in with.
+    pub token: Option<String>,
 }
 
 impl Api {
+    /// An API client that signs in with no token.
     pub fn new(base: String) -> Api {
-        Api { base, http: reqwest::Client::new() }
+        Api { base, http: reqwest::Client::new(), token: None }
+    }
+
+    /// The same client, signing in with `token`.
+    pub fn with_token(self, token: &str) -> Api {
+        Api { token: Some(token.to_owned()), ..self }
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> (u16, J) {
+        let req = match &self.token {
+            Some(token) => req.bearer_auth(token),
+            None => req,
+        };
         let resp = req.send().await.expect("the API answers");
         let status = resp.status().as_u16();
         let text = resp.text().await.expect("a body");
@@ -140,7 +154,17 @@ impl Env {
             .await
             .unwrap();
         let (base, stop_api) = serve(crmsync::http::main_api(main.clone())).await;
-        Env { dir, nats, main: Some(main), api: Api::new(base), stop_api: Some(stop_api), secure }
+        let token = std::fs::read_to_string(dir.path().join("main").join(crmsync::main_service::ADMIN_TOKEN_FILE))
+            .expect("the main wrote its administrator's token")
+            .trim()
+            .to_owned();
+        let api = Api::new(base).with_token(&token);
+        Env { dir, nats, main: Some(main), api, stop_api: Some(stop_api), secure, token }
+    }
+
+    /// The API at `base`, signed in as the administrator.
+    pub fn api_at(&self, base: String) -> Api {
+        Api::new(base).with_token(&self.token)
     }
 
     pub fn main(&self) -> &Main {
@@ -174,7 +198,7 @@ impl Env {
         let main = Main::start(config).await.unwrap();
         let (base, stop_api) = serve(crmsync::http::main_api(main.clone())).await;
         self.main = Some(main);
-        self.api = Api::new(base);
+        self.api = Api::new(base).with_token(&self.token);
         self.stop_api = Some(stop_api);
     }
 
@@ -208,7 +232,7 @@ impl Env {
         let data_dir = config.data_dir.clone();
         let remote = Remote::start(config).await.unwrap();
         let (base, stop_api) = serve(crmsync::http::remote_api(remote.clone())).await;
-        RemoteHandle { remote, api: Api::new(base), data_dir, stop_api: Some(stop_api) }
+        RemoteHandle { remote, api: Api::new(base).with_token(&self.token), data_dir, stop_api: Some(stop_api) }
     }
 
     pub async fn remote(&self, name: &str, set: &str) -> RemoteHandle {
@@ -336,7 +360,12 @@ pub async fn wait_for_status(api: &Api, done: impl Fn(&J) -> bool) -> J {
     let start = Instant::now();
     let mut last = J::Null;
     loop {
-        if let Ok(resp) = reqwest::get(format!("{}/v1/status", api.base)).await
+        let request = reqwest::Client::new().get(format!("{}/v1/status", api.base));
+        let request = match &api.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        if let Ok(resp) = request.send().await
             && let Ok(s) = resp.json::<J>().await
         {
             if done(&s) {
@@ -374,10 +403,19 @@ pub async fn stop(child: &mut tokio::process::Child, how: Stop) {
 pub async fn cli(api: &Api, args: &[&str]) -> (i32, String, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
         .args(["--api", &api.base])
+        .args(api.token.iter().flat_map(|t| ["--token", t.as_str()]))
         .args(args)
         .output()
         .await
         .unwrap();
     let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
     (out.status.code().unwrap_or(-1), text(out.stdout), text(out.stderr))
+}
+
+/// The administrator's token a main started on `data_dir` writes on its first start (waiting
+/// for it to appear).
+pub async fn admin_token(data_dir: &std::path::Path) -> String {
+    let file = data_dir.join(crmsync::main_service::ADMIN_TOKEN_FILE);
+    wait_for("the main writes its administrator's token", Duration::from_secs(60), || async { file.exists() }).await;
+    std::fs::read_to_string(&file).unwrap().trim().to_owned()
 }

@@ -14,9 +14,9 @@ use crate::harness::{Api, Env, wait_for};
 
 /// Sends one request and returns its status, its `Allow` header and its body as JSON (a body
 /// that is not JSON fails the test: every answer of the API is JSON).
-async fn request(method: &str, url: &str, content_type: Option<&str>, body: &str) -> (u16, String, J) {
+async fn request(token: &str, method: &str, url: &str, content_type: Option<&str>, body: &str) -> (u16, String, J) {
     let client = reqwest::Client::new();
-    let mut req = client.request(method.parse().unwrap(), url).body(body.to_owned());
+    let mut req = client.request(method.parse().unwrap(), url).bearer_auth(token).body(body.to_owned());
     if let Some(content_type) = content_type {
         req = req.header("content-type", content_type);
     }
@@ -40,7 +40,7 @@ async fn hostile_requests_get_json_errors_that_say_what_was_wrong_at_the_main_an
     for (side, base) in [("main", &env.api.base), ("remote", &remote.api.base)] {
         let url = |path: &str| format!("{base}{path}");
         // A path that exists, with a method it does not take.
-        let (status, allow, body) = request("PUT", &url("/v1/contacts/x"), None, "").await;
+        let (status, allow, body) = request(&env.token, "PUT", &url("/v1/contacts/x"), None, "").await;
         assert_eq!(status, 405, "{side}: {body}");
         let message = error_of(&body);
         assert!(message.contains("/v1/contacts/x does not take PUT"), "{side}: {message}");
@@ -49,46 +49,53 @@ async fn hostile_requests_get_json_errors_that_say_what_was_wrong_at_the_main_an
             "{side}: {message}"
         );
         assert!(allow.contains("PATCH"), "{side}: the Allow header stays: {allow:?}");
-        let (status, _, body) = request("GET", &url("/v1/rebuild"), None, "").await;
+        let (status, _, body) = request(&env.token, "GET", &url("/v1/rebuild"), None, "").await;
         assert_eq!(status, 405, "{side}: {body}");
         assert!(error_of(&body).contains("it takes POST"), "{side}: {body}");
 
         // Percent-encoded bytes that are not UTF-8, in an id and in a filter.
-        let (status, _, body) = request("GET", &url("/v1/contacts/%FF"), None, "").await;
+        let (status, _, body) = request(&env.token, "GET", &url("/v1/contacts/%FF"), None, "").await;
         assert_eq!(status, 400, "{side}: {body}");
         assert!(error_of(&body).contains("/v1/contacts/%FF is not UTF-8"), "{side}: {body}");
-        let (status, _, body) = request("DELETE", &url("/v1/contacts/a%C3"), None, "").await;
+        let (status, _, body) = request(&env.token, "DELETE", &url("/v1/contacts/a%C3"), None, "").await;
         assert_eq!(status, 400, "{side}: {body}");
         assert!(error_of(&body).contains("not UTF-8"), "{side}: {body}");
-        let (status, _, body) = request("GET", &url("/v1/contacts?state=%FF%FE"), None, "").await;
+        let (status, _, body) = request(&env.token, "GET", &url("/v1/contacts?state=%FF%FE"), None, "").await;
         assert_eq!(status, 400, "{side}: {body}");
         assert!(
             error_of(&body).contains("the value \"%FF%FE\" of `state` in the query string is not UTF-8"),
             "{side}: {body}"
         );
         // Well-formed percent-encoding still filters: `N%59` is `NY`.
-        let (status, _, body) = request("GET", &url("/v1/contacts?state=N%59&limit=5"), None, "").await;
+        let (status, _, body) = request(&env.token, "GET", &url("/v1/contacts?state=N%59&limit=5"), None, "").await;
         assert_eq!(status, 200, "{side}: {body}");
 
         // A body that is not JSON, whatever its content type says.
-        let (status, _, body) = request("POST", &url("/v1/contacts"), Some("text/plain"), "first_name=Ann").await;
+        let (status, _, body) =
+            request(&env.token, "POST", &url("/v1/contacts"), Some("text/plain"), "first_name=Ann").await;
         assert_eq!(status, 400, "{side}: {body}");
         assert!(error_of(&body).contains("not valid JSON"), "{side}: {body}");
         // No endpoint at all.
-        let (status, _, body) = request("GET", &url("/v2/contacts"), None, "").await;
+        let (status, _, body) = request(&env.token, "GET", &url("/v2/contacts"), None, "").await;
         assert_eq!(status, 404, "{side}: {body}");
         assert!(error_of(&body).contains("no endpoint GET /v2/contacts"), "{side}: {body}");
     }
-    let (status, _, body) = request("GET", &format!("{}/v1/sets/%FF/preview", env.api.base), None, "").await;
+    let (status, _, body) =
+        request(&env.token, "GET", &format!("{}/v1/sets/%FF/preview", env.api.base), None, "").await;
     assert_eq!(status, 400, "{body}");
     assert!(error_of(&body).contains("not UTF-8"), "{body}");
     remote.stop().await;
 }
 
 /// Runs the command line against `api`: (exit code, stdout, stderr).
-fn cli(api: &str, args: &[&str]) -> (i32, String, String) {
-    let out =
-        std::process::Command::new(env!("CARGO_BIN_EXE_crmsync")).arg("--api").arg(api).args(args).output().unwrap();
+fn cli(api: &Api, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
+        .arg("--api")
+        .arg(&api.base)
+        .args(api.token.iter().flat_map(|t| ["--token", t.as_str()]))
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -136,22 +143,22 @@ async fn hostile_sets_and_remotes_list_in_pages_through_the_api_and_the_command_
     let (status, page) = env.api.get("/v1/remotes?set=mine").await;
     assert_eq!((status, page["items"].as_array().unwrap().len()), (200, 1), "{page}");
 
-    let base = env.api.base.clone();
+    let base = env.api.clone();
     let (code, out, err) = tokio::task::spawn_blocking(move || cli(&base, &["set", "list"])).await.unwrap();
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("everyone") && out.contains("all records"), "{out}");
     assert!(out.contains("theirs") && out.contains("ann"), "{out}");
-    let base = env.api.base.clone();
+    let base = env.api.clone();
     let (code, out, err) =
         tokio::task::spawn_blocking(move || cli(&base, &["set", "list", "--limit", "1"])).await.unwrap();
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("everyone") && !out.contains("theirs") && out.contains("(more: --after everyone)"), "{out}");
-    let base = env.api.base.clone();
+    let base = env.api.clone();
     let (code, out, err) = tokio::task::spawn_blocking(move || cli(&base, &["remote", "list"])).await.unwrap();
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("branch") && out.contains("set mine, active, last sync"), "{out}");
     assert!(out.contains("laptop") && out.contains("set everyone, active, last sync"), "{out}");
-    let base = env.api.base.clone();
+    let base = env.api.clone();
     let (code, out, err) =
         tokio::task::spawn_blocking(move || cli(&base, &["remote", "list", "--json"])).await.unwrap();
     assert_eq!(code, 0, "{err}");
@@ -163,7 +170,7 @@ async fn hostile_sets_and_remotes_list_in_pages_through_the_api_and_the_command_
 async fn hostile_the_command_line_says_what_came_back_when_an_error_answer_is_not_json() {
     // Something that is not crmsync (a proxy, say) answers in front of it.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
+    let base = Api::new(format!("http://{}", listener.local_addr().unwrap()));
     tokio::spawn(async move {
         let answers = [
             "HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
@@ -245,7 +252,7 @@ async fn hostile_half_open_connections_neither_stop_the_api_nor_stay_open() {
 
     // The API answers at once while the 300 wait for their timeout.
     let started = Instant::now();
-    let status = tokio::time::timeout(header_timeout, Api::new(base.clone()).status()).await;
+    let status = tokio::time::timeout(header_timeout, env.api_at(base.clone()).status()).await;
     assert!(status.is_ok(), "the API did not answer within {header_timeout:?} with 300 half-open connections");
     assert!(started.elapsed() < header_timeout, "answered only after {:?}", started.elapsed());
 
@@ -265,8 +272,10 @@ async fn hostile_half_open_connections_neither_stop_the_api_nor_stay_open() {
 
     // A body that stops half-way is answered 408 once the body timeout passes.
     let mut stream = TcpStream::connect(base.trim_start_matches("http://")).await.unwrap();
-    let head =
-        "POST /v1/contacts HTTP/1.1\r\nHost: crm\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n";
+    let head = format!(
+        "POST /v1/contacts HTTP/1.1\r\nHost: crm\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n",
+        env.token
+    );
     stream.write_all(format!("{head}{{\"first_name\": ").as_bytes()).await.unwrap();
     let mut answer = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
@@ -294,7 +303,7 @@ async fn hostile_connections_beyond_the_limit_wait_and_are_answered_once_others_
     // Ten connections hold the four slots and queue behind them.
     let _slow = half_open(&base, 10).await;
     let started = Instant::now();
-    let status = tokio::time::timeout(Duration::from_secs(15), Api::new(base.clone()).status()).await;
+    let status = tokio::time::timeout(Duration::from_secs(15), env.api_at(base.clone()).status()).await;
     assert!(status.is_ok(), "the API did not answer once the half-open connections timed out");
     let waited = started.elapsed();
     assert!(waited >= header_timeout, "answered after {waited:?}: the limit of 4 connections was not applied");
@@ -435,7 +444,7 @@ async fn hostile_a_blank_set_query_is_refused_with_what_to_do_instead() {
     let (status, resp) = env.api.patch("/v1/sets/s", &json!({ "query": null })).await;
     assert_eq!((status, resp.get("query")), (200, None), "{resp}");
 
-    let base = env.api.base.clone();
+    let base = env.api.clone();
     let (code, _, err) =
         tokio::task::spawn_blocking(move || cli(&base, &["set", "create", "t", "--users", "ann", "--query", ""]))
             .await

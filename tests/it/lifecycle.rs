@@ -174,7 +174,7 @@ async fn sync_once_uploads_what_waits_catches_up_to_the_head_and_exits_with_a_su
     let listen = format!("127.0.0.1:{port}");
     let mut offline =
         crate::harness::crmsync_process(&["remote", "serve", "--listen", &listen, "--nats", &nowhere, "--data"], &dir);
-    let api = crate::harness::Api::new(format!("http://{listen}"));
+    let api = env.api_at(format!("http://{listen}"));
     crate::harness::wait_for_status(&api, |s| s["nats"]["connected"] == false).await;
     for i in 0..20 {
         let (status, body) = api.post("/v1/contacts", &json!({ "id": format!("made{i}"), "last_name": "Here" })).await;

@@ -18,7 +18,11 @@ fn impatient() -> reqwest::Client {
 /// The remote's status, asked with [`impatient`]; prints how long it took to answer.
 async fn status_while_offline(api: &Api) -> J {
     let started = Instant::now();
-    let resp = impatient().get(format!("{}/v1/status", api.base)).send().await;
+    let resp = impatient()
+        .get(format!("{}/v1/status", api.base))
+        .bearer_auth(api.token.as_deref().unwrap_or_default())
+        .send()
+        .await;
     let status: J = resp.expect("status answers while NATS is down").json().await.unwrap();
     println!("status answered in {:.1} ms with NATS down", started.elapsed().as_secs_f64() * 1000.0);
     status
@@ -64,7 +68,7 @@ async fn a_remote_started_with_nats_down_serves_reads_takes_edits_and_syncs_when
     tokio::task::block_in_place(|| nats.stop());
     // Started as a user would, with NATS down.
     let port = crmsync::natsd::free_port();
-    let api = Api::new(format!("http://127.0.0.1:{port}"));
+    let api = env.api_at(format!("http://127.0.0.1:{port}"));
     let mut child = remote_process(&dir, port, 4000);
     let status = wait_for_status(&api, |s| s["role"] == "remote").await;
     assert_offline(&status, applied, 0);
@@ -127,7 +131,7 @@ async fn a_remote_cut_off_from_nats_stops_on_sigterm_and_keeps_its_edits(cut: Cu
     seed_contacts(env.main(), 5, "c").await;
     let dir = env.init_remote("laptop", "everyone").await;
     let port = crmsync::natsd::free_port();
-    let api = Api::new(format!("http://127.0.0.1:{port}"));
+    let api = env.api_at(format!("http://127.0.0.1:{port}"));
     let mut child = remote_process(&dir, port, 4000);
     let synced = wait_for_status(&api, |s| s["nats"]["connected"] == true && s["counts"]["contact"] == 5).await;
 

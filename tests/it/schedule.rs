@@ -200,7 +200,7 @@ async fn a_remote_offline_past_its_expiry_knows_it_by_its_own_clock() {
     // Offline, it takes an edit.
     let port = crmsync::natsd::free_port();
     let listen = format!("127.0.0.1:{port}");
-    let api = crate::harness::Api::new(format!("http://{listen}"));
+    let api = env.api_at(format!("http://{listen}"));
     let serve = ["remote", "serve", "--listen", &listen, "--nats", &nowhere, "--data"];
     let mut child = crate::harness::crmsync_process(&serve, &dir);
     wait_for_status(&api, |s| s["nats"]["connected"] == false).await;
@@ -247,7 +247,7 @@ async fn remote_serve_takes_its_schedule_from_the_command_line_and_refuses_a_bad
     let dir = env.init_remote("laptop", "everyone").await;
     let port = crmsync::natsd::free_port();
     let listen = format!("127.0.0.1:{port}");
-    let api = crate::harness::Api::new(format!("http://{listen}"));
+    let api = env.api_at(format!("http://{listen}"));
     let args = ["remote", "serve", "--listen", &listen, "--sync", "weekly@Friday@17:00", "--data"];
     let mut child = crate::harness::crmsync_process(&args, &dir);
     let status = wait_for_status(&api, |s| s["sync"]["next_ms"].is_u64()).await;
@@ -291,7 +291,7 @@ async fn a_main_whose_clock_runs_past_a_remotes_expiry_expires_it_at_start() {
     let data = env.main_config().data_dir;
     let args = ["main", "serve", "--nats", &env.nats.url(), "--listen", &listen, "--data"];
     let mut main = crate::harness::crmsync_process_with(&args, &data, &[("CRMSYNC_CLOCK_SHIFT", "3d")]);
-    let api = crate::harness::Api::new(format!("http://{listen}"));
+    let api = env.api_at(format!("http://{listen}"));
     wait_for_status(&api, |s| s["role"] == "main").await;
     wait_for("the main expires laptop", Duration::from_secs(20), || async {
         api.get("/v1/remotes/laptop").await.1["state"] == "expired"

@@ -219,7 +219,8 @@ async fn nats_auth_sets_up_a_server_that_the_main_and_its_remotes_log_in_to() {
         "--data",
     ];
     let mut main = crmsync_process(&args, &main_data);
-    let api = Api::new(format!("http://{listen}"));
+    let token = crate::harness::admin_token(&main_data).await;
+    let api = Api::new(format!("http://{listen}")).with_token(&token);
     wait_for_status(&api, |s| s["role"] == "main").await;
     let bundle = dir.path().join("laptop.bundle.json");
     for command in [
@@ -238,9 +239,115 @@ async fn nats_auth_sets_up_a_server_that_the_main_and_its_remotes_log_in_to() {
     assert_eq!(code, 0, "{err}");
     let remote_port = crmsync::natsd::free_port();
     let mut remote = crate::harness::remote_process(&laptop, remote_port, 100);
-    let remote_api = Api::new(format!("http://127.0.0.1:{remote_port}"));
+    let remote_api = Api::new(format!("http://127.0.0.1:{remote_port}")).with_token(&token);
     wait_for_status(&remote_api, |s| s["counts"]["contact"] == 1).await;
     assert_eq!(remote_api.get("/v1/contacts/c1").await.1["city"], "Albany");
     stop(&mut remote, Stop::Term).await;
     stop(&mut main, Stop::Term).await;
+}
+
+/// The APIs answer only a user with a token, their role decides what they may do (403 with
+/// the rule), and they see only the records they may access, at the main and at a remote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apis_require_a_token_and_roles_and_access_decide_what_each_user_gets() {
+    use crate::harness::{Api, cli};
+    let env = Env::start().await;
+    env.create_all_set("everyone").await;
+    let mut tokens = std::collections::BTreeMap::new();
+    for (id, role) in [("sam", "standard"), ("rita", "restricted"), ("bo", "browse"), ("meg", "manager")] {
+        env.api.create(Kind::User, json!({ "id": id, "name": id, "role": role })).await;
+        let (status, body) = env.api.post(&format!("/v1/users/{id}/tokens"), &json!({})).await;
+        assert_eq!(status, 201, "{body}");
+        tokens.insert(id, body["token"].as_str().unwrap().to_owned());
+    }
+    let as_user = |id: &str| Api::new(env.api.base.clone()).with_token(&tokens[id]);
+    let (_, user) = env.api.get("/v1/users/sam").await;
+    assert!(user.get("tokens").is_none(), "token hashes are never shown: {user}");
+
+    // No token, or a wrong one: 401, saying how to sign in.
+    let (status, body) = Api::new(env.api.base.clone()).get("/v1/contacts").await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("Authorization: Bearer"), "{body}");
+    let (status, _) = Api::new(env.api.base.clone()).with_token("crm_nope").get("/v1/status").await;
+    assert_eq!(status, 401);
+
+    // Roles: 403 with the rule.
+    let refused = |body: &serde_json::Value, rule: &str| {
+        assert!(body["error"].as_str().unwrap().contains(rule), "{body}");
+    };
+    let (status, body) = as_user("sam").post("/v1/sets", &json!({ "name": "mine", "all": true })).await;
+    assert_eq!(status, 403);
+    refused(&body, "only administrators and managers manage sets; sam is a standard user");
+    let (status, _) = as_user("meg").post("/v1/sets", &json!({ "name": "mine", "all": true })).await;
+    assert_eq!(status, 201);
+    let (status, body) = as_user("bo").post("/v1/contacts", &json!({ "id": "b1" })).await;
+    assert_eq!(status, 403);
+    refused(&body, "browse users only read");
+    let (status, body) = as_user("sam").post("/v1/users", &json!({ "name": "Eve" })).await;
+    assert_eq!(status, 403);
+    refused(&body, "only administrators and managers manage users");
+    let (status, body) = as_user("sam").post("/v1/users/sam", &json!({ "tokens": ["x"] })).await;
+    assert!(status == 400 || status == 405, "{status} {body}");
+    as_user("sam").create(Kind::Contact, json!({ "id": "sams", "manager": "sam" })).await;
+    let (status, body) = as_user("rita").patch("/v1/contacts/sams", &json!({ "city": "Troy" })).await;
+    assert_eq!(status, 403);
+    refused(&body, "restricted users change only the records they manage");
+    let (status, made) = as_user("rita").post("/v1/contacts", &json!({ "id": "ritas" })).await;
+    assert_eq!((status, made["manager"].as_str()), (201, Some("rita")), "{made}");
+    assert_eq!(as_user("rita").patch("/v1/contacts/ritas", &json!({ "city": "Troy" })).await.0, 200);
+
+    // Access: a private record is its manager's alone, and cannot be told from a missing one.
+    as_user("sam")
+        .create(Kind::Contact, json!({ "id": "secret", "last_name": "Secret", "manager": "sam", "access": "private" }))
+        .await;
+    as_user("sam").create(Kind::Note, json!({ "id": "n1", "contact_id": "secret", "text": "x" })).await;
+    let (status, hidden) = as_user("bo").get("/v1/contacts/secret").await;
+    let (_, missing) = as_user("bo").get("/v1/contacts/nothing").await;
+    assert_eq!(status, 404);
+    assert_eq!(hidden["error"].as_str().unwrap().replace("secret", "nothing"), missing["error"].as_str().unwrap());
+    assert_eq!(as_user("bo").get("/v1/notes/n1").await.0, 404);
+    for path in ["/v1/contacts", "/v1/contacts?last_name=Secret", "/v1/notes", "/v1/notes?contact_id=secret"] {
+        let (status, page) = as_user("bo").get(path).await;
+        assert_eq!(status, 200, "{page}");
+        assert!(!page.to_string().contains("secret") || path.contains("contact_id"), "{path}: {page}");
+        assert!(!page["items"].to_string().contains("\"secret\""), "{path}: {page}");
+    }
+    assert_eq!(as_user("sam").get("/v1/contacts/secret").await.0, 200);
+    let (status, _) = as_user("bo").patch("/v1/contacts/secret", &json!({ "city": "X" })).await;
+    assert_eq!(status, 404, "a write to a record one may not see is a write to a missing one");
+
+    // At a remote: the same tokens, the same rules.
+    let laptop = env.remote("laptop", "everyone").await;
+    wait_converged(env.main(), laptop.remote.store()).await;
+    let at_laptop = |id: &str| Api::new(laptop.api.base.clone()).with_token(&tokens[id]);
+    assert_eq!(at_laptop("sam").get("/v1/contacts/secret").await.0, 200);
+    assert_eq!(at_laptop("bo").get("/v1/contacts/secret").await.0, 404);
+    assert_eq!(at_laptop("bo").post("/v1/contacts", &json!({ "id": "b2" })).await.0, 403);
+    assert_eq!(Api::new(laptop.api.base.clone()).get("/v1/status").await.0, 401);
+
+    // The command line: a token from --token, CRMSYNC_TOKEN or CRMSYNC_TOKEN_FILE.
+    let (code, _, err) = cli(&as_user("sam"), &["user", "token", "bo"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("only administrators and managers"), "{err}");
+    let (code, out, err) = cli(&env.api, &["user", "token", "bo"]).await;
+    assert_eq!(code, 0, "{err}");
+    let new_token = out.trim().to_owned();
+    assert_eq!(Api::new(env.api.base.clone()).with_token(&new_token).get("/v1/contacts/b1").await.0, 404);
+    let file = env.dir.path().join("bo.token");
+    std::fs::write(&file, format!("{new_token}\n")).unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
+        .args(["--api", &env.api.base, "contact", "show", "sams"])
+        .env("CRMSYNC_TOKEN_FILE", &file)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
+        .args(["--api", &env.api.base, "status"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no token"));
+    laptop.stop().await;
 }

@@ -67,6 +67,11 @@ pub struct NatsdOptions {
     /// Configuration for authentication (`crate::identity::Authority::server_config`): every
     /// client must then log in. `None`: anyone on the loopback interface may connect.
     pub auth: Option<String>,
+    /// The server's TLS certificate and key (PEM files): clients must then speak TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// A WebSocket listener on this port (plain; TLS in front of it is the proxy's), for remotes
+    /// behind firewalls that only let HTTP(S) through.
+    pub websocket_port: Option<u16>,
 }
 
 /// A nats-server child process, stopped when dropped.
@@ -76,6 +81,8 @@ pub struct NatsServer {
     pub store_dir: PathBuf,
     pub log: PathBuf,
     auth: Option<String>,
+    tls: Option<(PathBuf, PathBuf)>,
+    websocket_port: Option<u16>,
 }
 
 impl NatsServer {
@@ -91,8 +98,16 @@ impl NatsServer {
         // for, authentication.
         let config = opts.store_dir.with_extension("conf");
         let quote = |p: &Path| serde_json::to_string(&p.display().to_string()).unwrap_or_default();
+        let tls = match &opts.tls {
+            Some((cert, key)) => format!("tls {{ cert_file: {}, key_file: {} }}\n", quote(cert), quote(key)),
+            None => String::new(),
+        };
+        let websocket = match opts.websocket_port {
+            Some(port) => format!("websocket {{ listen: \"127.0.0.1:{port}\", no_tls: true }}\n"),
+            None => String::new(),
+        };
         let text = format!(
-            "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {} }}\n{}",
+            "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {} }}\n{tls}{websocket}{}",
             quote(&opts.store_dir),
             opts.auth.as_deref().unwrap_or_default()
         );
@@ -108,8 +123,15 @@ impl NatsServer {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|source| NatsdError::Spawn { binary: binary.clone(), source })?;
-        let mut server =
-            NatsServer { child: Some(child), port, store_dir: opts.store_dir.clone(), log, auth: opts.auth.clone() };
+        let mut server = NatsServer {
+            child: Some(child),
+            port,
+            store_dir: opts.store_dir.clone(),
+            log,
+            auth: opts.auth.clone(),
+            tls: opts.tls.clone(),
+            websocket_port: opts.websocket_port,
+        };
         server.wait_ready(Duration::from_secs(15))?;
         Ok(server)
     }
@@ -188,6 +210,8 @@ impl NatsServer {
             port: self.port,
             store_dir: self.store_dir.clone(),
             auth: self.auth.clone(),
+            tls: self.tls.clone(),
+            websocket_port: self.websocket_port,
         })?;
         *self = again;
         Ok(())

@@ -89,6 +89,9 @@ impl TransportError {
 pub struct Login {
     pub creds: Option<String>,
     pub inbox_prefix: Option<String>,
+    /// The certificate authority of the server's TLS certificate (a PEM file): the connection
+    /// then requires TLS and trusts that authority (besides the system's).
+    pub ca: Option<std::path::PathBuf>,
 }
 
 /// A connection and its JetStream context.
@@ -179,6 +182,9 @@ impl Nats {
         }
         if let Some(prefix) = &login.inbox_prefix {
             options = options.custom_inbox_prefix(prefix.as_str());
+        }
+        if let Some(ca) = &login.ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
         }
         let client =
             options.connect(url).await.map_err(|source| TransportError::Connect { url: url.to_owned(), source })?;

@@ -29,6 +29,10 @@ pub struct Bundle {
     /// hashes), so people can sign in at the remote before its first sync.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub users: Vec<(String, Fields)>,
+    /// The certificate authority (PEM) of the NATS server's TLS certificate, when it speaks
+    /// TLS: the remote then requires TLS and trusts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats_ca: Option<String>,
 }
 
 /// The name of a remote's durable consumer on `CRM_SYNC`, until it is re-created.
@@ -64,6 +68,7 @@ impl Bundle {
             created_ms: int("created_ms") as u64,
             creds: None,
             users: Vec::new(),
+            nats_ca: None,
         }
     }
 
@@ -124,6 +129,7 @@ mod tests {
                 created_ms: 1_700_000_000_000,
                 creds: None,
                 users: Vec::new(),
+                nats_ca: None,
             }
         );
         let json = serde_json::to_string(&bundle).unwrap();

@@ -138,6 +138,10 @@ pub struct NatsArg {
     /// and issues each remote's. Without it, NATS must not require authentication.
     #[arg(long, env = "CRMSYNC_NATS_AUTHORITY")]
     pub authority: Option<PathBuf>,
+    /// The certificate authority (PEM) of NATS's TLS certificate: the main then requires TLS,
+    /// and each remote's bundle carries it.
+    #[arg(long, env = "CRMSYNC_NATS_CA")]
+    pub nats_ca: Option<PathBuf>,
 }
 
 /// Users: the record commands, and their API tokens.

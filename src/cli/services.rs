@@ -55,8 +55,13 @@ pub async fn main(cmd: MainCommand) -> anyhow::Result<()> {
         MainCommand::Serve { nats, data, listen } => {
             let listener = bind(listen).await?;
             let clock = WallClock::from_env()?;
-            let main =
-                Main::start(MainConfig { clock, authority: nats.authority, ..MainConfig::new(nats.url, data) }).await?;
+            let config = MainConfig {
+                clock,
+                authority: nats.authority,
+                nats_ca: nats.nats_ca,
+                ..MainConfig::new(nats.url, data)
+            };
+            let main = Main::start(config).await?;
             tracing::info!("main of database {} serving on http://{listen}", main.database_id());
             http::serve(listener, http::main_api(main.clone()), shutdown_signal()).await?;
             main.stop().await;
@@ -65,7 +70,8 @@ pub async fn main(cmd: MainCommand) -> anyhow::Result<()> {
         MainCommand::Rebuild { nats, data } => {
             let bar = progress_bar(0);
             let started = std::time::Instant::now();
-            let config = MainConfig { authority: nats.authority, ..MainConfig::new(nats.url, data) };
+            let config =
+                MainConfig { authority: nats.authority, nats_ca: nats.nats_ca, ..MainConfig::new(nats.url, data) };
             let events = crmsync::main_service::rebuild(&config, |done, total| {
                 bar.set_length(total);
                 bar.set_position(done);
@@ -199,7 +205,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let authority = args.data.join(AUTHORITY_FILE);
     let auth = nats_auth(&authority, &args.data.join("nats-resolver"))?;
     let store_dir = args.data.join("nats");
-    let opts = NatsdOptions { port: args.nats_port, store_dir, auth: Some(auth) };
+    let opts = NatsdOptions { port: args.nats_port, store_dir, auth: Some(auth), ..Default::default() };
     let nats = tokio::task::spawn_blocking(move || NatsServer::start(&opts)).await??;
     let clock = WallClock::from_env()?;
     let config =

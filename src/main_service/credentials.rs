@@ -30,14 +30,14 @@ impl Credentials {
     /// Reads the authority file and connects to the system account; pushes the account JWT
     /// with every revocation made so far (a server set up from an older configuration learns
     /// them).
-    pub(super) async fn open(path: PathBuf, url: &str) -> anyhow::Result<(Credentials, Login)> {
+    pub(super) async fn open(path: PathBuf, url: &str, base: Login) -> anyhow::Result<(Credentials, Login)> {
         let authority = Authority::load(&path).map_err(|e| {
             anyhow::anyhow!("cannot read the NATS authority: {e}; make it with `crmsync nats-auth --authority FILE`")
         })?;
-        let system = Login { creds: Some(authority.system_creds()), inbox_prefix: None };
+        let system = Login { creds: Some(authority.system_creds()), ..base.clone() };
         let system = Nats::connect_as(url, "crmsync-main-system", &system).await?;
         system.push_account_jwt(&authority.account_jwt()).await?;
-        let login = Login { creds: Some(authority.main_creds()), inbox_prefix: None };
+        let login = Login { creds: Some(authority.main_creds()), ..base };
         Ok((Credentials { authority: Mutex::new(authority), path, system }, login))
     }
 

@@ -62,22 +62,32 @@ pub struct MainConfig {
     /// The NATS authority file (`crmsync nats-auth`): the main connects with credentials of
     /// its own and issues each remote's. `None`: a server without authentication.
     pub authority: Option<PathBuf>,
+    /// The certificate authority of NATS's TLS certificate (a PEM file): the main's connections
+    /// require TLS, and each remote's bundle carries the authority.
+    pub nats_ca: Option<PathBuf>,
 }
 
 impl MainConfig {
-    /// How the main's own connections log in: with credentials of the authority, if any.
+    /// How the main's own connections log in: over TLS if configured, with credentials of the
+    /// authority, if any.
     fn login(&self) -> anyhow::Result<crate::transport::Login> {
-        Ok(match &self.authority {
-            Some(path) => crate::transport::Login {
-                creds: Some(crate::identity::Authority::load(path)?.main_creds()),
-                inbox_prefix: None,
-            },
-            None => crate::transport::Login::default(),
+        let creds = self.authority.as_ref().map(|path| crate::identity::Authority::load(path)).transpose()?;
+        Ok(crate::transport::Login {
+            creds: creds.map(|a| a.main_creds()),
+            inbox_prefix: None,
+            ca: self.nats_ca.clone(),
         })
     }
 
     pub fn new(nats_url: String, data_dir: PathBuf) -> MainConfig {
-        MainConfig { nats_url, data_dir, clock: WallClock::system(), expiry_check: EXPIRY_CHECK, authority: None }
+        MainConfig {
+            nats_url,
+            data_dir,
+            clock: WallClock::system(),
+            expiry_check: EXPIRY_CHECK,
+            authority: None,
+            nats_ca: None,
+        }
     }
 }
 
@@ -130,12 +140,13 @@ impl Main {
             }
             other => other?,
         };
+        let base = crate::transport::Login { ca: config.nats_ca.clone(), ..Default::default() };
         let (credentials, login) = match &config.authority {
             Some(path) => {
-                let (credentials, login) = credentials::Credentials::open(path.clone(), &config.nats_url).await?;
+                let (credentials, login) = credentials::Credentials::open(path.clone(), &config.nats_url, base).await?;
                 (Some(credentials), login)
             }
-            None => (None, crate::transport::Login::default()),
+            None => (None, base),
         };
         let nats = Nats::connect_as(&config.nats_url, "crmsync-main", &login).await?;
         let stored_id = store.meta_str(DATABASE_ID)?;
@@ -575,7 +586,15 @@ impl Main {
         .await?;
         let nats_url = req.nats_url.clone().unwrap_or_else(|| self.inner.config.nats_url.clone());
         let bundle = Bundle::of_remote(&self.inner.database_id, &req.name, &fields, nats_url);
-        Ok(Bundle { creds: creds.map(|(creds, _)| creds), users: self.users()?, ..bundle })
+        Ok(Bundle { creds: creds.map(|(creds, _)| creds), users: self.users()?, nats_ca: self.nats_ca()?, ..bundle })
+    }
+
+    /// The NATS server's certificate authority (PEM), for a bundle, when NATS speaks TLS.
+    fn nats_ca(&self) -> Result<Option<String>, ServiceError> {
+        let Some(path) = &self.inner.config.nats_ca else { return Ok(None) };
+        std::fs::read_to_string(path).map(Some).map_err(|e| {
+            ServiceError::Internal(format!("cannot read the NATS certificate authority {}: {e}", path.display()))
+        })
     }
 
     /// Every user, for a bundle.

@@ -107,7 +107,8 @@ impl Main {
         })
         .await?;
         tracing::info!(remote = name, consumer, "re-created");
-        Ok(Bundle { creds: creds.map(|(creds, _)| creds), users: self.users()?, ..self.bundle(name)? })
+        let (users, nats_ca) = (self.users()?, self.nats_ca()?);
+        Ok(Bundle { creds: creds.map(|(creds, _)| creds), users, nats_ca, ..self.bundle(name)? })
     }
 
     /// The consumer of a remote, as its record names it.

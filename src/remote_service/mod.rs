@@ -96,6 +96,17 @@ fn seed_users(t: &mut crate::store::Tables<'_>, bundle: &Bundle) -> Result<(), c
     Ok(())
 }
 
+/// The NATS server's certificate authority the bundle carries, as a file beside the store (the
+/// TLS client reads a file); `None` when NATS does not speak TLS.
+fn nats_ca_file(data_dir: &Path, bundle: &Bundle) -> anyhow::Result<Option<PathBuf>> {
+    let Some(pem) = &bundle.nats_ca else { return Ok(None) };
+    let file = data_dir.join("nats-ca.pem");
+    if std::fs::read_to_string(&file).ok().as_deref() != Some(pem.as_str()) {
+        crate::files::write_private(&file, pem.as_bytes())?;
+    }
+    Ok(Some(file))
+}
+
 /// The bundle `init` kept in a remote's data directory.
 pub fn read_bundle(data_dir: &Path) -> anyhow::Result<Bundle> {
     let path = data_dir.join(BUNDLE_FILE);
@@ -239,6 +250,7 @@ impl Remote {
         let login = crate::transport::Login {
             inbox_prefix: bundle.creds.as_ref().map(|_| crate::identity::inbox_prefix(&bundle.remote)).transpose()?,
             creds: bundle.creds.clone(),
+            ca: nats_ca_file(&config.data_dir, &bundle)?,
         };
         let nats = Nats::connect_in_background(&nats_url, &format!("crmsync-remote-{}", bundle.remote), &login).await?;
         let (rebuild_tx, rebuild_rx) = mpsc::channel(4);

@@ -145,10 +145,12 @@ impl Env {
             std::fs::create_dir_all(&resolver).unwrap();
             crmsync::identity::Authority::load(&authority).unwrap().server_config(&resolver)
         });
-        let nats = tokio::task::spawn_blocking(move || NatsServer::start(&NatsdOptions { port: 0, store_dir, auth }))
-            .await
-            .unwrap()
-            .expect("nats-server starts (run ops/install-nats-server)");
+        let nats = tokio::task::spawn_blocking(move || {
+            NatsServer::start(&NatsdOptions { port: 0, store_dir, auth, ..Default::default() })
+        })
+        .await
+        .unwrap()
+        .expect("nats-server starts (run ops/install-nats-server)");
         let authority = secure.then_some(authority);
         let main = Main::start(MainConfig { authority, ..MainConfig::new(nats.url(), dir.path().join("main")) })
             .await
@@ -320,7 +322,7 @@ impl Env {
         let creds = self.secure.then(|| {
             crmsync::identity::Authority::load(&self.dir.path().join("nats-authority.json")).unwrap().main_creds()
         });
-        let login = crmsync::transport::Login { creds, inbox_prefix: None };
+        let login = crmsync::transport::Login { creds, ..Default::default() };
         crmsync::transport::Nats::connect_as(&self.nats.url(), "test", &login).await.unwrap()
     }
 }

@@ -142,7 +142,7 @@ async fn a_remote_deleted_or_recreated_at_the_main_is_cut_off_within_seconds() {
     let bundle = env.main().recreate_remote("laptop").await.unwrap();
     let status = wait_for_status(&laptop.api, |s| s["nats"]["connected"] == false).await;
     assert!(status["nats"]["error"].as_str().is_some_and(|e| e.to_lowercase().contains("revoked")), "{status}");
-    let login = Login { creds: old_laptop.creds.clone(), inbox_prefix: Some("_INBOX_laptop".into()) };
+    let login = Login { creds: old_laptop.creds.clone(), inbox_prefix: Some("_INBOX_laptop".into()), ca: None };
     assert!(Nats::connect_as(&env.nats.url(), "old", &login).await.is_err(), "the old credentials still work");
     // The new bundle syncs.
     let file = env.dir.path().join("new.bundle.json");
@@ -197,7 +197,12 @@ async fn nats_auth_sets_up_a_server_that_the_main_and_its_remotes_log_in_to() {
     assert!(auth.contains("operator:") && auth.contains("resolver"), "{auth}");
     let store_dir = dir.path().join("nats");
     let nats = tokio::task::spawn_blocking(move || {
-        crmsync::natsd::NatsServer::start(&crmsync::natsd::NatsdOptions { port: 0, store_dir, auth: Some(auth) })
+        crmsync::natsd::NatsServer::start(&crmsync::natsd::NatsdOptions {
+            port: 0,
+            store_dir,
+            auth: Some(auth),
+            ..Default::default()
+        })
     })
     .await
     .unwrap()
@@ -350,4 +355,120 @@ async fn the_apis_require_a_token_and_roles_and_access_decide_what_each_user_get
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no token"));
     laptop.stop().await;
+}
+
+/// A certificate authority and a server certificate for 127.0.0.1 signed by it, as PEM files
+/// in `dir`: (authority, certificate, key).
+fn certificates(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+    let cert = server.signed_by(&key, &ca, &ca_key).unwrap();
+    let files = (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server-key.pem"));
+    std::fs::write(&files.0, ca.pem()).unwrap();
+    std::fs::write(&files.1, cert.pem()).unwrap();
+    std::fs::write(&files.2, key.serialize_pem()).unwrap();
+    files
+}
+
+/// NATS over TLS: the main requires it with the authority it is given, a remote's bundle
+/// carries the authority, and a client that does not speak TLS (or does not trust the
+/// certificate) is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_main_and_its_remotes_speak_tls_to_nats_when_it_requires_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(dir.path());
+    let store_dir = dir.path().join("nats");
+    let tls = Some((cert, key));
+    let nats = tokio::task::spawn_blocking(move || {
+        crmsync::natsd::NatsServer::start(&crmsync::natsd::NatsdOptions {
+            port: 0,
+            store_dir,
+            tls,
+            ..Default::default()
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(Nats::connect(&nats.url(), "plain").await.is_err(), "a client without TLS connected");
+    let main_dir = dir.path().join("main");
+    let config = crmsync::main_service::MainConfig {
+        nats_ca: Some(ca.clone()),
+        ..crmsync::main_service::MainConfig::new(nats.url(), main_dir)
+    };
+    let main = crmsync::main_service::Main::start(config).await.unwrap();
+    main.create_set(&crmsync::main_service::SetRequest { name: "everyone".into(), all: true, ..Default::default() })
+        .await
+        .unwrap();
+    main.create(Kind::Contact, &json!({ "id": "c1", "city": "Albany" })).await.unwrap();
+    let bundle = main
+        .create_remote(&RemoteRequest { name: "laptop".into(), set: "everyone".into(), ..Default::default() })
+        .await
+        .unwrap();
+    assert!(bundle.nats_ca.as_deref().is_some_and(|pem| pem.contains("BEGIN CERTIFICATE")));
+    let file = dir.path().join("laptop.bundle.json");
+    std::fs::write(&file, serde_json::to_vec(&bundle).unwrap()).unwrap();
+    let data = dir.path().join("laptop");
+    crmsync::remote_service::init(&file, &data).unwrap();
+    let remote =
+        crmsync::remote_service::Remote::start(crmsync::remote_service::RemoteConfig::new(data)).await.unwrap();
+    wait_converged(&main, remote.store()).await;
+    assert!(remote.store().get(Kind::Contact, "c1").unwrap().is_some());
+    remote.stop().await;
+    main.stop().await;
+}
+
+/// A remote behind a firewall that only lets HTTP(S) through reaches NATS over its WebSocket
+/// listener (`ws://`, or `wss://` with TLS), with the same credentials and rights.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_syncs_over_websocket() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("nats");
+    let ws = crmsync::natsd::free_port();
+    let nats = tokio::task::spawn_blocking(move || {
+        crmsync::natsd::NatsServer::start(&crmsync::natsd::NatsdOptions {
+            port: 0,
+            store_dir,
+            websocket_port: Some(ws),
+            ..Default::default()
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let main =
+        crmsync::main_service::Main::start(crmsync::main_service::MainConfig::new(nats.url(), dir.path().join("main")))
+            .await
+            .unwrap();
+    main.create_set(&crmsync::main_service::SetRequest { name: "everyone".into(), all: true, ..Default::default() })
+        .await
+        .unwrap();
+    main.create(Kind::Contact, &json!({ "id": "c1" })).await.unwrap();
+    let request = RemoteRequest {
+        name: "laptop".into(),
+        set: "everyone".into(),
+        nats_url: Some(format!("ws://127.0.0.1:{ws}")),
+        ..Default::default()
+    };
+    let bundle = main.create_remote(&request).await.unwrap();
+    let file = dir.path().join("laptop.bundle.json");
+    std::fs::write(&file, serde_json::to_vec(&bundle).unwrap()).unwrap();
+    let data = dir.path().join("laptop");
+    crmsync::remote_service::init(&file, &data).unwrap();
+    let remote =
+        crmsync::remote_service::Remote::start(crmsync::remote_service::RemoteConfig::new(data)).await.unwrap();
+    assert!(remote.nats_url().starts_with("ws://"));
+    wait_converged(&main, remote.store()).await;
+    let edit = remote.create(Kind::Contact, &json!({ "id": "from-laptop" })).await.unwrap();
+    wait_for("the edit made over WebSocket reaches the main", Duration::from_secs(20), || async {
+        main.store().get(Kind::Contact, &edit.0).unwrap().is_some()
+    })
+    .await;
+    remote.stop().await;
+    main.stop().await;
 }

@@ -195,18 +195,8 @@ async fn nats_auth_sets_up_a_server_that_the_main_and_its_remotes_log_in_to() {
     assert!(out.contains("nats-auth.conf") && err.contains("created the NATS authority"), "{out} {err}");
     let auth = std::fs::read_to_string(&settings).unwrap();
     assert!(auth.contains("operator:") && auth.contains("resolver"), "{auth}");
-    let store_dir = dir.path().join("nats");
-    let nats = tokio::task::spawn_blocking(move || {
-        crmsync::natsd::NatsServer::start(&crmsync::natsd::NatsdOptions {
-            port: 0,
-            store_dir,
-            auth: Some(auth),
-            ..Default::default()
-        })
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let opts = crmsync::natsd::NatsdOptions { auth: Some(auth), ..Default::default() };
+    let nats = nats_with(dir.path(), opts).await;
     assert!(Nats::connect(&nats.url(), "anonymous").await.is_err(), "the server takes anonymous clients");
 
     let port = crmsync::natsd::free_port();
@@ -382,19 +372,9 @@ fn certificates(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBu
 async fn the_main_and_its_remotes_speak_tls_to_nats_when_it_requires_it() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, cert, key) = certificates(dir.path());
-    let store_dir = dir.path().join("nats");
     let tls = Some((cert, key));
-    let nats = tokio::task::spawn_blocking(move || {
-        crmsync::natsd::NatsServer::start(&crmsync::natsd::NatsdOptions {
-            port: 0,
-            store_dir,
-            tls,
-            ..Default::default()
-        })
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let opts = crmsync::natsd::NatsdOptions { tls, ..Default::default() };
+    let nats = nats_with(dir.path(), opts).await;
     assert!(Nats::connect(&nats.url(), "plain").await.is_err(), "a client without TLS connected");
     let main_dir = dir.path().join("main");
     let config = crmsync::main_service::MainConfig {
@@ -428,19 +408,9 @@ async fn the_main_and_its_remotes_speak_tls_to_nats_when_it_requires_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_syncs_over_websocket() {
     let dir = tempfile::tempdir().unwrap();
-    let store_dir = dir.path().join("nats");
     let ws = crmsync::natsd::free_port();
-    let nats = tokio::task::spawn_blocking(move || {
-        crmsync::natsd::NatsServer::start(&crmsync::natsd::NatsdOptions {
-            port: 0,
-            store_dir,
-            websocket_port: Some(ws),
-            ..Default::default()
-        })
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let opts = crmsync::natsd::NatsdOptions { websocket_port: Some(ws), ..Default::default() };
+    let nats = nats_with(dir.path(), opts).await;
     let main =
         crmsync::main_service::Main::start(crmsync::main_service::MainConfig::new(nats.url(), dir.path().join("main")))
             .await
@@ -471,4 +441,10 @@ async fn a_remote_syncs_over_websocket() {
     .await;
     remote.stop().await;
     main.stop().await;
+}
+
+/// A nats-server started with `opts` (its store under `dir`).
+async fn nats_with(dir: &std::path::Path, opts: crmsync::natsd::NatsdOptions) -> crmsync::natsd::NatsServer {
+    let opts = crmsync::natsd::NatsdOptions { store_dir: dir.join("nats"), ..opts };
+    tokio::task::spawn_blocking(move || crmsync::natsd::NatsServer::start(&opts)).await.unwrap().unwrap()
 }

@@ -314,9 +314,22 @@ fn wave_len(uploads: &[(usize, Upload)]) -> usize {
 /// remotes' lists. Returns whether every upload of the wave committed a change carrying its
 /// place in its queue (then the projector recorded that place). `Err` if one could not be
 /// decided now: the caller starts again from the first upload not committed as merged.
+///
+/// The uploads of a wave commit concurrently, so their changes reach `CRM_EVENTS` in any order:
+/// only the first upload of each queue in the wave carries its place with its change. A crash
+/// (or a failed merge) part-way through a wave then leaves the recorded place at or before
+/// every upload of the wave not yet committed, which is merged again at the next start (those
+/// committed already merge again without effect); the wave's last place is recorded by
+/// [`commit_order`] once all of it is merged.
 async fn merge_wave<'a>(main: &Main, wave: impl Iterator<Item = &'a Upload>) -> anyhow::Result<bool> {
     let wave: Vec<&Upload> = wave.collect();
-    let results = futures::future::join_all(wave.iter().map(|u| main.merge_upload(u))).await;
+    let mut first: BTreeMap<&str, u64> = BTreeMap::new();
+    for (queue, n) in wave.iter().filter_map(|u| u.order.as_ref()) {
+        let e = first.entry(queue.as_str()).or_insert(*n);
+        *e = (*e).min(*n);
+    }
+    let carries = |u: &Upload| u.order.as_ref().is_some_and(|(queue, n)| first.get(queue.as_str()) == Some(n));
+    let results = futures::future::join_all(wave.iter().map(|u| main.merge_upload(u, carries(u)))).await;
     let mut created: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut all_ordered = true;
     for (upload, result) in wave.iter().zip(&results) {
@@ -380,9 +393,11 @@ impl From<crate::store::StoreError> for Outcome {
 
 impl Main {
     /// Merges one upload. `Err` only when it could not be decided now and must come again.
-    async fn merge_upload(&self, upload: &Upload) -> Result<Merged, ServiceError> {
+    /// Merges one upload; `carry`: its change carries its place in its queue (see
+    /// [`merge_wave`]).
+    async fn merge_upload(&self, upload: &Upload, carry: bool) -> Result<Merged, ServiceError> {
         let (subject, payload) = (&upload.subject, &upload.payload);
-        let order = upload.order.as_ref().map(|(queue, n)| format!("{queue}:{n}"));
+        let order = upload.order.as_ref().filter(|_| carry).map(|(queue, n)| format!("{queue}:{n}"));
         let remote = wire::up_remote(subject).unwrap_or_default().to_owned();
         let env = match wire::decode_checked(payload, &self.inner.database_id) {
             Decoded::Ok(env) => env,
@@ -393,7 +408,8 @@ impl Main {
             }
         };
         match self.merge_edit(&remote, &env, order.as_deref(), upload.bundle_created_ms).await {
-            Ok(merged) => Ok(merged),
+            // Its place is recorded only if its change carried it.
+            Ok(merged) => Ok(Merged { ordered: merged.ordered && order.is_some(), ..merged }),
             Err(Outcome::Retry(e)) => Err(e),
             Err(Outcome::Refused(reason)) => {
                 tracing::warn!(remote, kind = %env.kind, id = %env.id, "refused an edit: {reason}");

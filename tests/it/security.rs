@@ -448,3 +448,41 @@ async fn nats_with(dir: &std::path::Path, opts: crmsync::natsd::NatsdOptions) ->
     let opts = crmsync::natsd::NatsdOptions { store_dir: dir.join("nats"), ..opts };
     tokio::task::spawn_blocking(move || crmsync::natsd::NatsServer::start(&opts)).await.unwrap().unwrap()
 }
+
+/// The sync log shows a user only the entries of records they may see: a refused edit of a
+/// private record is in the administrator's `status`, not in a standard user's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sync_log_shows_a_user_only_what_they_may_see() {
+    use crate::harness::Api;
+    let env = Env::start().await;
+    env.create_all_set("everyone").await;
+    for id in ["sam", "bo"] {
+        env.api.create(Kind::User, json!({ "id": id, "name": id, "role": "standard" })).await;
+    }
+    let (_, made) = env.api.post("/v1/users/sam/tokens", &json!({})).await;
+    let sam = Api::new(env.api.base.clone()).with_token(made["token"].as_str().unwrap());
+    env.api.create(Kind::Contact, json!({ "id": "secret", "manager": "bo", "access": "private" })).await;
+    env.api.create(Kind::Contact, json!({ "id": "open" })).await;
+    let laptop = env.remote("laptop", "everyone").await;
+    wait_converged(env.main(), laptop.remote.store()).await;
+
+    // Edits of both wait while the main does not accept syncs; the private one is deleted at
+    // the main meanwhile, so its edit is refused.
+    env.main().accept_syncs(false).await.unwrap();
+    for id in ["secret", "open"] {
+        let (status, body) = laptop.api.patch(&format!("/v1/contacts/{id}"), &json!({ "city": "Troy" })).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    wait_for_status(&laptop.api, |s| s["uploads"]["waiting"] == 0).await;
+    env.main().delete(Kind::Contact, "secret").await.unwrap();
+    env.main().accept_syncs(true).await.unwrap();
+    let status = wait_for_status(&env.api, |s| s["refused"] == 1).await;
+    assert!(status["sync_log"].to_string().contains("secret"), "{status}");
+    let (code, seen) = sam.get("/v1/status").await;
+    assert_eq!(code, 200);
+    assert!(
+        !seen["sync_log"].to_string().contains("secret"),
+        "a standard user sees a private record's refusal: {seen}"
+    );
+    laptop.stop().await;
+}

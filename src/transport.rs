@@ -519,7 +519,7 @@ impl Nats {
 
     /// Edits of one remote waiting in `CRM_UP` (its session reports are not counted).
     pub async fn uploads_waiting_from(&self, remote: &str) -> Result<u64, TransportError> {
-        Ok(self.count_up(&wire::up_filter(remote)).await?.saturating_sub(self.reports_waiting_from(remote).await?))
+        self.edits_in(&wire::up_filter(remote), &wire::session_subject(remote)).await
     }
 
     /// Session reports of one remote waiting in `CRM_UP`.
@@ -529,8 +529,28 @@ impl Nats {
 
     /// Edits waiting in `CRM_UP` for the merger (session reports are not counted).
     pub async fn uploads_waiting(&self) -> Result<u64, TransportError> {
-        let all = self.stream_state(UP_STREAM).await?.messages;
-        Ok(all.saturating_sub(self.count_up(wire::SESSIONS_ALL).await?))
+        self.edits_in(wire::UP_ALL, wire::SESSIONS_ALL).await
+    }
+
+    /// Messages on `all` but not on `reports`. The reports are counted before and after the
+    /// total, and the total is kept only when no report came or went in between (a remote
+    /// reports a session as its uploads drain).
+    async fn edits_in(&self, all: &str, reports: &str) -> Result<u64, TransportError> {
+        let mut before = self.count_up(reports).await?;
+        let mut tries = 0;
+        loop {
+            let total = if all == wire::UP_ALL {
+                self.stream_state(UP_STREAM).await?.messages
+            } else {
+                self.count_up(all).await?
+            };
+            let after = self.count_up(reports).await?;
+            tries += 1;
+            if after == before || tries == 5 {
+                return Ok(total.saturating_sub(after.max(before)));
+            }
+            before = after;
+        }
     }
 
     /// Messages in `CRM_UP` on the subjects of `filter`.

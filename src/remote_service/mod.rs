@@ -562,9 +562,10 @@ struct SyncLoop {
     rebuild: Option<Rebuild>,
 }
 
-/// A store error stops sync, unless the file only cannot be written now (a full disk).
+/// A store error stops sync, unless it passes by itself (a full disk, a file being opened
+/// again after a failed write).
 fn store_stop(e: crate::store::StoreError) -> Stop {
-    if e.is_unwritable() { Stop::Retry(e.to_string()) } else { Stop::Fatal(e.to_string()) }
+    if e.is_transient() { Stop::Retry(e.to_string()) } else { Stop::Fatal(e.to_string()) }
 }
 
 impl SyncLoop {

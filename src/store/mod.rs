@@ -196,6 +196,15 @@ impl StoreError {
     pub fn is_unwritable(&self) -> bool {
         matches!(self, StoreError::Unwritable { .. })
     }
+
+    /// An error that passes by itself: the file cannot be written now, or is being opened
+    /// again after a failed write (the old handle still in use, or just closed).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Unwritable { .. } | StoreError::InUse(_) | StoreError::Redb(redb::Error::DatabaseClosed)
+        )
+    }
 }
 
 /// Runs `f`, turning a panic inside redb (some damage makes it panic instead of erring) into

@@ -152,6 +152,9 @@ pub enum UserCommand {
     /// Make a new API token for a user (at the main; administrators and managers). It is
     /// shown once: keep it (`--token`, CRMSYNC_TOKEN or a file CRMSYNC_TOKEN_FILE names).
     Token { user: String },
+    /// Revoke every API token of a user (at the main; administrators and managers): a lost
+    /// laptop's token stops working, at the main at once and at each remote once it syncs.
+    RevokeTokens { user: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -54,6 +54,14 @@ pub async fn run(client: &Client, command: Command, as_json: bool) -> Result<(),
                 eprintln!("a new API token of {user}; it is not shown again");
             }
         }
+        Command::User(UserCommand::RevokeTokens { user }) => {
+            let answer = client.delete(&format!("/v1/users/{user}/tokens")).await?;
+            if as_json {
+                println!("{answer}");
+            } else {
+                println!("every API token of {user} is revoked");
+            }
+        }
         Command::Team(cmd) => record(client, Kind::Team, cmd, as_json).await?,
         other => unreachable!("{other:?} runs locally, not through the API"),
     }

@@ -35,7 +35,7 @@ pub fn main_api(main: Main) -> Router {
         .route("/v1/remotes/{name}/sessions", get(remote_sessions))
         .route("/v1/sessions", get(list_sessions))
         .route("/v1/accept-syncs", post(accept_syncs))
-        .route("/v1/users/{id}/tokens", post(new_token))
+        .route("/v1/users/{id}/tokens", post(new_token).delete(revoke_tokens))
         .route("/v1/rebuild", post(main_rebuild));
     super::api(main, own)
 }
@@ -301,6 +301,13 @@ async fn new_token(State(main): State<Main>, caller: Authenticated, ApiPath(id):
     caller.permit(&Request::Configure("users' tokens"))?;
     let token = main.new_token(&id).await?;
     ok(StatusCode::CREATED, json!({ "user": id, "token": token }))
+}
+
+/// Revokes every token of a user.
+async fn revoke_tokens(State(main): State<Main>, caller: Authenticated, ApiPath(id): ApiPath<String>) -> ApiResult {
+    caller.permit(&Request::Configure("users' tokens"))?;
+    main.revoke_tokens(&id).await?;
+    ok(StatusCode::OK, json!({ "user": id, "tokens": 0 }))
 }
 
 async fn main_rebuild(caller: Authenticated) -> ApiResult {

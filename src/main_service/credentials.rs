@@ -120,6 +120,21 @@ impl Main {
         Ok(token)
     }
 
+    /// Revokes every API token of `user`, at the main at once and at each remote once the
+    /// user's new state reaches it.
+    pub async fn revoke_tokens(&self, user: &str) -> Result<(), ServiceError> {
+        crate::names::check("user id", user)?;
+        let stamp = self.inner.clock.now();
+        self.commit(Kind::User, user, |current| {
+            let current = current.ok_or_else(|| ServiceError::NotFound { kind: Kind::User, id: user.to_owned() })?;
+            let mut fields = current.fields.clone();
+            crate::merge::apply_patch(&mut fields, &vec![(model::TOKENS.to_owned(), Value::List(Vec::new()))], stamp);
+            Ok(Decision::Upsert(fields))
+        })
+        .await?;
+        Ok(())
+    }
+
     /// On a main's first start (no `admin.token` in its data directory): the administrator
     /// `admin`, made if missing, and a token of theirs written there (0600). Returns the file
     /// when it was written.

@@ -320,8 +320,19 @@ async fn the_apis_require_a_token_and_roles_and_access_decide_what_each_user_get
     assert_eq!(at_laptop("bo").post("/v1/contacts", &json!({ "id": "b2" })).await.0, 403);
     assert_eq!(Api::new(laptop.api.base.clone()).get("/v1/status").await.0, 401);
 
+    // Revoked, a user's tokens stop working at the main at once, and at the remote once synced.
+    let (code, out, err) = cli(&env.api, &["user", "revoke-tokens", "sam"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("revoked"), "{out}");
+    assert_eq!(as_user("sam").get("/v1/status").await.0, 401);
+    wait_for("the revocation reaches the laptop", Duration::from_secs(20), || async {
+        at_laptop("sam").get("/v1/status").await.0 == 401
+    })
+    .await;
+    assert_eq!(at_laptop("bo").get("/v1/status").await.0, 200, "other users keep theirs");
+
     // The command line: a token from --token, CRMSYNC_TOKEN or CRMSYNC_TOKEN_FILE.
-    let (code, _, err) = cli(&as_user("sam"), &["user", "token", "bo"]).await;
+    let (code, _, err) = cli(&as_user("rita"), &["user", "token", "bo"]).await;
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("only administrators and managers"), "{err}");
     let (code, out, err) = cli(&env.api, &["user", "token", "bo"]).await;

@@ -117,10 +117,7 @@ pub fn envelope_schema() -> J {
         "title": "crmsync message envelope",
         "description": "Every message is one MessagePack map of this shape. A reader refuses a message whose product, schema or db is not its own.",
         "type": "object",
-        "properties": {
-            "product": { "const": PRODUCT },
-            "schema": { "const": SCHEMA_MAJOR, "description": "schema major version" },
-            "db": { "type": "string", "description": "database id of the main (a ULID)" },
+        "properties": with_header(json!({
             "event": { "type": "string", "description": "unique id of the change (a ULID)" },
             "kind": { "enum": kinds },
             "id": token(),
@@ -133,12 +130,26 @@ pub fn envelope_schema() -> J {
             "origin": { "type": "string", "description": "`main`, or the name of the remote where the change was made" },
             "record": { "type": "object", "description": "the record's fields; present for upsert (for reject: the refused edit), absent for delete and leave" },
             "reason": { "type": "string", "description": "reject: why the main refused the edit" },
-        },
+        })),
         "required": ["product", "schema", "db", "event", "kind", "id", "op", "version", "origin"],
         "additionalProperties": false,
         "allOf": rules,
         "$defs": defs,
     })
+}
+
+/// `properties` with the header every message carries: whose it is (a reader refuses a message
+/// whose product, schema or db is not its own).
+fn with_header(mut properties: J) -> J {
+    let header = json!({
+        "product": { "const": PRODUCT },
+        "schema": { "const": SCHEMA_MAJOR, "description": "schema major version" },
+        "db": { "type": "string", "description": "database id of the main (a ULID)" },
+    });
+    if let (Some(out), J::Object(header)) = (properties.as_object_mut(), header) {
+        out.extend(header);
+    }
+    properties
 }
 
 /// A remote's report of one sync session, on `crm.up.<remote>.session.report`.
@@ -150,10 +161,7 @@ pub fn session_schema() -> J {
         "title": "crmsync sync session report",
         "description": "One MessagePack map per sync session a remote completed. The main logs it under the remote (if it moved anything) and counts it as the remote's last sync. Its id is the message's Nats-Msg-Id.",
         "type": "object",
-        "properties": {
-            "product": { "const": PRODUCT },
-            "schema": { "const": SCHEMA_MAJOR, "description": "schema major version" },
-            "db": { "type": "string", "description": "database id of the main (a ULID)" },
+        "properties": with_header(json!({
             "remote": token(),
             "id": { "type": "string", "description": "unique id of the report (a ULID)" },
             "started_ms": count("when the session started, in milliseconds since the Unix epoch (the remote's clock)"),
@@ -163,7 +171,7 @@ pub fn session_schema() -> J {
             "refused": count("edits of the remote the main refused"),
             "conflicts": count("changes from the main that met an edit made at the remote not merged yet"),
             "mode": { "type": "string", "description": "continuous, once, or the remote's schedule (hourly, daily@HH:MM, weekly@DAY@HH:MM)" },
-        },
+        })),
         "required": ["product", "schema", "db", "remote", "id", "started_ms", "ended_ms", "received", "sent", "refused", "conflicts", "mode"],
         "additionalProperties": false,
     })

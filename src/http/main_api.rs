@@ -126,13 +126,17 @@ async fn list_subscriptions(
 fn seen_contacts(main: &Main, caller: &Authenticated, ids: Vec<String>) -> Result<Vec<String>, ServiceError> {
     let mut seen = Vec::with_capacity(ids.len());
     for id in ids {
-        if let Some(contact) = main.store().get(Kind::Contact, &id)?
-            && crate::access::may_see(&caller.0, Kind::Contact, &contact.fields, None)
-        {
+        if sees_contact(main, caller, &id)? {
             seen.push(id);
         }
     }
     Ok(seen)
+}
+
+/// Whether the main holds contact `id` and `caller` may see it.
+fn sees_contact(main: &Main, caller: &Authenticated, id: &str) -> Result<bool, ServiceError> {
+    let contact = main.store().get(Kind::Contact, id)?;
+    Ok(contact.is_some_and(|c| crate::access::may_see(&caller.0, Kind::Contact, &c.fields, None)))
 }
 
 #[derive(serde::Deserialize)]
@@ -154,8 +158,7 @@ async fn change_subscriptions(
     let req: SubscriptionChange = parse_typed(body)?;
     // A contact the caller may not see is, to them, one that does not exist.
     for id in req.add.iter().chain(&req.remove) {
-        let contact = main.store().get(Kind::Contact, id)?;
-        if !contact.is_some_and(|c| crate::access::may_see(&caller.0, Kind::Contact, &c.fields, None)) {
+        if !sees_contact(&main, &caller, id)? {
             return Err(
                 ServiceError::MissingRef { field: "contacts".into(), kind: Kind::Contact, id: id.clone() }.into()
             );

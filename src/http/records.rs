@@ -203,9 +203,7 @@ async fn update<S: Records>(
         let after = body_manager(kind, &body, new_contact.as_ref(), before.as_deref());
         caller.permit(&Request::Write { kind, new: false, before: before.as_deref(), after: after.as_deref() })?;
     } else {
-        caller
-            .permit(&Request::Write { kind, new: false, before: None, after: None })
-            .map_err(|_| missing(kind, &id))?;
+        permit_unheld(&caller, kind, &id)?;
     }
     let stored = service.update(kind, &id, &body, key.as_deref()).await?;
     ok(StatusCode::OK, record_json(&id, &stored))
@@ -225,9 +223,7 @@ async fn delete<S: Records>(
             caller.permit(&Request::Write { kind, new: false, before, after: before })?;
         }
         // Not held: the service answers (missing, or a delete repeated with its key).
-        None => caller
-            .permit(&Request::Write { kind, new: false, before: None, after: None })
-            .map_err(|_| missing(kind, &id))?,
+        None => permit_unheld(&caller, kind, &id)?,
     }
     service.delete(kind, &id, key.as_deref()).await?;
     ok(StatusCode::OK, json!({ "deleted": { "kind": kind, "id": id } }))
@@ -260,6 +256,12 @@ pub(super) fn visible(
 ) -> Result<bool, ServiceError> {
     let contact = contact_of(store, kind, fields)?;
     Ok(may_see(caller, kind, fields, contact.as_ref()))
+}
+
+/// A change of a record not held: the service answers it (missing, or a request repeated with
+/// its key), if the caller may change records at all; one who may not is told it is missing.
+fn permit_unheld(caller: &Authenticated, kind: Kind, id: &str) -> Result<(), ApiError> {
+    caller.permit(&Request::Write { kind, new: false, before: None, after: None }).map_err(|_| missing(kind, id))
 }
 
 fn missing(kind: Kind, id: &str) -> ApiError {

@@ -402,12 +402,7 @@ async fn the_main_and_its_remotes_speak_tls_to_nats_when_it_requires_it() {
         .await
         .unwrap();
     assert!(bundle.nats_ca.as_deref().is_some_and(|pem| pem.contains("BEGIN CERTIFICATE")));
-    let file = dir.path().join("laptop.bundle.json");
-    std::fs::write(&file, serde_json::to_vec(&bundle).unwrap()).unwrap();
-    let data = dir.path().join("laptop");
-    crmsync::remote_service::init(&file, &data).unwrap();
-    let remote =
-        crmsync::remote_service::Remote::start(crmsync::remote_service::RemoteConfig::new(data)).await.unwrap();
+    let remote = remote_from(dir.path(), &bundle).await;
     wait_converged(&main, remote.store()).await;
     assert!(remote.store().get(Kind::Contact, "c1").unwrap().is_some());
     remote.stop().await;
@@ -437,12 +432,7 @@ async fn a_remote_syncs_over_websocket() {
         ..Default::default()
     };
     let bundle = main.create_remote(&request).await.unwrap();
-    let file = dir.path().join("laptop.bundle.json");
-    std::fs::write(&file, serde_json::to_vec(&bundle).unwrap()).unwrap();
-    let data = dir.path().join("laptop");
-    crmsync::remote_service::init(&file, &data).unwrap();
-    let remote =
-        crmsync::remote_service::Remote::start(crmsync::remote_service::RemoteConfig::new(data)).await.unwrap();
+    let remote = remote_from(dir.path(), &bundle).await;
     assert!(remote.nats_url().starts_with("ws://"));
     wait_converged(&main, remote.store()).await;
     let edit = remote.create(Kind::Contact, &json!({ "id": "from-laptop" })).await.unwrap();
@@ -496,4 +486,13 @@ async fn the_sync_log_shows_a_user_only_what_they_may_see() {
         "a standard user sees a private record's refusal: {seen}"
     );
     laptop.stop().await;
+}
+
+/// A remote set up in `dir` from `bundle` (as `remote init` does with its file), started.
+async fn remote_from(dir: &std::path::Path, bundle: &crmsync::bundle::Bundle) -> crmsync::remote_service::Remote {
+    let file = dir.join("laptop.bundle.json");
+    std::fs::write(&file, serde_json::to_vec(bundle).unwrap()).unwrap();
+    let data = dir.join("laptop");
+    crmsync::remote_service::init(&file, &data).unwrap();
+    crmsync::remote_service::Remote::start(crmsync::remote_service::RemoteConfig::new(data)).await.unwrap()
 }

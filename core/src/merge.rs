@@ -133,7 +133,29 @@ pub struct Refusal(pub String);
 
 /// Decides whether the main accepts an edit `remote` uploaded, and what it does with it.
 pub fn judge(remote: &str, env: &Envelope, facts: &Facts) -> Result<Plan, Refusal> {
-    let (kind, id) = (env.kind, env.id.as_str());
+    let remote_fields = match uploader(remote, env, facts)? {
+        Uploader::Ignore(plan) => return Ok(plan),
+        Uploader::May(fields) => fields,
+    };
+    let held = facts.exists && held_by(&facts.targets, facts.held_basis.as_ref());
+    match env.op {
+        Op::Delete if !facts.exists => Ok(Plan::Nothing),
+        Op::Delete if !held => Err(not_held(remote, env)),
+        Op::Delete => Ok(Plan::Delete),
+        Op::Upsert => judge_upsert(remote, remote_fields, env, facts, held),
+        Op::Leave | Op::Reject => Err(Refusal(format!("a remote cannot upload a {:?}", env.op))),
+    }
+}
+
+/// What the rules about the uploader alone say: it may upload, or its upload is ignored.
+enum Uploader<'a> {
+    May(&'a Fields),
+    Ignore(Plan),
+}
+
+/// The rules about who uploaded: the right subject, a kind remotes may edit, a valid id, a
+/// remote this main knows, of the current bundle, neither expired nor halted.
+fn uploader<'a>(remote: &str, env: &Envelope, facts: &'a Facts) -> Result<Uploader<'a>, Refusal> {
     let refuse = |why: String| Err(Refusal(why));
     if env.origin != remote {
         return refuse(format!(
@@ -141,16 +163,16 @@ pub fn judge(remote: &str, env: &Envelope, facts: &Facts) -> Result<Plan, Refusa
             env.origin
         ));
     }
-    if !kind.is_editable_at_remotes() {
-        return refuse(format!("{} are managed at the main, not at remotes", kind.plural()));
+    if !env.kind.is_editable_at_remotes() {
+        return refuse(format!("{} are managed at the main, not at remotes", env.kind.plural()));
     }
-    crate::names::check("id", id).map_err(|e| Refusal(e.to_string()))?;
+    crate::names::check("id", &env.id).map_err(|e| Refusal(e.to_string()))?;
     let Some(remote_fields) = &facts.remote else {
         return refuse(format!("there is no remote {remote:?} at this main"));
     };
     let created_ms = model::int(remote_fields, "created_ms").map(|ms| ms as u64);
     if facts.bundle_created_ms.is_some_and(|theirs| Some(theirs) != created_ms) {
-        return Ok(Plan::Ignore(stale_bundle(remote)));
+        return Ok(Uploader::Ignore(Plan::Ignore(stale_bundle(remote))));
     }
     if let Some(on) = model::remote_expired(remote_fields) {
         return refuse(format!(
@@ -164,44 +186,57 @@ pub fn judge(remote: &str, env: &Envelope, facts: &Facts) -> Result<Plan, Refusa
         // that carries no place in its queue comes here.
         return refuse(format!("remote {remote} is halted at the main"));
     }
-    let held = facts.exists && held_by(&facts.targets, facts.held_basis.as_ref());
-    let not_held = || {
-        Refusal(format!(
-            "the {kind} {id} is not in remote {remote}'s set or subscription list (its users cannot access it, or it left the set)"
-        ))
-    };
-    match env.op {
-        Op::Delete if !facts.exists => Ok(Plan::Nothing),
-        Op::Delete if !held => Err(not_held()),
-        Op::Delete => Ok(Plan::Delete),
-        Op::Upsert => {
-            let fields = env.record.clone().unwrap_or_default();
-            model::check_fields(kind, &fields).map_err(|e| Refusal(format!("the edit is not a valid {kind}: {e}")))?;
-            if let Some(missing) = &facts.missing_ref {
-                return refuse(missing.clone());
-            }
-            if facts.exists && !held {
-                return Err(not_held());
-            }
-            if !facts.exists && facts.deleted {
-                return refuse(format!(
-                    "the {kind} {id} was deleted at the main; a delete at the main wins over a later edit elsewhere"
-                ));
-            }
-            if !facts.exists && !may_create(&facts.targets, kind, facts.new_basis.as_ref()) {
-                return refuse(format!(
-                    "remote {remote}'s users could not access the new {kind} {id}, so it cannot be created there"
-                ));
-            }
-            // Made at the remote: it never held a version of the main's. (Not "the main did not
-            // hold it": an upload merged again after a crash must still find its contact a
-            // place on the list.)
-            let listed = model::names(remote_fields, "subscriptions").iter().any(|c| c == id);
-            let join_list = kind == Kind::Contact && env.version == 0 && !listed;
-            Ok(Plan::Merge { fields, existed: facts.exists, join_list })
-        }
-        Op::Leave | Op::Reject => refuse(format!("a remote cannot upload a {:?}", env.op)),
+    Ok(Uploader::May(remote_fields))
+}
+
+fn not_held(remote: &str, env: &Envelope) -> Refusal {
+    Refusal(format!(
+        "the {} {} is not in remote {remote}'s set or subscription list (its users cannot access it, or it left the set)",
+        env.kind, env.id
+    ))
+}
+
+/// The fields of an upsert must make a valid record whose references exist.
+fn check_upsert(env: &Envelope, facts: &Facts) -> Result<Fields, Refusal> {
+    let fields = env.record.clone().unwrap_or_default();
+    model::check_fields(env.kind, &fields)
+        .map_err(|e| Refusal(format!("the edit is not a valid {}: {e}", env.kind)))?;
+    match &facts.missing_ref {
+        Some(missing) => Err(Refusal(missing.clone())),
+        None => Ok(fields),
     }
+}
+
+/// An upsert of a record the remote holds, or of a new one: merged, unless the main deleted
+/// it or the remote's users could not access it.
+fn judge_upsert(
+    remote: &str,
+    remote_fields: &Fields,
+    env: &Envelope,
+    facts: &Facts,
+    held: bool,
+) -> Result<Plan, Refusal> {
+    let (kind, id) = (env.kind, env.id.as_str());
+    let fields = check_upsert(env, facts)?;
+    if facts.exists && !held {
+        return Err(not_held(remote, env));
+    }
+    if !facts.exists && facts.deleted {
+        return Err(Refusal(format!(
+            "the {kind} {id} was deleted at the main; a delete at the main wins over a later edit elsewhere"
+        )));
+    }
+    if !facts.exists && !may_create(&facts.targets, kind, facts.new_basis.as_ref()) {
+        return Err(Refusal(format!(
+            "remote {remote}'s users could not access the new {kind} {id}, so it cannot be created there"
+        )));
+    }
+    // Made at the remote: it never held a version of the main's. (Not "the main did not
+    // hold it": an upload merged again after a crash must still find its contact a
+    // place on the list.)
+    let listed = model::names(remote_fields, "subscriptions").iter().any(|c| c == id);
+    let join_list = kind == Kind::Contact && env.version == 0 && !listed;
+    Ok(Plan::Merge { fields, existed: facts.exists, join_list })
 }
 
 /// Whether a remote's users may see a record it created: a new contact joins the remote's

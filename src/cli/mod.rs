@@ -414,17 +414,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Main(cmd) if !matches!(cmd, MainCommand::AcceptSyncs { .. }) => services::main(cmd).await,
         Command::Remote(RemoteCommand::Init { bundle, data }) => services::remote_init(&bundle, &data, cli.json),
         Command::NatsAuth { authority, resolver_dir, out } => {
-            services::nats_auth(&authority, &resolver_dir).and_then(|settings| match out {
-                Some(file) => {
-                    crmsync::files::write_private(&file, settings.as_bytes())?;
-                    println!("wrote {}: include it in nats-server's configuration", file.display());
-                    Ok(())
-                }
-                None => {
-                    print!("{settings}");
-                    Ok(())
-                }
-            })
+            services::nats_auth(&authority, &resolver_dir, out.as_deref())
         }
         Command::Remote(RemoteCommand::Serve { data, listen, nats, batch, sync }) => {
             let mode = crmsync::remote_service::Mode::of(sync);
@@ -443,35 +433,35 @@ pub async fn run(cli: Cli) -> i32 {
             )
             .await
         }
-        command => {
-            // A client's output may go to `head` or a closed pager: end quietly like any Unix
-            // tool instead of panicking on the broken pipe. (Services keep the default of
-            // ignoring SIGPIPE, where a peer's closed socket must not kill the process.)
-            // SAFETY: restoring the default action of a signal before any thread writes.
-            unsafe {
-                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-            }
-            let client = match client::token(cli.token) {
-                Ok(token) => Client::new(&cli.api, token),
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return e.exit_code();
-                }
-            };
-            return match records::run(&client, command, cli.json).await {
-                Ok(()) => 0,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    e.exit_code()
-                }
-            };
-        }
+        command => return run_client(&cli.api, cli.token, command, cli.json).await,
     };
     match result {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e:#}");
             1
+        }
+    }
+}
+
+/// Runs a client command against a service's API.
+async fn run_client(api: &str, token: Option<String>, command: Command, as_json: bool) -> i32 {
+    // A client's output may go to `head` or a closed pager: end quietly like any Unix tool
+    // instead of panicking on the broken pipe. (Services keep the default of ignoring SIGPIPE,
+    // where a peer's closed socket must not kill the process.)
+    // SAFETY: restoring the default action of a signal before any thread writes.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let result = match client::token(token) {
+        Ok(token) => records::run(&Client::new(api, token), command, as_json).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
         }
     }
 }

@@ -414,6 +414,17 @@ fn print_list(kind: Kind, page: &J, as_json: bool) {
     }
 }
 
+fn print_connection(nats: J) {
+    let connection = match nats.get("offline_since_ms").and_then(J::as_u64) {
+        _ if nats.get("connected") == Some(&J::Bool(true)) => "connected".to_owned(),
+        Some(since) => {
+            format!("not connected for {} s", crmsync::hlc::wall_ms().saturating_sub(since) / 1000)
+        }
+        None => "not connected".to_owned(),
+    };
+    println!("nats      {} ({connection})", nats.get("url").map(scalar).unwrap_or_default());
+}
+
 fn print_status(s: &J, as_json: bool) {
     if as_json {
         println!("{s}");
@@ -425,15 +436,7 @@ fn print_status(s: &J, as_json: bool) {
     if f("role") == "remote" {
         println!("remote    {} (set {})", f("remote"), f("set"));
     }
-    let nats = s.get("nats").cloned().unwrap_or_default();
-    let connection = match nats.get("offline_since_ms").and_then(J::as_u64) {
-        _ if nats.get("connected") == Some(&J::Bool(true)) => "connected".to_owned(),
-        Some(since) => {
-            format!("not connected for {} s", crmsync::hlc::wall_ms().saturating_sub(since) / 1000)
-        }
-        None => "not connected".to_owned(),
-    };
-    println!("nats      {} ({connection})", nats.get("url").map(scalar).unwrap_or_default());
+    print_connection(s.get("nats").cloned().unwrap_or_default());
     if let Some(counts) = s.get("counts").and_then(J::as_object) {
         let parts: Vec<String> = counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
         println!("records   {}", parts.join(", "));
@@ -451,6 +454,12 @@ fn print_status(s: &J, as_json: bool) {
         println!("sync      {}{}", scalar(&sync["mode"]), next.unwrap_or_default());
         println!("last sync {}, expires {}", time(s.get("last_sync_ms")), time(s.get("expires_ms")));
     }
+    print_status_logs(s);
+}
+
+/// The status's notices, refusals, quarantined messages, error and rebuild progress.
+fn print_status_logs(s: &J) {
+    let f = |k: &str| s.get(k).map(scalar).unwrap_or_default();
     if let Some(notice) = s.get("notice").and_then(J::as_str) {
         println!("NOTICE    {notice}");
     }

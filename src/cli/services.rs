@@ -177,7 +177,21 @@ const AUTHORITY_FILE: &str = "nats-authority.json";
 
 /// The NATS server's authentication settings from the authority file, made (0600) if it does
 /// not exist yet; the server keeps account updates in `resolver_dir`.
-pub fn nats_auth(authority: &Path, resolver_dir: &Path) -> anyhow::Result<String> {
+/// `crmsync nats-auth`: makes the authority on first use and writes (or prints) the server's
+/// settings.
+pub fn nats_auth(authority: &Path, resolver_dir: &Path, out: Option<&Path>) -> anyhow::Result<()> {
+    let settings = server_settings(authority, resolver_dir)?;
+    match out {
+        Some(file) => {
+            crmsync::files::write_private(file, settings.as_bytes())?;
+            println!("wrote {}: include it in nats-server's configuration", file.display());
+        }
+        None => print!("{settings}"),
+    }
+    Ok(())
+}
+
+fn server_settings(authority: &Path, resolver_dir: &Path) -> anyhow::Result<String> {
     if !authority.exists() {
         if let Some(dir) = authority.parent().filter(|d| !d.as_os_str().is_empty()) {
             crmsync::files::private_dir(dir)?;
@@ -189,6 +203,7 @@ pub fn nats_auth(authority: &Path, resolver_dir: &Path) -> anyhow::Result<String
     crmsync::files::private_dir(resolver_dir)?;
     Ok(authority.server_config(resolver_dir))
 }
+
 const DEMO_SET: &str = "all";
 
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
@@ -203,7 +218,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     // Secure by default: the server requires credentials, the main issues each remote's.
     let authority = args.data.join(AUTHORITY_FILE);
-    let auth = nats_auth(&authority, &args.data.join("nats-resolver"))?;
+    let auth = server_settings(&authority, &args.data.join("nats-resolver"))?;
     let store_dir = args.data.join("nats");
     let opts = NatsdOptions { port: args.nats_port, store_dir, auth: Some(auth), ..Default::default() };
     let nats = tokio::task::spawn_blocking(move || NatsServer::start(&opts)).await??;

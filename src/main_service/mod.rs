@@ -121,47 +121,66 @@ struct Inner {
     credentials: Option<credentials::Credentials>,
 }
 
+/// Opens the main's projection, rebuilding a file of another layout from CRM_EVENTS and
+/// recovering a damaged one.
+async fn open_projection(config: &MainConfig) -> anyhow::Result<Store> {
+    let path = config.data_dir.join("main.redb");
+    Ok(match Store::open(&path) {
+        Err(StoreError::Format { found, .. }) => {
+            // The projection is a copy of CRM_EVENTS: a file of another layout is rebuilt.
+            tracing::warn!("{} has storage format {found}; rebuilding it from CRM_EVENTS", path.display());
+            rebuild(config, |_, _| {}).await?;
+            Store::open(&path)?
+        }
+        Err(StoreError::Damaged { detail, .. }) => {
+            recover(config, &detail).await?;
+            Store::open(&path)?
+        }
+        other => other?,
+    })
+}
+
+/// Connects to NATS, with the main's own credentials when it issues the remotes' ones.
+async fn connect(config: &MainConfig) -> anyhow::Result<(Option<credentials::Credentials>, Nats)> {
+    let base = crate::transport::Login { ca: config.nats_ca.clone(), ..Default::default() };
+    let (credentials, login) = match &config.authority {
+        Some(path) => {
+            let (credentials, login) = credentials::Credentials::open(path.clone(), &config.nats_url, base).await?;
+            (Some(credentials), login)
+        }
+        None => (None, base),
+    };
+    let nats = Nats::connect_as(&config.nats_url, "crmsync-main", &login).await?;
+    Ok((credentials, nats))
+}
+
+/// Creates the streams on first start and checks that the data directory and the NATS server
+/// belong to the same database; returns its id.
+async fn claim_database(config: &MainConfig, store: &Store, nats: &Nats) -> anyhow::Result<String> {
+    let stored_id = store.meta_str(DATABASE_ID)?;
+    let candidate = stored_id.clone().unwrap_or_else(names::new_id);
+    let database_id = nats.ensure_streams(&candidate).await?;
+    if let Some(stored_id) = stored_id
+        && stored_id != database_id
+    {
+        anyhow::bail!(
+            "the data directory {} belongs to database {stored_id}, but the NATS server at {} holds database {database_id}; \
+             point --nats at the right server, or use another --data directory",
+            config.data_dir.display(),
+            config.nats_url
+        );
+    }
+    Ok(database_id)
+}
+
 impl Main {
     /// Opens the main's data directory, connects to NATS, creates the streams on first start,
     /// and starts the projector and the outbox publisher.
     pub async fn start(config: MainConfig) -> anyhow::Result<Main> {
         crate::files::private_dir(&config.data_dir)?;
-        let path = config.data_dir.join("main.redb");
-        let store = match Store::open(&path) {
-            Err(StoreError::Format { found, .. }) => {
-                // The projection is a copy of CRM_EVENTS: a file of another layout is rebuilt.
-                tracing::warn!("{} has storage format {found}; rebuilding it from CRM_EVENTS", path.display());
-                rebuild(&config, |_, _| {}).await?;
-                Store::open(&path)?
-            }
-            Err(StoreError::Damaged { detail, .. }) => {
-                recover(&config, &detail).await?;
-                Store::open(&path)?
-            }
-            other => other?,
-        };
-        let base = crate::transport::Login { ca: config.nats_ca.clone(), ..Default::default() };
-        let (credentials, login) = match &config.authority {
-            Some(path) => {
-                let (credentials, login) = credentials::Credentials::open(path.clone(), &config.nats_url, base).await?;
-                (Some(credentials), login)
-            }
-            None => (None, base),
-        };
-        let nats = Nats::connect_as(&config.nats_url, "crmsync-main", &login).await?;
-        let stored_id = store.meta_str(DATABASE_ID)?;
-        let candidate = stored_id.clone().unwrap_or_else(names::new_id);
-        let database_id = nats.ensure_streams(&candidate).await?;
-        if let Some(stored_id) = stored_id
-            && stored_id != database_id
-        {
-            anyhow::bail!(
-                "the data directory {} belongs to database {stored_id}, but the NATS server at {} holds database {database_id}; \
-                 point --nats at the right server, or use another --data directory",
-                config.data_dir.display(),
-                config.nats_url
-            );
-        }
+        let store = open_projection(&config).await?;
+        let (credentials, nats) = connect(&config).await?;
+        let database_id = claim_database(&config, &store, &nats).await?;
         store.write(true, |t| {
             t.set_meta_str(DATABASE_ID, &database_id)?;
             t.set_meta_str("role", "main")

@@ -227,31 +227,42 @@ struct Inner {
     helpers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
+/// Opens the remote's projection: a file of another layout is emptied and replayed, a
+/// damaged one recovered.
+fn open_projection(data_dir: &Path, bundle: &Bundle) -> anyhow::Result<Store> {
+    let path = data_dir.join(STORE_FILE);
+    Ok(match Store::open(&path) {
+        Err(crate::store::StoreError::Format { found, .. }) => {
+            // The projection is a copy of the stream: the pull loop starts from the emptied
+            // position.
+            tracing::warn!("{} has storage format {found}; rebuilding it from CRM_SYNC", path.display());
+            let store = Store::open_any_format(&path)?;
+            store.clear_projection(|t| seed_users(t, bundle))?;
+            store
+        }
+        Err(crate::store::StoreError::Damaged { detail, .. }) => recover(data_dir, bundle, &detail)?,
+        other => other?,
+    })
+}
+
+/// How the remote signs in to NATS: the bundle's credentials and CA, and its own inbox prefix.
+fn login(data_dir: &Path, bundle: &Bundle) -> anyhow::Result<crate::transport::Login> {
+    Ok(crate::transport::Login {
+        inbox_prefix: bundle.creds.as_ref().map(|_| crate::identity::inbox_prefix(&bundle.remote)).transpose()?,
+        creds: bundle.creds.clone(),
+        ca: nats_ca_file(data_dir, bundle)?,
+    })
+}
+
 impl Remote {
     pub async fn start(config: RemoteConfig) -> anyhow::Result<Remote> {
         let bundle = read_bundle(&config.data_dir)?;
-        let path = config.data_dir.join(STORE_FILE);
-        let store = match Store::open(&path) {
-            Err(crate::store::StoreError::Format { found, .. }) => {
-                // The projection is a copy of the stream: a file of another layout is emptied
-                // and replayed (the pull loop starts from the emptied position).
-                tracing::warn!("{} has storage format {found}; rebuilding it from CRM_SYNC", path.display());
-                let store = Store::open_any_format(&path)?;
-                store.clear_projection(|t| seed_users(t, &bundle))?;
-                store
-            }
-            Err(crate::store::StoreError::Damaged { detail, .. }) => recover(&config.data_dir, &bundle, &detail)?,
-            other => other?,
-        };
+        let store = open_projection(&config.data_dir, &bundle)?;
         let upload_queue = upload_queue(&store)?;
         let nats_url = config.nats_url.clone().unwrap_or_else(|| bundle.nats_url.clone());
         // A remote works without NATS: it serves its copy and takes edits at once, and syncs
         // whenever NATS is reachable.
-        let login = crate::transport::Login {
-            inbox_prefix: bundle.creds.as_ref().map(|_| crate::identity::inbox_prefix(&bundle.remote)).transpose()?,
-            creds: bundle.creds.clone(),
-            ca: nats_ca_file(&config.data_dir, &bundle)?,
-        };
+        let login = login(&config.data_dir, &bundle)?;
         let nats = Nats::connect_in_background(&nats_url, &format!("crmsync-remote-{}", bundle.remote), &login).await?;
         let (rebuild_tx, rebuild_rx) = mpsc::channel(4);
         let (edits, edit_rx) = mpsc::unbounded_channel();

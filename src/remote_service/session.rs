@@ -296,62 +296,72 @@ impl Inner {
             return self.expire(expires_ms(last_sync, self.bundle.expires_days));
         }
         let counters = self.counters().map_err(|e| e.to_string())?;
-        let (open, check) = {
-            let mut sessions = self.sessions.lock().unwrap();
-            let since_report = now.saturating_sub(sessions.last_report_ms);
-            let check = now.saturating_sub(sessions.last_check_ms) >= self.check_every.as_millis() as u64;
-            let due = match self.mode {
-                Mode::Scheduled(schedule) => {
-                    // Counted from the last sync: a time missed while the remote was off (a
-                    // laptop closed at 03:00) is a session due at once.
-                    let next =
-                        *sessions.next_ms.get_or_insert_with(|| schedule.next_after(last_sync).unwrap_or(u64::MAX));
-                    now >= next
-                }
-                Mode::Continuous => counters != sessions.closed || since_report >= HEARTBEAT.as_millis() as u64,
-                Mode::Once => true,
-            };
-            if sessions.open.is_none() && due {
-                sessions.open = Some((now, sessions.closed));
-                if let Mode::Scheduled(schedule) = self.mode {
-                    sessions.next_ms = schedule.next_after(now);
-                }
-            }
-            (sessions.open, check)
-        };
+        let (open, check) = self.open_if_due(now, last_sync, counters);
         if let Some((started_ms, _)) = open {
-            self.gate.send_replace(true);
-            // In continuous mode changes trickle in: a session spans at least a minute of them
-            // (the first, at start, ends as soon as the remote has caught up).
-            let first = self.sessions.lock().unwrap().last_report_ms == 0;
-            let long_enough = first || now.saturating_sub(started_ms) >= CONTINUOUS_SESSION.as_millis() as u64;
-            let may_end = match self.mode {
-                Mode::Continuous => long_enough,
-                Mode::Scheduled(_) => true,
-                // `sync --once` ends its session itself.
-                Mode::Once => false,
-            };
-            // NATS is asked while the session may end and nothing here says it is still busy
-            // (messages known to be pending, edits waiting), and now and then whatever (the
-            // main may have expired this remote meanwhile): a busy remote asks every
-            // `check_every`, not every tick.
-            let busy = self.state.lock().unwrap().pending.is_some_and(|p| p > 0)
-                || self.store.uploads_len().map_err(|e| e.to_string())? > 0;
-            let caught_up = if (may_end && !busy) || check { self.caught_up().await? } else { false };
-            if may_end && caught_up {
-                let mut sessions = self.sessions.lock().unwrap();
-                if sessions.open.is_some() {
-                    self.close_session(&mut sessions).map_err(|e| e.to_string())?;
-                    if matches!(self.mode, Mode::Scheduled(_)) {
-                        self.gate.send_replace(false);
-                    }
-                }
-            }
+            self.tend_session(started_ms, now, check).await?;
         } else if check && self.nats.is_connected() {
             // Idle: the main may have expired this remote meanwhile.
             self.caught_up().await?;
         }
         self.send_reports().await;
+        Ok(())
+    }
+
+    /// Opens a session when one is due; returns the open session (its start and the counters
+    /// then) and whether it is time to ask NATS whatever.
+    fn open_if_due(&self, now: u64, last_sync: u64, counters: Counters) -> (Option<(u64, Counters)>, bool) {
+        let mut sessions = self.sessions.lock().unwrap();
+        let since_report = now.saturating_sub(sessions.last_report_ms);
+        let check = now.saturating_sub(sessions.last_check_ms) >= self.check_every.as_millis() as u64;
+        let due = match self.mode {
+            Mode::Scheduled(schedule) => {
+                // Counted from the last sync: a time missed while the remote was off (a laptop
+                // closed at 03:00) is a session due at once.
+                let next = *sessions.next_ms.get_or_insert_with(|| schedule.next_after(last_sync).unwrap_or(u64::MAX));
+                now >= next
+            }
+            Mode::Continuous => counters != sessions.closed || since_report >= HEARTBEAT.as_millis() as u64,
+            Mode::Once => true,
+        };
+        if sessions.open.is_none() && due {
+            sessions.open = Some((now, sessions.closed));
+            if let Mode::Scheduled(schedule) = self.mode {
+                sessions.next_ms = schedule.next_after(now);
+            }
+        }
+        (sessions.open, check)
+    }
+
+    /// An open session: the gate opens, and the session closes once the remote has caught up
+    /// (and, in continuous mode, has lasted long enough).
+    async fn tend_session(&self, started_ms: u64, now: u64, check: bool) -> Result<(), String> {
+        self.gate.send_replace(true);
+        // In continuous mode changes trickle in: a session spans at least a minute of them
+        // (the first, at start, ends as soon as the remote has caught up).
+        let first = self.sessions.lock().unwrap().last_report_ms == 0;
+        let long_enough = first || now.saturating_sub(started_ms) >= CONTINUOUS_SESSION.as_millis() as u64;
+        let may_end = match self.mode {
+            Mode::Continuous => long_enough,
+            Mode::Scheduled(_) => true,
+            // `sync --once` ends its session itself.
+            Mode::Once => false,
+        };
+        // NATS is asked while the session may end and nothing here says it is still busy
+        // (messages known to be pending, edits waiting), and now and then whatever (the main
+        // may have expired this remote meanwhile): a busy remote asks every `check_every`, not
+        // every tick.
+        let busy = self.state.lock().unwrap().pending.is_some_and(|p| p > 0)
+            || self.store.uploads_len().map_err(|e| e.to_string())? > 0;
+        let caught_up = if (may_end && !busy) || check { self.caught_up().await? } else { false };
+        if may_end && caught_up {
+            let mut sessions = self.sessions.lock().unwrap();
+            if sessions.open.is_some() {
+                self.close_session(&mut sessions).map_err(|e| e.to_string())?;
+                if matches!(self.mode, Mode::Scheduled(_)) {
+                    self.gate.send_replace(false);
+                }
+            }
+        }
         Ok(())
     }
 }

@@ -320,15 +320,24 @@ impl Authority {
         })
     }
 
-    /// Revokes these user public keys as of now (every JWT of theirs issued up to this second)
-    /// and returns the account JWT carrying every revocation, to push to the server with
-    /// `transport::Nats::push_account_jwt`. Save the authority afterwards: later account JWTs must keep them.
-    pub fn account_jwt_with_revocations(&mut self, revoked: &[String]) -> String {
+    /// Revokes the user public keys `revoke` as of now (every JWT of theirs issued up to this
+    /// second; a key already revoked keeps its date) and takes back the revocation of
+    /// `reinstate` (their JWTs are accepted again). Returns whether anything changed; then push
+    /// [`Authority::account_jwt`] to the server with `transport::Nats::push_account_jwt`, and
+    /// save the authority: later account JWTs must carry the same revocations.
+    pub fn revise_revocations(&mut self, revoke: &[String], reinstate: &[String]) -> bool {
         let now = unix_now();
-        for user in revoked {
-            self.revocations.insert(user.clone(), now);
+        let mut changed = false;
+        for user in revoke {
+            if !self.revocations.contains_key(user) {
+                self.revocations.insert(user.clone(), now);
+                changed = true;
+            }
         }
-        self.account_jwt()
+        for user in reinstate {
+            changed |= self.revocations.remove(user).is_some();
+        }
+        changed
     }
 
     /// The revoked user keys, with when.
@@ -615,7 +624,8 @@ mod tests {
         let mut a = Authority::generate();
         let r = a.remote_creds("laptop", "remote-laptop", "sales").unwrap();
         assert!(decode_jwt(&a.account_jwt()).unwrap()["nats"].get("revocations").is_none());
-        let jwt = a.account_jwt_with_revocations(std::slice::from_ref(&r.user_public_key));
+        assert!(a.revise_revocations(std::slice::from_ref(&r.user_public_key), &[]));
+        let jwt = a.account_jwt();
         let claims = decode_jwt(&jwt).unwrap();
         let at = claims["nats"]["revocations"][&r.user_public_key].as_i64().unwrap();
         let (user_jwt, _) = parse_creds(&r.creds).unwrap();
@@ -625,6 +635,11 @@ mod tests {
         let config = a.server_config(Path::new("/x"));
         let preloaded = preload_of(&config, &a.account_public_key());
         assert_eq!(decode_jwt(&preloaded).unwrap()["nats"]["revocations"][&r.user_public_key], at);
+        // Revoking again changes nothing; reinstating takes the revocation out.
+        assert!(!a.revise_revocations(std::slice::from_ref(&r.user_public_key), &[]));
+        assert!(a.revise_revocations(&[], std::slice::from_ref(&r.user_public_key)));
+        assert!(decode_jwt(&a.account_jwt()).unwrap()["nats"].get("revocations").is_none());
+        assert!(!a.revise_revocations(&[], std::slice::from_ref(&r.user_public_key)));
     }
 
     #[test]
@@ -633,7 +648,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("authority.json");
         let mut a = Authority::generate();
-        a.account_jwt_with_revocations(&["UABC".to_owned()]);
+        a.revise_revocations(&["UABC".to_owned()], &[]);
         a.save(&path).unwrap();
         #[cfg(unix)]
         {

@@ -165,6 +165,13 @@ impl Nats {
                                 offline.compare_exchange(0, crate::hlc::wall_ms(), Ordering::SeqCst, Ordering::SeqCst);
                             tracing::warn!("disconnected from NATS; reconnecting");
                         }
+                        // A reconnection the server refused: the credentials were revoked.
+                        async_nats::Event::ClientError(async_nats::ClientError::Other(e))
+                            if e.contains("authoriz") || e.contains("authenticat") =>
+                        {
+                            tracing::warn!("NATS refused: {e}");
+                            *said.lock().unwrap() = Some(e);
+                        }
                         other => tracing::debug!("NATS: {other}"),
                     }
                 }

@@ -5,9 +5,10 @@
 //! bundle, and keeps the public key of that user in the remote's record (`nats_user`). Deleting
 //! or re-creating a remote revokes its user: the account JWT is re-issued with the key in its
 //! revocations and pushed to the server through the system account, which closes the remote's
-//! connections at once and refuses its credentials from then on, without a restart. An expired
-//! remote keeps its credentials, so it can read from its consumer why it stopped; its consumer
-//! is paused and its uploads are refused.
+//! connections at once and refuses its credentials from then on, without a restart. Halting
+//! and expiring revoke them the same way; resuming takes the revocation back, so the halted
+//! remote's bundle works again (a re-created or deleted remote's user is never reinstated: no
+//! record names it any more).
 //! Without an authority (a server without authentication) no credentials are issued.
 
 use std::path::PathBuf;
@@ -52,18 +53,21 @@ impl Credentials {
         Ok((issued.creds, issued.user_public_key))
     }
 
-    /// Revokes users: saved first (every later account JWT carries the revocation), then pushed.
-    async fn revoke(&self, users: &[String]) -> Result<(), ServiceError> {
+    /// Revokes users and reinstates others: saved first (every later account JWT carries the
+    /// revocations), then pushed, when anything changed.
+    async fn revise(&self, revoke: &[String], reinstate: &[String]) -> Result<(), ServiceError> {
         let jwt = {
             let mut authority = self.authority.lock().unwrap();
-            let jwt = authority.account_jwt_with_revocations(users);
+            if !authority.revise_revocations(revoke, reinstate) {
+                return Ok(());
+            }
             authority
                 .save(&self.path)
                 .map_err(|e| ServiceError::Internal(format!("saving the NATS authority: {e}")))?;
-            jwt
+            authority.account_jwt()
         };
         self.system.push_account_jwt(&jwt).await?;
-        tracing::info!(users = users.len(), "revoked NATS credentials");
+        tracing::info!(revoked = revoke.len(), reinstated = reinstate.len(), "revised NATS credentials");
         Ok(())
     }
 }
@@ -86,10 +90,36 @@ impl Main {
     /// Revokes the NATS user a remote's record names, if any: its connections close, its
     /// credentials are refused.
     pub(super) async fn revoke_creds(&self, record: &Fields) -> Result<(), ServiceError> {
+        self.revise_creds(record, true).await
+    }
+
+    /// Revokes (`true`) or reinstates (`false`) the NATS user a remote's record names, if any.
+    /// A halted remote's credentials are revoked and reinstated when it is resumed: the same
+    /// bundle works again.
+    pub(super) async fn revise_creds(&self, record: &Fields, revoke: bool) -> Result<(), ServiceError> {
         match (&self.inner.credentials, model::text(record, NATS_USER)) {
-            (Some(credentials), Some(user)) => credentials.revoke(&[user.to_owned()]).await,
+            (Some(credentials), Some(user)) => {
+                let user = [user.to_owned()];
+                let (revoked, reinstated): (&[String], &[String]) = if revoke { (&user, &[]) } else { (&[], &user) };
+                credentials.revise(revoked, reinstated).await
+            }
             _ => Ok(()),
         }
+    }
+
+    /// Brings the server's revocations in line with the remotes' records, at start (a main
+    /// stopped between halting a remote and revoking its user, say): the users of halted and
+    /// expired remotes are revoked, those of the others are not.
+    pub(super) async fn reconcile_creds(&self) -> Result<(), ServiceError> {
+        let Some(credentials) = &self.inner.credentials else { return Ok(()) };
+        let (mut revoke, mut reinstate) = (Vec::new(), Vec::new());
+        self.inner.store.for_each(Kind::Remote, |_, record| {
+            if let Some(user) = model::text(&record.fields, NATS_USER) {
+                let cut_off = model::remote_halted(&record.fields) || model::remote_expired(&record.fields).is_some();
+                if cut_off { &mut revoke } else { &mut reinstate }.push(user.to_owned());
+            }
+        })?;
+        credentials.revise(&revoke, &reinstate).await
     }
 }
 

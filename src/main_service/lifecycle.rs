@@ -120,13 +120,17 @@ impl Main {
     async fn expire(&self, name: &str, on_ms: u64) -> Result<(), ServiceError> {
         self.inner.nats.expire_remote_consumer(&self.consumer_of(name)?, on_ms).await?;
         let stamp = self.inner.clock.now();
-        self.commit(Kind::Remote, name, |current| {
-            let Some(current) = current else { return Ok(Decision::Unchanged) };
-            let mut fields = current.fields.clone();
-            crate::merge::apply_patch(&mut fields, &vec![("expired_ms".into(), Value::Int(on_ms as i64))], stamp);
-            Ok(Decision::Upsert(fields))
-        })
-        .await?;
+        let record = self
+            .commit(Kind::Remote, name, |current| {
+                let Some(current) = current else { return Ok(Decision::Unchanged) };
+                let mut fields = current.fields.clone();
+                crate::merge::apply_patch(&mut fields, &vec![("expired_ms".into(), Value::Int(on_ms as i64))], stamp);
+                Ok(Decision::Upsert(fields))
+            })
+            .await?;
+        if let Some(record) = record {
+            self.revoke_creds(&record.fields).await?;
+        }
         tracing::warn!(remote = name, "expired: it did not sync before {}", crate::date::utc_day(on_ms));
         Ok(())
     }

@@ -213,6 +213,7 @@ impl Main {
         let expiry = tokio::spawn(lifecycle::run_expiry(main.clone(), expiry, main.inner.shutdown.subscribe()));
         main.inner.tasks.lock().unwrap().extend([merger, expiry]);
         main.first_administrator().await?;
+        main.reconcile_creds().await?;
         Ok(main)
     }
 

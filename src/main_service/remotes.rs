@@ -2,10 +2,12 @@
 //! record (an event, so a rebuilt main knows it) and an action on the remote's consumer.
 //!
 //! - **Halt**: the remote's consumer is paused (NATS delivers nothing to it, at once, without a
-//!   server restart), and the merger keeps its uploads, durably and in order, instead of
-//!   merging them.
-//! - **Resume**: the consumer delivers again from where the remote stands, and the merger
-//!   merges the uploads it kept, in order, before any that come after.
+//!   server restart), its NATS credentials (if this main issues them) are revoked, so its
+//!   connection closes and its edits wait at the remote, and the merger keeps the uploads that
+//!   reached `CRM_UP`, durably and in order, instead of merging them.
+//! - **Resume**: the credentials are accepted again, the consumer delivers again from where
+//!   the remote stands, and the merger merges the uploads it kept, in order, before any that
+//!   come after.
 //! - **Accept syncs off/on**: the merger's consumer is paused or resumed; uploads wait in
 //!   `CRM_UP` meanwhile.
 //! - **Re-create**: a new bundle and a new consumer for the same name and set; the copy set up
@@ -24,6 +26,7 @@ impl Main {
     pub async fn halt_remote(&self, name: &str) -> Result<Record, ServiceError> {
         let record = self.set_halted(name, true).await?;
         self.inner.nats.pause_remote_consumer(&consumer_of(name, &record.fields)).await?;
+        self.revise_creds(&record.fields, true).await?;
         tracing::info!(remote = name, "halted");
         Ok(record)
     }
@@ -40,6 +43,7 @@ impl Main {
         }
         let record = self.set_halted(name, false).await?;
         self.inner.nats.resume_remote_consumer(&consumer_of(name, &record.fields)).await?;
+        self.revise_creds(&record.fields, false).await?;
         self.inner.resumed.send_modify(|n| *n += 1);
         tracing::info!(remote = name, "resumed");
         Ok(record)

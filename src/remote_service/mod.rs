@@ -401,7 +401,8 @@ impl Remote {
             // What the main decided, as the server says (null while NATS cannot be asked).
             "halted": delivery.map(|d| d.halted),
             "main_accepting_syncs": accepting,
-            "notice": state.expired.as_ref().map(|e| e.notice.clone()).or(notice(delivery, accepting).map(String::from)),
+            "notice": state.expired.as_ref().map(|e| e.notice.clone())
+                .or(notice(delivery, accepting, nats.server_error().as_deref()).map(String::from)),
             "sync": self.inner.sync_json(),
             "last_sync_ms": last_sync,
             "expires_days": self.inner.bundle.expires_days,
@@ -500,8 +501,19 @@ fn write_salvaged(data_dir: &Path, salvage: &crate::store::Salvage, at_ms: u64) 
 }
 
 /// What the main decided that stops this remote's synchronization, in plain words.
-fn notice(delivery: Option<crate::transport::Delivery>, accepting: Option<bool>) -> Option<&'static str> {
-    if delivery.is_some_and(|d| d.halted) {
+fn notice(
+    delivery: Option<crate::transport::Delivery>,
+    accepting: Option<bool>,
+    server_error: Option<&str>,
+) -> Option<&'static str> {
+    let refused = server_error.map(str::to_lowercase);
+    if refused.is_some_and(|e| e.contains("revoked") || e.contains("authorization violation")) {
+        Some(
+            "the NATS server refuses this remote's credentials: the main halted, expired, deleted or re-created it. \
+             Its edits wait here; ask an administrator to resume it (`crmsync remote resume NAME`), or to \
+             re-create it and set this computer up again from the new bundle",
+        )
+    } else if delivery.is_some_and(|d| d.halted) {
         Some(
             "this remote is halted at the main: it receives nothing, and its edits wait at the main until it is resumed",
         )

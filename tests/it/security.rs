@@ -168,6 +168,68 @@ async fn a_remote_deleted_or_recreated_at_the_main_is_cut_off_within_seconds() {
     new.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halted_or_expired_remote_is_cut_off_and_a_resumed_one_syncs_again_with_its_bundle() {
+    let mut env = Env::start_secure().await;
+    env.create_all_set("everyone").await;
+    let laptop = env.remote("laptop", "everyone").await;
+    seed_contacts(env.main(), 2, "c").await;
+    wait_converged(env.main(), laptop.remote.store()).await;
+    let bundle = crmsync::remote_service::read_bundle(&laptop.data_dir).unwrap();
+    let login = Login { creds: bundle.creds.clone(), inbox_prefix: Some("_INBOX_laptop".into()), ca: None };
+
+    // Halted: the connection closes, the credentials are refused, and the remote says why.
+    env.main().halt_remote("laptop").await.unwrap();
+    let refused = "refuses this remote's credentials";
+    wait_for_status(&laptop.api, |s| {
+        s["nats"]["connected"] == false && s["notice"].as_str().is_some_and(|n| n.contains(refused))
+    })
+    .await;
+    assert!(Nats::connect_as(&env.nats.url(), "halted", &login).await.is_err(), "a halted remote's credentials work");
+    // People go on working at both ends; nothing crosses.
+    let (code, body) =
+        laptop.api.post("/v1/contacts", &json!({ "id": "made-while-halted", "last_name": "Laptop" })).await;
+    assert_eq!(code, 201, "{body}");
+    env.main().create(Kind::Contact, &json!({ "id": "sent-while-halted" })).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(env.main().store().get(Kind::Contact, "made-while-halted").unwrap().is_none());
+    assert!(laptop.remote.store().get(Kind::Contact, "sent-while-halted").unwrap().is_none());
+    assert_eq!(laptop.api.get("/v1/status").await.1["uploads"]["waiting"], 1, "the edit waits at the remote");
+
+    // Resumed: the same bundle logs in again, and what waited flows both ways.
+    env.main().resume_remote("laptop").await.unwrap();
+    wait_for("the remote's edit reaches the main", Duration::from_secs(15), || async {
+        env.main().store().get(Kind::Contact, "made-while-halted").unwrap().is_some()
+    })
+    .await;
+    wait_converged(env.main(), laptop.remote.store()).await;
+    let status = wait_for_status(&laptop.api, |s| s["nats"]["connected"] == true).await;
+    assert!(status["notice"].is_null(), "{status}");
+
+    // Expired (the main's clock runs past the remote's 30 days, while the laptop is off): cut
+    // off the same way, across a restart of the main.
+    let data_dir = laptop.data_dir.clone();
+    laptop.stop().await;
+    env.stop_main().await;
+    let clock = crmsync::wall_clock::WallClock::shifted(31 * 86_400_000);
+    let expiry_check = Duration::from_millis(300);
+    env.restart_main_with(crmsync::main_service::MainConfig { clock, expiry_check, ..env.main_config() }).await;
+    wait_for("the main expires laptop", Duration::from_secs(20), || async {
+        env.api.get("/v1/remotes/laptop").await.1["state"] == "expired"
+    })
+    .await;
+    assert!(
+        Nats::connect_as(&env.nats.url(), "expired", &login).await.is_err(),
+        "an expired remote's credentials work"
+    );
+    let laptop = env.start_remote(&data_dir).await;
+    wait_for_status(&laptop.api, |s| {
+        s["nats"]["connected"] == false && s["notice"].as_str().is_some_and(|n| n.contains(refused))
+    })
+    .await;
+    laptop.stop().await;
+}
+
 /// The deployment the README describes: `crmsync nats-auth` makes the authority and the
 /// server's settings, nats-server runs with them, the main logs in with `--authority`, and a
 /// remote set up from its bundle syncs with the credentials inside it.

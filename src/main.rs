@@ -15,6 +15,7 @@ fn main() {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
+    crmsync::http::tls::install_default_provider();
     // A file that may not grow (a file size limit) must fail the write that grows it, which
     // the service reports and recovers from, instead of killing the process.
     // SAFETY: setting a signal's disposition before any other thread exists.

@@ -165,12 +165,14 @@ impl Nats {
                                 offline.compare_exchange(0, crate::hlc::wall_ms(), Ordering::SeqCst, Ordering::SeqCst);
                             tracing::warn!("disconnected from NATS; reconnecting");
                         }
-                        // A reconnection the server refused: the credentials were revoked.
+                        // A reconnection the server refused: the credentials were revoked. What
+                        // the server said when it closed the connection ("User Authentication
+                        // Revoked") says more, and stays.
                         async_nats::Event::ClientError(async_nats::ClientError::Other(e))
                             if e.contains("authoriz") || e.contains("authenticat") =>
                         {
                             tracing::warn!("NATS refused: {e}");
-                            *said.lock().unwrap() = Some(e);
+                            said.lock().unwrap().get_or_insert(e);
                         }
                         other => tracing::debug!("NATS: {other}"),
                     }

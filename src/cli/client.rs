@@ -38,9 +38,17 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(base: &str, token: Option<String>) -> Client {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(900)).build().expect("HTTP client builds");
-        Client { base: base.trim_end_matches('/').to_owned(), http, token }
+    /// A client of the API at `base`, signing in with `token`; for HTTPS it trusts the
+    /// system's certificate authorities and `ca`.
+    pub fn new(base: &str, token: Option<String>, ca: Option<&std::path::Path>) -> Result<Client, ClientError> {
+        let tls =
+            crmsync::http::tls::client_config(ca).map_err(|e| ClientError::Usage(format!("{e} (--ca, CRMSYNC_CA)")))?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(900))
+            .tls_backend_preconfigured(tls)
+            .build()
+            .map_err(|e| ClientError::Usage(format!("cannot set up the HTTP client: {}", root_cause(&e))))?;
+        Ok(Client { base: base.trim_end_matches('/').to_owned(), http, token })
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<J, ClientError> {

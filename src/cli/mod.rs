@@ -32,6 +32,9 @@ pub struct Cli {
     /// names); a main writes its administrator's to `<data>/admin.token` on first start.
     #[arg(long, global = true, env = "CRMSYNC_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// A certificate authority (PEM) to trust, besides the system's, for an https:// --api.
+    #[arg(long, global = true, env = "CRMSYNC_CA")]
+    pub ca: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -144,6 +147,35 @@ pub struct NatsArg {
     pub nats_ca: Option<PathBuf>,
 }
 
+/// HTTPS for a service's API.
+#[derive(Debug, Args)]
+pub struct TlsArg {
+    /// The API's TLS certificate chain (PEM, its own certificate first): the API then answers
+    /// HTTPS only. Give --tls-key with it.
+    #[arg(long, env = "CRMSYNC_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "CRMSYNC_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl TlsArg {
+    /// The server's TLS, when configured; a clear error for files that do not make one.
+    pub fn load(&self) -> anyhow::Result<Option<crmsync::http::tls::ServerTls>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                Ok(Some(crmsync::http::tls::ServerTls::load(cert, key).map_err(anyhow::Error::msg)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The scheme the API answers in.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls_cert.is_some() { "https" } else { "http" }
+    }
+}
+
 /// Users: the record commands, and their API tokens.
 #[derive(Debug, Subcommand)]
 pub enum UserCommand {
@@ -167,6 +199,8 @@ pub enum MainCommand {
         data: PathBuf,
         #[arg(long, default_value = "127.0.0.1:7420")]
         listen: SocketAddr,
+        #[command(flatten)]
+        tls: TlsArg,
     },
     /// Rebuild the main's projection from CRM_EVENTS (with the service stopped).
     Rebuild {
@@ -242,6 +276,8 @@ pub enum RemoteCommand {
         data: PathBuf,
         #[arg(long, default_value = "127.0.0.1:7421")]
         listen: SocketAddr,
+        #[command(flatten)]
+        tls: TlsArg,
         /// Overrides the NATS address in the bundle.
         #[arg(long)]
         nats: Option<String>,
@@ -416,10 +452,10 @@ pub async fn run(cli: Cli) -> i32 {
         Command::NatsAuth { authority, resolver_dir, out } => {
             services::nats_auth(&authority, &resolver_dir, out.as_deref())
         }
-        Command::Remote(RemoteCommand::Serve { data, listen, nats, batch, sync }) => {
+        Command::Remote(RemoteCommand::Serve { data, listen, tls, nats, batch, sync }) => {
             let mode = crmsync::remote_service::Mode::of(sync);
-            services::remote_serve(RemoteConfig { nats_url: nats, batch, mode, ..RemoteConfig::new(data) }, listen)
-                .await
+            let config = RemoteConfig { nats_url: nats, batch, mode, ..RemoteConfig::new(data) };
+            services::remote_serve(config, listen, &tls).await
         }
         Command::Remote(RemoteCommand::Rebuild { data, nats }) => services::remote_rebuild(data, nats, cli.json).await,
         Command::Remote(RemoteCommand::Sync { data, nats, timeout, wait_merged, .. }) => {
@@ -433,7 +469,7 @@ pub async fn run(cli: Cli) -> i32 {
             )
             .await
         }
-        command => return run_client(&cli.api, cli.token, command, cli.json).await,
+        command => return run_client(&cli.api, cli.token, cli.ca.as_deref(), command, cli.json).await,
     };
     match result {
         Ok(()) => 0,
@@ -445,7 +481,13 @@ pub async fn run(cli: Cli) -> i32 {
 }
 
 /// Runs a client command against a service's API.
-async fn run_client(api: &str, token: Option<String>, command: Command, as_json: bool) -> i32 {
+async fn run_client(
+    api: &str,
+    token: Option<String>,
+    ca: Option<&std::path::Path>,
+    command: Command,
+    as_json: bool,
+) -> i32 {
     // A client's output may go to `head` or a closed pager: end quietly like any Unix tool
     // instead of panicking on the broken pipe. (Services keep the default of ignoring SIGPIPE,
     // where a peer's closed socket must not kill the process.)
@@ -453,8 +495,9 @@ async fn run_client(api: &str, token: Option<String>, command: Command, as_json:
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let result = match client::token(token) {
-        Ok(token) => records::run(&Client::new(api, token), command, as_json).await,
+    let client = client::token(token).and_then(|token| Client::new(api, token, ca));
+    let result = match client {
+        Ok(client) => records::run(&client, command, as_json).await,
         Err(e) => Err(e),
     };
     match result {

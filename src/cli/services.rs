@@ -36,12 +36,18 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 fn spawn_api(
     listener: tokio::net::TcpListener,
     router: http::Api,
+    tls: Option<http::tls::ServerTls>,
 ) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        if let Err(e) = http::serve(listener, router, async move {
-            let _ = rx.await;
-        })
+        if let Err(e) = http::serve(
+            listener,
+            router,
+            async move {
+                let _ = rx.await;
+            },
+            tls,
+        )
         .await
         {
             tracing::error!("API server failed: {e}");
@@ -52,7 +58,8 @@ fn spawn_api(
 
 pub async fn main(cmd: MainCommand) -> anyhow::Result<()> {
     match cmd {
-        MainCommand::Serve { nats, data, listen } => {
+        MainCommand::Serve { nats, data, listen, tls } => {
+            let server_tls = tls.load()?;
             let listener = bind(listen).await?;
             let clock = WallClock::from_env()?;
             let config = MainConfig {
@@ -62,8 +69,8 @@ pub async fn main(cmd: MainCommand) -> anyhow::Result<()> {
                 ..MainConfig::new(nats.url, data)
             };
             let main = Main::start(config).await?;
-            tracing::info!("main of database {} serving on http://{listen}", main.database_id());
-            http::serve(listener, http::main_api(main.clone()), shutdown_signal()).await?;
+            tracing::info!("main of database {} serving on {}://{listen}", main.database_id(), tls.scheme());
+            http::serve(listener, http::main_api(main.clone()), shutdown_signal(), server_tls).await?;
             main.stop().await;
             Ok(())
         }
@@ -105,11 +112,12 @@ pub fn remote_init(bundle: &Path, data: &Path, as_json: bool) -> anyhow::Result<
     Ok(())
 }
 
-pub async fn remote_serve(config: RemoteConfig, listen: SocketAddr) -> anyhow::Result<()> {
+pub async fn remote_serve(config: RemoteConfig, listen: SocketAddr, tls: &super::TlsArg) -> anyhow::Result<()> {
+    let server_tls = tls.load()?;
     let listener = bind(listen).await?;
     let remote = Remote::start(RemoteConfig { wall: WallClock::from_env()?, ..config }).await?;
-    tracing::info!("remote {} serving on http://{listen}", remote.bundle().remote);
-    let (stop_api, api) = spawn_api(listener, http::remote_api(remote.clone()));
+    tracing::info!("remote {} serving on {}://{listen}", remote.bundle().remote, tls.scheme());
+    let (stop_api, api) = spawn_api(listener, http::remote_api(remote.clone()), server_tls);
     let outcome = tokio::select! {
         _ = shutdown_signal() => Ok(()),
         r = remote.stopped() => r,
@@ -226,7 +234,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let config =
         MainConfig { clock, authority: Some(authority), ..MainConfig::new(nats.url(), args.data.join("main")) };
     let main = Main::start(config).await?;
-    let (stop_main_api, main_api) = spawn_api(main_listener, http::main_api(main.clone()));
+    let (stop_main_api, main_api) = spawn_api(main_listener, http::main_api(main.clone()), None);
 
     if main.store().get(Kind::Set, DEMO_SET)?.is_none() {
         main.create_set(&SetRequest {
@@ -240,7 +248,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let mut remotes = Vec::new();
     for (name, listener) in DEMO_REMOTES.iter().zip(remote_listeners) {
         let remote = demo_remote(&main, &args.data, name).await?;
-        let api = spawn_api(listener, http::remote_api(remote.clone()));
+        let api = spawn_api(listener, http::remote_api(remote.clone()), None);
         remotes.push((remote, api));
     }
 

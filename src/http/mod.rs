@@ -9,7 +9,8 @@
 //! - [`main_api`] and [`remote_api`]: each service's own endpoints beside them;
 //! - [`extract`]: reading requests (body, path, query string, `Idempotency-Key`);
 //! - [`error`]: the JSON error answer;
-//! - [`server`]: the HTTP server under both, with timeouts and a connection limit.
+//! - [`server`]: the HTTP server under both, with timeouts and a connection limit;
+//! - [`tls`]: HTTPS for both, and the command line's trust.
 
 mod auth;
 mod error;
@@ -18,6 +19,7 @@ mod main_api;
 mod records;
 mod remote_api;
 mod server;
+pub mod tls;
 
 use std::future::Future;
 
@@ -45,21 +47,23 @@ fn api<S: Records>(service: S, own: Router<S>) -> Router {
     error::with_json_errors(routes)
 }
 
-/// Serves `router` on `listener` with the default [`Limits`] until `shutdown` completes.
+/// Serves `router` on `listener` with the default [`Limits`] until `shutdown` completes;
+/// HTTPS with `tls`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    tls: Option<tls::ServerTls>,
 ) -> std::io::Result<()> {
-    server::serve(listener, router, shutdown, Limits::default()).await
+    server::serve(listener, router, shutdown, Limits::default(), tls).await
 }
 
-/// [`serve`] with other limits (tests use short timeouts).
+/// [`serve`] with other limits (tests use short timeouts), without TLS.
 pub async fn serve_with(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
     limits: Limits,
 ) -> std::io::Result<()> {
-    server::serve(listener, router, shutdown, limits).await
+    server::serve(listener, router, shutdown, limits, None).await
 }

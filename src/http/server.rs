@@ -10,6 +10,7 @@
 //! - At most [`MAX_CONNECTIONS`] connections are open at once (fewer when the process may
 //!   open fewer files: half its open-file limit). Beyond that, new connections wait in the
 //!   listen queue until others close.
+//! - With TLS, the handshake must end within [`HEADER_TIMEOUT`] too.
 //! - On shutdown the listener closes at once; connections without a request in progress are
 //!   closed, requests in progress get up to [`SHUTDOWN_GRACE`] to be answered.
 
@@ -29,6 +30,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::{Instant, Sleep};
+
+use super::tls::ServerTls;
 
 /// How long a client may take to send a request's head, and how long a kept-alive connection
 /// may stay idle.
@@ -82,6 +85,7 @@ pub async fn serve(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
     limits: Limits,
+    tls: Option<ServerTls>,
 ) -> std::io::Result<()> {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let (stop, stopping) = watch::channel(false);
@@ -108,8 +112,27 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let in_flight = Arc::new(AtomicUsize::new(0));
         let service = connection_service(router.clone(), limits.body_timeout, in_flight.clone());
-        let connection = http.serve_connection(TokioIo::new(stream), service);
-        tokio::spawn(run_connection(connection, in_flight, stopping.clone(), permit));
+        let (http, stopping) = (http.clone(), stopping.clone());
+        match tls.clone() {
+            None => {
+                let connection = http.serve_connection(TokioIo::new(stream), service);
+                tokio::spawn(run_connection(connection, in_flight, stopping, permit));
+            }
+            Some(ServerTls(acceptor)) => {
+                tokio::spawn(async move {
+                    // The handshake is part of the request's head: a client that starts one
+                    // and stalls must not hold its slot.
+                    match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let connection = http.serve_connection(TokioIo::new(stream), service);
+                            run_connection(connection, in_flight, stopping, permit).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!("TLS handshake did not end in time"),
+                    }
+                });
+            }
+        }
     }
     drop(listener);
     let _ = stop.send(true);
@@ -131,17 +154,16 @@ async fn accept_failed(e: std::io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-type Connection<S> = hyper::server::conn::http1::Connection<TokioIo<tokio::net::TcpStream>, S>;
-
 /// Runs one connection until it ends or the server stops.
-async fn run_connection<S>(
-    connection: Connection<S>,
+async fn run_connection<S, I>(
+    connection: hyper::server::conn::http1::Connection<TokioIo<I>, S>,
     in_flight: Arc<AtomicUsize>,
     mut stopping: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
 ) where
     S: hyper::service::HttpService<Incoming, ResBody = Body>,
     S::Error: Into<BoxError>,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     tokio::pin!(connection);
     tokio::select! {

@@ -276,7 +276,7 @@ async fn each_custom_field_is_edited_and_merged_on_its_own() {
 /// A client whose every request gives up after `limit`: a service that makes it wait longer
 /// fails the test.
 fn impatient(limit: Duration) -> reqwest::Client {
-    reqwest::Client::builder().timeout(limit).build().unwrap()
+    crate::harness::http_client_builder().timeout(limit).build().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,7 +326,7 @@ async fn with_nats_down_status_answers_at_once_and_a_write_is_refused_within_sec
 
 /// Sends a write with an `Idempotency-Key` header.
 async fn keyed(method: reqwest::Method, api: &Api, path: &str, key: &str, body: Option<J>) -> (u16, J) {
-    let mut req = reqwest::Client::new()
+    let mut req = crate::harness::http_client()
         .request(method, format!("{}{path}", api.base))
         .header("Idempotency-Key", key)
         .bearer_auth(api.token.as_deref().unwrap_or_default());

@@ -38,7 +38,7 @@ pub struct Api {
 impl Api {
     /// An API client that signs in with no token.
     pub fn new(base: String) -> Api {
-        Api { base, http: reqwest::Client::new(), token: None }
+        Api { base, http: http_client(), token: None }
     }
 
     /// The same client, signing in with `token`.
@@ -97,9 +97,10 @@ pub async fn serve(router: axum::Router) -> (String, tokio::sync::oneshot::Sende
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(crmsync::http::serve(listener, router, async move {
+    let stop = async move {
         let _ = rx.await;
-    }));
+    };
+    tokio::spawn(crmsync::http::serve(listener, router, stop, None));
     (format!("http://{addr}"), tx)
 }
 
@@ -362,7 +363,7 @@ pub async fn wait_for_status(api: &Api, done: impl Fn(&J) -> bool) -> J {
     let start = Instant::now();
     let mut last = J::Null;
     loop {
-        let request = reqwest::Client::new().get(format!("{}/v1/status", api.base));
+        let request = http_client().get(format!("{}/v1/status", api.base));
         let request = match &api.token {
             Some(token) => request.bearer_auth(token),
             None => request,
@@ -420,4 +421,15 @@ pub async fn admin_token(data_dir: &std::path::Path) -> String {
     let file = data_dir.join(crmsync::main_service::ADMIN_TOKEN_FILE);
     wait_for("the main writes its administrator's token", Duration::from_secs(60), || async { file.exists() }).await;
     std::fs::read_to_string(&file).unwrap().trim().to_owned()
+}
+
+/// An HTTP client for the tests (the TLS provider installed first, as the binary does).
+pub fn http_client() -> reqwest::Client {
+    http_client_builder().build().unwrap()
+}
+
+/// [`http_client`] with settings of a test's own.
+pub fn http_client_builder() -> reqwest::ClientBuilder {
+    crmsync::http::tls::install_default_provider();
+    reqwest::Client::builder()
 }

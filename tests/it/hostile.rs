@@ -15,7 +15,7 @@ use crate::harness::{Api, Env, wait_for};
 /// Sends one request and returns its status, its `Allow` header and its body as JSON (a body
 /// that is not JSON fails the test: every answer of the API is JSON).
 async fn request(token: &str, method: &str, url: &str, content_type: Option<&str>, body: &str) -> (u16, String, J) {
-    let client = reqwest::Client::new();
+    let client = crate::harness::http_client();
     let mut req = client.request(method.parse().unwrap(), url).bearer_auth(token).body(body.to_owned());
     if let Some(content_type) = content_type {
         req = req.header("content-type", content_type);

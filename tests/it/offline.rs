@@ -12,7 +12,7 @@ use crate::harness::{Api, Env, Stop, remote_process, seed_contacts, stop, wait_c
 /// A client whose every request gives up after a few seconds: a status that makes it wait
 /// longer fails the test.
 fn impatient() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap()
+    crate::harness::http_client_builder().timeout(Duration::from_secs(5)).build().unwrap()
 }
 
 /// The remote's status, asked with [`impatient`]; prints how long it took to answer.

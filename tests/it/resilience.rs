@@ -11,7 +11,7 @@ use crate::harness::{
 };
 
 async fn contacts_at(api: &Api) -> Option<u64> {
-    let resp = reqwest::Client::new()
+    let resp = crate::harness::http_client()
         .get(format!("{}/v1/status", api.base))
         .bearer_auth(api.token.as_deref().unwrap_or_default())
         .send()
@@ -140,7 +140,7 @@ async fn routing_survives_a_main_killed_between_commit_and_publish() {
                 let mut acknowledged = Vec::new();
                 for i in 0.. {
                     let id = format!("w{w}-{i}");
-                    let resp = reqwest::Client::new()
+                    let resp = crate::harness::http_client()
                         .post(format!("{}/v1/contacts", api.base))
                         .bearer_auth(api.token.as_deref().unwrap_or_default())
                         .json(&json!({ "id": id, "city": "Albany" }))

@@ -438,6 +438,81 @@ fn certificates(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBu
     files
 }
 
+/// Both APIs answer HTTPS when given a certificate; the command line trusts the authority
+/// it is given (`--ca`, `CRMSYNC_CA`) and refuses a certificate it cannot check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_apis_answer_https_when_given_a_certificate_and_the_cli_checks_it() {
+    let mut env = Env::start_secure().await;
+    env.create_all_set("everyone").await;
+    let laptop_dir = env.init_remote("laptop", "everyone").await;
+    env.main().create(Kind::Contact, &json!({ "id": "c1", "city": "Albany" })).await.unwrap();
+    let config = env.main_config();
+    env.stop_main().await;
+    let (ca, cert, key) = certificates(env.dir.path());
+    let (ca, cert, key) = (ca.to_str().unwrap(), cert.to_str().unwrap(), key.to_str().unwrap());
+    let listen = format!("127.0.0.1:{}", crmsync::natsd::free_port());
+    let authority = config.authority.as_ref().unwrap().to_str().unwrap().to_owned();
+    let nats_url = env.nats.url();
+    let args = ["main", "serve", "--nats", &nats_url, "--authority", &authority, "--listen", &listen];
+    let args = [&args[..], &["--tls-cert", cert, "--tls-key", key, "--data"]].concat();
+    let mut main = crate::harness::crmsync_process_with(&args, &config.data_dir, &[]);
+    let client = |api: String, vars: Vec<(&'static str, String)>, args: Vec<&str>| {
+        let token = env.token.clone();
+        let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+        async move {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
+                .args(["--api", &api, "--token", &token])
+                .args(&args)
+                .envs(vars)
+                .output()
+                .await
+                .unwrap();
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    let https = format!("https://{listen}");
+    wait_for("the main answers HTTPS", Duration::from_secs(20), || async {
+        client(https.clone(), vec![], vec!["--ca", ca, "status"]).await.0 == 0
+    })
+    .await;
+    let (code, out, err) = client(https.clone(), vec![], vec!["--ca", ca, "contact", "show", "c1"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("Albany"), "{out}");
+    // A certificate the client cannot check is refused, saying so.
+    let (code, _, err) = client(https.clone(), vec![], vec!["status"]).await;
+    assert_eq!(code, 3, "{err}");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    // Plain HTTP gets no answer from an HTTPS API.
+    let (code, _, err) = client(format!("http://{listen}"), vec![], vec!["status"]).await;
+    assert_ne!(code, 0, "{err}");
+
+    // A remote's API the same way, the authority from CRMSYNC_CA.
+    let remote_listen = format!("127.0.0.1:{}", crmsync::natsd::free_port());
+    let args = ["remote", "serve", "--listen", &remote_listen, "--tls-cert", cert, "--tls-key", key, "--data"];
+    let mut remote = crate::harness::crmsync_process_with(&args, &laptop_dir, &[]);
+    let remote_https = format!("https://{remote_listen}");
+    let with_ca = vec![("CRMSYNC_CA", ca.to_owned())];
+    wait_for("the remote holds c1 and answers HTTPS", Duration::from_secs(20), || async {
+        client(remote_https.clone(), with_ca.clone(), vec!["contact", "show", "c1"]).await.0 == 0
+    })
+    .await;
+    // Files that do not make a server identity stop the service with a clear error.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
+        .args(["remote", "serve", "--listen", "127.0.0.1:0", "--tls-cert", ca, "--tls-key", cert, "--data"])
+        .arg(&laptop_dir)
+        .output()
+        .await
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("private key"), "{}", String::from_utf8_lossy(&out.stderr));
+    crate::harness::stop(&mut remote, crate::harness::Stop::Term).await;
+    crate::harness::stop(&mut main, crate::harness::Stop::Term).await;
+}
+
 /// NATS over TLS: the main requires it with the authority it is given, a remote's bundle
 /// carries the authority, and a client that does not speak TLS (or does not trust the
 /// certificate) is refused.

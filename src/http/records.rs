@@ -115,6 +115,10 @@ pub(super) fn routes<S: Records>(own: Router<S>) -> Router<S> {
 
 async fn status<S: Records>(State(service): State<S>, caller: Authenticated) -> ApiResult {
     let mut status = service.status().await?;
+    if caller.0.role != Role::Administrator {
+        // Counting what one may not see would tell that it exists.
+        status["counts"] = model::counts_json(&visible_counts(service.store(), &caller.0)?);
+    }
     if !caller.0.role.manages() {
         // What a user may not see stays out of the logs too.
         let store = service.store();
@@ -245,6 +249,31 @@ fn contact_of(store: &Store, kind: Kind, fields: &model::Fields) -> Result<Optio
     let Some(field) = kind.parent_field() else { return Ok(None) };
     let Some(contact) = model::text(fields, field) else { return Ok(None) };
     Ok(store.get(Kind::Contact, contact)?.map(|r| r.fields))
+}
+
+/// How many records of each kind `caller` may see, read record by record (an administrator's
+/// are the store's counts).
+fn visible_counts(store: &Store, caller: &Caller) -> Result<std::collections::BTreeMap<Kind, u64>, ServiceError> {
+    let mut contacts = std::collections::HashSet::new();
+    store.for_each(Kind::Contact, |id, r| {
+        if may_see(caller, Kind::Contact, &r.fields, None) {
+            contacts.insert(id.to_owned());
+        }
+    })?;
+    let mut counts = std::collections::BTreeMap::new();
+    for kind in Kind::ALL.into_iter().filter(|k| k.is_routed()) {
+        let mut n = 0u64;
+        match kind.parent_field() {
+            _ if kind == Kind::Contact => n = contacts.len() as u64,
+            // A child is seen through its contact.
+            Some(field) => store.for_each(kind, |_, r| {
+                n += u64::from(model::text(&r.fields, field).is_some_and(|c| contacts.contains(c)));
+            })?,
+            None => store.for_each(kind, |_, r| n += u64::from(may_see(caller, kind, &r.fields, None)))?,
+        }
+        counts.insert(kind, n);
+    }
+    Ok(counts)
 }
 
 /// Whether `caller` may see this record (a child through its contact).

@@ -372,6 +372,20 @@ async fn the_apis_require_a_token_and_roles_and_access_decide_what_each_user_get
     assert_eq!(as_user("sam").get("/v1/contacts/secret").await.0, 200);
     let (status, _) = as_user("bo").patch("/v1/contacts/secret", &json!({ "city": "X" })).await;
     assert_eq!(status, 404, "a write to a record one may not see is a write to a missing one");
+    // Nor does `status` count it: only the administrator's counts every record.
+    let counts = |id: &str| {
+        let api = as_user(id);
+        async move { api.get("/v1/status").await.1["counts"].clone() }
+    };
+    let (all, sams, bos) =
+        (env.api.get("/v1/status").await.1["counts"].clone(), counts("sam").await, counts("bo").await);
+    assert_eq!(sams, all, "sam sees every record");
+    let one_less = |kind: &str| all[kind].as_u64().unwrap() - 1;
+    assert_eq!(
+        (bos["contact"].as_u64(), bos["note"].as_u64()),
+        (Some(one_less("contact")), Some(one_less("note"))),
+        "{bos}"
+    );
 
     // At a remote: the same tokens, the same rules.
     let laptop = env.remote("laptop", "everyone").await;

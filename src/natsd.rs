@@ -72,6 +72,30 @@ pub struct NatsdOptions {
     /// A WebSocket listener on this port (plain; TLS in front of it is the proxy's), for remotes
     /// behind firewalls that only let HTTP(S) through.
     pub websocket_port: Option<u16>,
+    /// Membership of a JetStream cluster on this host.
+    pub cluster: Option<ClusterNode>,
+}
+
+/// One node of a local JetStream cluster: its name, its route port, and every node's route
+/// port (its own included).
+#[derive(Debug, Clone, Default)]
+pub struct ClusterNode {
+    pub server_name: String,
+    pub route_port: u16,
+    pub routes: Vec<u16>,
+}
+
+impl ClusterNode {
+    /// The configuration lines of this node.
+    fn config(&self) -> String {
+        let routes: Vec<String> = self.routes.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect();
+        format!(
+            "server_name: \"{}\"\ncluster {{ name: \"crmsync\", listen: \"127.0.0.1:{}\", routes: [{}] }}\n",
+            self.server_name,
+            self.route_port,
+            routes.join(", ")
+        )
+    }
 }
 
 /// A nats-server child process, stopped when dropped.
@@ -80,9 +104,8 @@ pub struct NatsServer {
     pub port: u16,
     pub store_dir: PathBuf,
     pub log: PathBuf,
-    auth: Option<String>,
-    tls: Option<(PathBuf, PathBuf)>,
-    websocket_port: Option<u16>,
+    /// What it was started with (the port filled in), to start it again.
+    opts: NatsdOptions,
 }
 
 impl NatsServer {
@@ -106,8 +129,9 @@ impl NatsServer {
             Some(port) => format!("websocket {{ listen: \"127.0.0.1:{port}\", no_tls: true }}\n"),
             None => String::new(),
         };
+        let cluster = opts.cluster.as_ref().map(ClusterNode::config).unwrap_or_default();
         let text = format!(
-            "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {} }}\n{tls}{websocket}{}",
+            "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {} }}\n{tls}{websocket}{cluster}{}",
             quote(&opts.store_dir),
             opts.auth.as_deref().unwrap_or_default()
         );
@@ -128,9 +152,7 @@ impl NatsServer {
             port,
             store_dir: opts.store_dir.clone(),
             log,
-            auth: opts.auth.clone(),
-            tls: opts.tls.clone(),
-            websocket_port: opts.websocket_port,
+            opts: NatsdOptions { port, ..opts.clone() },
         };
         server.wait_ready(Duration::from_secs(15))?;
         Ok(server)
@@ -203,19 +225,53 @@ impl NatsServer {
         }
     }
 
-    /// Starts the server again on the same port and store, after [`NatsServer::stop`].
+    /// Kills the server (SIGKILL: no chance to write anything more), waiting for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and store, after [`NatsServer::stop`] or
+    /// [`NatsServer::kill`].
     pub fn restart(&mut self) -> Result<(), NatsdError> {
         self.stop();
-        let again = NatsServer::start(&NatsdOptions {
-            port: self.port,
-            store_dir: self.store_dir.clone(),
-            auth: self.auth.clone(),
-            tls: self.tls.clone(),
-            websocket_port: self.websocket_port,
-        })?;
+        let again = NatsServer::start(&self.opts)?;
         *self = again;
         Ok(())
     }
+}
+
+/// Starts a JetStream cluster on this host, a node for each of `client_ports` (0: a free
+/// one), each with its store in `dir/nats-nN` and `auth(n)` (with its own resolver directory,
+/// when authentication is on). Clients connect to [`cluster_urls`].
+pub fn start_cluster(
+    dir: &Path,
+    client_ports: &[u16],
+    auth: impl Fn(usize) -> Result<Option<String>, NatsdError>,
+) -> Result<Vec<NatsServer>, NatsdError> {
+    let nodes = client_ports.len();
+    let routes: Vec<u16> = (0..nodes).map(|_| free_port()).collect();
+    let mut servers = Vec::with_capacity(nodes);
+    for n in 1..=nodes {
+        let cluster =
+            ClusterNode { server_name: format!("crmsync-n{n}"), route_port: routes[n - 1], routes: routes.clone() };
+        let opts = NatsdOptions {
+            port: client_ports[n - 1],
+            store_dir: dir.join(format!("nats-n{n}")),
+            auth: auth(n)?,
+            cluster: Some(cluster),
+            ..Default::default()
+        };
+        servers.push(NatsServer::start(&opts)?);
+    }
+    Ok(servers)
+}
+
+/// The client URLs of a cluster's nodes, comma-separated, as `--nats` takes them.
+pub fn cluster_urls(servers: &[NatsServer]) -> String {
+    servers.iter().map(NatsServer::url).collect::<Vec<_>>().join(",")
 }
 
 impl Drop for NatsServer {

@@ -24,9 +24,14 @@ pub const PUBLISH_WINDOW: usize = 1024;
 const DATABASE_ID_KEY: &str = "crmsync.database_id";
 /// The durable consumer of the main's merger on `CRM_UP`.
 pub use crate::wire::MERGER;
-/// How long a write waits for JetStream to confirm it before answering that it may or may not
-/// have been committed.
+/// How long a write waits for JetStream to confirm one sending of it.
 pub const PUBLISH_ACK_WAIT: Duration = Duration::from_secs(2);
+/// How long a write is sent again while its stream has no leader (a cluster electing one after
+/// a node failed) before answering that it may or may not have been committed.
+pub const LEADER_WAIT: Duration = Duration::from_secs(12);
+/// How long a write waits for the client to reconnect (to another node of a cluster) before
+/// answering that NATS is unreachable.
+pub const RECONNECT_WAIT: Duration = Duration::from_secs(2);
 /// How long a status page waits for a figure it asks NATS for; past it the figure is shown as
 /// unknown.
 pub const STATUS_WAIT: Duration = Duration::from_millis(1500);
@@ -42,6 +47,11 @@ pub enum TransportError {
     Connect { url: String, source: async_nats::ConnectError },
     #[error("NATS request failed while {doing}: {detail}")]
     Request { doing: String, detail: String },
+    #[error(
+        "{url:?} is not a NATS address: {detail}. Give nats://HOST:PORT (or tls://, ws://, wss://), \
+         several separated by commas for the nodes of a cluster"
+    )]
+    Address { url: String, detail: String },
     #[error(
         "this remote's consumer {consumer} is gone from the server: the remote was deleted or re-created at \
          the main, and this copy no longer syncs. Ask an administrator for a new bundle \
@@ -60,12 +70,21 @@ pub enum TransportError {
         "NATS did not confirm the change within {} s: it may have been committed, or may still be once NATS \
          is back. Read the record before trying again, or send the same request again with the same \
          Idempotency-Key header, which never applies a change twice",
-        PUBLISH_ACK_WAIT.as_secs()
+        LEADER_WAIT.as_secs()
     )]
     Unconfirmed,
 }
 
 impl TransportError {
+    /// A failure a JetStream cluster shows while it elects its leaders, which passes by itself.
+    fn is_transient_cluster(&self) -> bool {
+        let TransportError::Request { detail, .. } = self else { return false };
+        let detail = detail.to_lowercase();
+        ["timed out", "no responders", "jetstream not", "temporarily unavailable", "insufficient resources", "leader"]
+            .iter()
+            .any(|s| detail.contains(s))
+    }
+
     pub fn request(doing: impl Into<String>, err: impl std::fmt::Display) -> TransportError {
         TransportError::Request { doing: doing.into(), detail: err.to_string() }
     }
@@ -195,8 +214,10 @@ impl Nats {
         if let Some(ca) = &login.ca {
             options = options.add_root_certificates(ca.clone()).require_tls(true);
         }
-        let client =
-            options.connect(url).await.map_err(|source| TransportError::Connect { url: url.to_owned(), source })?;
+        let client = options
+            .connect(server_addrs(url)?)
+            .await
+            .map_err(|source| TransportError::Connect { url: url.to_owned(), source })?;
         let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(10)).build(client.clone());
         Ok(Nats { client, js, connections, url: url.to_owned(), offline_since, server_error })
     }
@@ -259,11 +280,29 @@ impl Nats {
 
     /// Creates the three streams if they are missing and returns the database id kept in the
     /// events stream's metadata, making `candidate` the id of a new database.
-    pub async fn ensure_streams(&self, candidate: &str) -> Result<String, TransportError> {
+    pub async fn ensure_streams(&self, candidate: &str, replicas: usize) -> Result<String, TransportError> {
+        // A cluster that has just started elects its JetStream leader first: until then every
+        // request fails, and the main waits for it rather than giving up.
+        let deadline = tokio::time::Instant::now() + CLUSTER_READY;
+        loop {
+            match self.try_ensure_streams(candidate, replicas).await {
+                Err(e) if tokio::time::Instant::now() < deadline && e.is_transient_cluster() => {
+                    tracing::info!("JetStream is not ready yet ({e}); trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_ensure_streams(&self, candidate: &str, replicas: usize) -> Result<String, TransportError> {
         let database_id = match self.js.get_stream(EVENTS_STREAM).await {
             Ok(mut s) => {
                 let info = s.info().await.map_err(|e| TransportError::request("reading CRM_EVENTS", e))?;
                 info.config.metadata.get(DATABASE_ID_KEY).cloned().unwrap_or_else(|| candidate.to_owned())
+            }
+            Err(e) if !matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(_)) => {
+                return Err(TransportError::request("reading CRM_EVENTS", e));
             }
             Err(_) => {
                 let metadata = HashMap::from([(DATABASE_ID_KEY.to_owned(), candidate.to_owned())]);
@@ -276,6 +315,7 @@ impl Nats {
                         duplicate_window: DEDUP_WINDOW,
                         allow_direct: true,
                         metadata,
+                        num_replicas: replicas,
                         ..Default::default()
                     })
                     .await
@@ -283,33 +323,54 @@ impl Nats {
                 candidate.to_owned()
             }
         };
-        self.js
-            .get_or_create_stream(stream::Config {
-                name: SYNC_STREAM.into(),
-                description: Some("crmsync: latest state of each record in each target".into()),
-                subjects: vec![SYNC_ALL.into()],
-                storage: stream::StorageType::File,
-                max_messages_per_subject: 1,
-                duplicate_window: DEDUP_WINDOW,
-                allow_message_ttl: true,
-                allow_direct: true,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| TransportError::request("creating CRM_SYNC", e))?;
-        self.js
-            .get_or_create_stream(stream::Config {
-                name: UP_STREAM.into(),
-                description: Some("crmsync: edits made at remotes, on their way to the main".into()),
-                subjects: vec![UP_ALL.into()],
-                storage: stream::StorageType::File,
-                retention: stream::RetentionPolicy::WorkQueue,
-                duplicate_window: DEDUP_WINDOW,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| TransportError::request("creating CRM_UP", e))?;
+        let sync = stream::Config {
+            name: SYNC_STREAM.into(),
+            description: Some("crmsync: latest state of each record in each target".into()),
+            subjects: vec![SYNC_ALL.into()],
+            storage: stream::StorageType::File,
+            max_messages_per_subject: 1,
+            duplicate_window: DEDUP_WINDOW,
+            allow_message_ttl: true,
+            allow_direct: true,
+            num_replicas: replicas,
+            ..Default::default()
+        };
+        let up = stream::Config {
+            name: UP_STREAM.into(),
+            description: Some("crmsync: edits made at remotes, on their way to the main".into()),
+            subjects: vec![UP_ALL.into()],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::WorkQueue,
+            duplicate_window: DEDUP_WINDOW,
+            num_replicas: replicas,
+            ..Default::default()
+        };
+        for config in [sync, up] {
+            let doing = format!("creating {}", config.name);
+            self.js.get_or_create_stream(config).await.map_err(|e| TransportError::request(doing, e))?;
+        }
+        for name in [EVENTS_STREAM, SYNC_STREAM, UP_STREAM] {
+            self.set_replicas(name, replicas).await?;
+        }
         Ok(database_id)
+    }
+
+    /// Changes a stream's replica count to `replicas` if it has another (JetStream moves the
+    /// copies itself; its consumers follow).
+    async fn set_replicas(&self, name: &str, replicas: usize) -> Result<(), TransportError> {
+        let doing = || format!("reading {name}");
+        let mut s = self.js.get_stream(name).await.map_err(|e| TransportError::request(doing(), e))?;
+        let info = s.info().await.map_err(|e| TransportError::request(doing(), e))?;
+        if info.config.num_replicas == replicas.max(1) {
+            return Ok(());
+        }
+        tracing::warn!(stream = name, from = info.config.num_replicas, to = replicas, "changing the stream's replicas");
+        let config = stream::Config { num_replicas: replicas, ..info.config.clone() };
+        self.js
+            .update_stream(config)
+            .await
+            .map_err(|e| TransportError::request(format!("changing {name} to {replicas} replicas"), e))?;
+        Ok(())
     }
 
     /// The database id kept in `CRM_EVENTS`' metadata, if the stream exists.
@@ -339,10 +400,16 @@ impl Nats {
         Ok(info.state.clone())
     }
 
-    /// Publishes one event with deduplication and optimistic concurrency, and waits for the ack
-    /// (at most [`PUBLISH_ACK_WAIT`]). A client's idempotency key, if any, is the message id
-    /// and travels as [`IDEMPOTENCY_KEY`] for the projector to remember. Returns the event's
-    /// sequence and whether JetStream had it already (a repeated message id).
+    /// Publishes one event with deduplication and optimistic concurrency, and waits for the ack.
+    /// A client's idempotency key, if any, is the message id and travels as
+    /// [`IDEMPOTENCY_KEY`] for the projector to remember. Returns the event's sequence and
+    /// whether JetStream had it already (a repeated message id).
+    ///
+    /// On a cluster a node may fail and its streams elect new leaders: meanwhile the stream
+    /// has no responder, or does not answer. The event is sent again (the same message id, so
+    /// never stored twice) for up to [`LEADER_WAIT`], and the client waits up to
+    /// [`RECONNECT_WAIT`] for a connection to another node; past those the write is refused
+    /// (not connected: nothing was changed) or unconfirmed.
     pub async fn publish_event(
         &self,
         subject: String,
@@ -352,10 +419,6 @@ impl Nats {
         idempotency_key: Option<&str>,
         upload_order: Option<&str>,
     ) -> Result<(u64, bool), TransportError> {
-        if !self.is_connected() {
-            // Not even handed to the client: it would send it whenever NATS comes back.
-            return Err(TransportError::NotConnected { url: self.url.clone() });
-        }
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", msg_id);
         if let Some(key) = idempotency_key {
@@ -364,26 +427,60 @@ impl Nats {
         if let Some(order) = upload_order {
             headers.insert(crate::wire::UPLOAD_ORDER, order);
         }
-        let publish = jetstream::message::PublishMessage::build()
-            .payload(payload.into())
-            .headers(headers)
-            .expected_last_subject_sequence(expected_last_subject_sequence);
-        let ack = self
-            .js
-            .send_publish(subject, publish)
-            .await
-            .map_err(|e| TransportError::request("publishing an event", e))?;
-        match tokio::time::timeout(PUBLISH_ACK_WAIT, ack).await {
-            Err(_) => Err(TransportError::Unconfirmed),
-            Ok(Ok(ack)) => Ok((ack.sequence, ack.duplicate)),
-            Ok(Err(e)) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
-                Err(TransportError::WrongLastSequence)
+        let payload = bytes::Bytes::from(payload);
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        let mut sent = false;
+        loop {
+            if !self.wait_connected(RECONNECT_WAIT).await {
+                // Not even handed to the client (it would send it whenever NATS comes back);
+                // if an earlier attempt was, it may have been stored.
+                return Err(if sent {
+                    TransportError::Unconfirmed
+                } else {
+                    TransportError::NotConnected { url: self.url.clone() }
+                });
             }
-            Ok(Err(e)) if e.kind() == jetstream::context::PublishErrorKind::TimedOut => {
-                Err(TransportError::Unconfirmed)
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(payload.clone())
+                .headers(headers.clone())
+                .expected_last_subject_sequence(expected_last_subject_sequence);
+            let ack = self
+                .js
+                .send_publish(subject.clone(), publish)
+                .await
+                .map_err(|e| TransportError::request("publishing an event", e))?;
+            sent = true;
+            let again = match tokio::time::timeout(PUBLISH_ACK_WAIT, ack).await {
+                Ok(Ok(ack)) => return Ok((ack.sequence, ack.duplicate)),
+                Ok(Err(e)) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                    return Err(TransportError::WrongLastSequence);
+                }
+                // No stream took it (its leader is being elected): nothing stored.
+                Ok(Err(e)) if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound => {
+                    TransportError::request("publishing an event", e)
+                }
+                Err(_) => TransportError::Unconfirmed,
+                Ok(Err(e)) if e.kind() == jetstream::context::PublishErrorKind::TimedOut => TransportError::Unconfirmed,
+                Ok(Err(e)) => return Err(TransportError::request("publishing an event", e)),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(again);
             }
-            Ok(Err(e)) => Err(TransportError::request("publishing an event", e)),
+            tracing::info!("publishing an event again ({again})");
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Whether the client is connected, waiting up to `limit` for it to be.
+    async fn wait_connected(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self.is_connected() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
     }
 
     /// Publishes routed messages in order, pipelined, and waits for every ack.
@@ -629,6 +726,10 @@ impl Nats {
             .create_consumer(consumer::pull::OrderedConfig {
                 filter_subject: EVENTS_ALL.into(),
                 deliver_policy,
+                // Pulls expire after this (and heartbeats come every half of it), so an ordered
+                // consumer lost with a cluster node is noticed (two missed heartbeats) and made
+                // again within seconds, not the half minute of the defaults.
+                max_expires: ORDERED_EXPIRES,
                 ..Default::default()
             })
             .await
@@ -806,6 +907,28 @@ const PAUSED_UNTIL: &str = "2999-12-31T00:00:00Z";
 
 /// The pause before connection attempt `attempts` (counted from 1 since the last connection):
 /// none before the first, then 100 ms more for each failed one, up to a second.
+/// The servers of a NATS address: one URL, or several separated by commas (the nodes of a
+/// cluster; the client connects to any and moves to another when it fails).
+pub fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, TransportError> {
+    let addrs = url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| u.parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TransportError::Address { url: url.to_owned(), detail: e.to_string() })?;
+    if addrs.is_empty() {
+        return Err(TransportError::Address { url: url.to_owned(), detail: "it names no server".into() });
+    }
+    Ok(addrs)
+}
+
+/// The longest pull of the projector's ordered consumer on `CRM_EVENTS`.
+const ORDERED_EXPIRES: Duration = Duration::from_secs(4);
+
+/// How long the main waits for a JetStream cluster that has just started to elect its leader.
+const CLUSTER_READY: Duration = Duration::from_secs(60);
+
 fn reconnect_delay(attempts: usize) -> Duration {
     Duration::from_millis((attempts.saturating_sub(1) as u64 * 100).min(1000))
 }

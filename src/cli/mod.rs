@@ -130,11 +130,15 @@ pub struct UpArgs {
     /// Contacts generated on first start.
     #[arg(long, default_value_t = 1000)]
     pub contacts: usize,
+    /// Run a JetStream cluster of three nodes (client ports --nats-port and the next two)
+    /// instead of one server, with every stream on three replicas.
+    #[arg(long)]
+    pub cluster: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct NatsArg {
-    /// The NATS server.
+    /// The NATS server; for a cluster, its nodes' URLs separated by commas.
     #[arg(long = "nats", env = "CRMSYNC_NATS", default_value = "nats://127.0.0.1:4222")]
     pub url: String,
     /// The NATS authority file (`crmsync nats-auth`): the main logs in with its own credentials
@@ -201,6 +205,10 @@ pub enum MainCommand {
         listen: SocketAddr,
         #[command(flatten)]
         tls: TlsArg,
+        /// Copies JetStream keeps of each stream: 1 on a single server, 3 on a cluster of three
+        /// or more nodes (a node lost loses nothing). Existing streams are changed to it.
+        #[arg(long, env = "CRMSYNC_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+        replicas: u8,
     },
     /// Rebuild the main's projection from CRM_EVENTS (with the service stopped).
     Rebuild {

@@ -58,7 +58,7 @@ fn spawn_api(
 
 pub async fn main(cmd: MainCommand) -> anyhow::Result<()> {
     match cmd {
-        MainCommand::Serve { nats, data, listen, tls } => {
+        MainCommand::Serve { nats, data, listen, tls, replicas } => {
             let server_tls = tls.load()?;
             let listener = bind(listen).await?;
             let clock = WallClock::from_env()?;
@@ -66,6 +66,7 @@ pub async fn main(cmd: MainCommand) -> anyhow::Result<()> {
                 clock,
                 authority: nats.authority,
                 nats_ca: nats.nats_ca,
+                replicas: usize::from(replicas),
                 ..MainConfig::new(nats.url, data)
             };
             let main = Main::start(config).await?;
@@ -226,13 +227,16 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     // Secure by default: the server requires credentials, the main issues each remote's.
     let authority = args.data.join(AUTHORITY_FILE);
-    let auth = server_settings(&authority, &args.data.join("nats-resolver"))?;
-    let store_dir = args.data.join("nats");
-    let opts = NatsdOptions { port: args.nats_port, store_dir, auth: Some(auth), ..Default::default() };
-    let nats = tokio::task::spawn_blocking(move || NatsServer::start(&opts)).await??;
+    let nats = start_nats(&args, &authority).await?;
+    let nats_url = crmsync::natsd::cluster_urls(&nats);
     let clock = WallClock::from_env()?;
-    let config =
-        MainConfig { clock, authority: Some(authority), ..MainConfig::new(nats.url(), args.data.join("main")) };
+    let replicas = nats.len();
+    let config = MainConfig {
+        clock,
+        authority: Some(authority),
+        replicas,
+        ..MainConfig::new(nats_url.clone(), args.data.join("main"))
+    };
     let main = Main::start(config).await?;
     let (stop_main_api, main_api) = spawn_api(main_listener, http::main_api(main.clone()), None);
 
@@ -255,7 +259,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     if main.store().counts()?.get(&Kind::Contact).copied().unwrap_or(0) == 0 && args.contacts > 0 {
         seed(&main, args.contacts).await?;
     }
-    print_welcome(&args, &main, &nats);
+    print_welcome(&args, &main, &nats_url);
 
     shutdown_signal().await;
     println!("stopping…");
@@ -269,6 +273,36 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     main.stop().await;
     drop(nats);
     Ok(())
+}
+
+/// Starts `up`'s nats-server, or with `--cluster` three nodes on the ports from `--nats-port`
+/// on, each requiring credentials of the authority.
+async fn start_nats(args: &UpArgs, authority: &Path) -> anyhow::Result<Vec<NatsServer>> {
+    let data = args.data.clone();
+    let authority = authority.to_owned();
+    let single = !args.cluster;
+    let base = args.nats_port;
+    let settings = move |dir: &str| {
+        server_settings(&authority, &data.join(dir)).map_err(|e| crmsync::natsd::NatsdError::Io {
+            path: data.join(dir),
+            source: std::io::Error::other(e.to_string()),
+        })
+    };
+    let data = args.data.clone();
+    Ok(tokio::task::spawn_blocking(move || {
+        if single {
+            let opts = NatsdOptions {
+                port: base,
+                store_dir: data.join("nats"),
+                auth: Some(settings("nats-resolver")?),
+                ..Default::default()
+            };
+            return NatsServer::start(&opts).map(|s| vec![s]);
+        }
+        let ports = [base, base.saturating_add(1), base.saturating_add(2)];
+        crmsync::natsd::start_cluster(&data, &ports, |n| settings(&format!("nats-resolver-n{n}")).map(Some))
+    })
+    .await??)
 }
 
 /// Starts the demo remote `name`, set up first (registered at the main if it is not yet) when
@@ -292,14 +326,14 @@ async fn demo_remote(main: &Main, data: &Path, name: &str) -> anyhow::Result<Rem
 }
 
 /// What runs where, and what to try.
-fn print_welcome(args: &UpArgs, main: &Main, nats: &NatsServer) {
+fn print_welcome(args: &UpArgs, main: &Main, nats_url: &str) {
     println!();
     println!("crmsync is running (database {})", main.database_id());
     println!("  main    http://{}", args.main_listen);
     for (name, addr) in DEMO_REMOTES.iter().zip(&args.remote_listen) {
         println!("  {name:7} http://{addr}   remote on set {DEMO_SET}");
     }
-    println!("  nats    {}   data in {}", nats.url(), args.data.display());
+    println!("  nats    {nats_url}   data in {}", args.data.display());
     let token = args.data.join("main").join(crmsync::main_service::ADMIN_TOKEN_FILE);
     println!("  token   {}   (the administrator's API token)", token.display());
     println!();

@@ -65,6 +65,10 @@ pub struct MainConfig {
     /// The certificate authority of NATS's TLS certificate (a PEM file): the main's connections
     /// require TLS, and each remote's bundle carries the authority.
     pub nats_ca: Option<PathBuf>,
+    /// Copies JetStream keeps of each stream (and so of each consumer): 1 on a single server,
+    /// 3 on a cluster, where the loss of one node loses nothing. Streams made with another
+    /// count are changed to this one at start.
+    pub replicas: usize,
 }
 
 impl MainConfig {
@@ -87,6 +91,7 @@ impl MainConfig {
             expiry_check: EXPIRY_CHECK,
             authority: None,
             nats_ca: None,
+            replicas: 1,
         }
     }
 }
@@ -159,7 +164,7 @@ async fn connect(config: &MainConfig) -> anyhow::Result<(Option<credentials::Cre
 async fn claim_database(config: &MainConfig, store: &Store, nats: &Nats) -> anyhow::Result<String> {
     let stored_id = store.meta_str(DATABASE_ID)?;
     let candidate = stored_id.clone().unwrap_or_else(names::new_id);
-    let database_id = nats.ensure_streams(&candidate).await?;
+    let database_id = nats.ensure_streams(&candidate, config.replicas).await?;
     if let Some(stored_id) = stored_id
         && stored_id != database_id
     {
@@ -661,7 +666,11 @@ impl Main {
             "product": PRODUCT,
             "schema": SCHEMA_MAJOR,
             "database_id": self.inner.database_id,
-            "nats": { "url": self.inner.config.nats_url, "connected": self.inner.nats.is_connected() },
+            "nats": {
+                "url": self.inner.config.nats_url,
+                "connected": self.inner.nats.is_connected(),
+                "replicas": self.inner.config.replicas,
+            },
             "counts": model::counts_json(&counts),
             "applied": applied,
             "stream_last": stream_last,

@@ -5,6 +5,7 @@ mod harness;
 
 mod api;
 mod bench;
+mod cluster;
 mod durability;
 mod edits;
 mod hostile;

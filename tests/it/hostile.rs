@@ -500,3 +500,172 @@ async fn hostile_a_remote_refuses_at_once_to_create_again_what_was_deleted_but_n
     assert_eq!(status, 201, "{resp}");
     remote.stop().await;
 }
+
+/// A small seeded generator (SplitMix64): a failing run replays with its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+
+    /// A string of `n` characters, from ASCII letters to control characters and emoji.
+    fn text(&mut self, n: usize) -> String {
+        const CHARS: &[char] =
+            &['a', 'Z', '0', ' ', '.', '*', '>', '/', '%', '"', '\\', '\n', '\t', 'é', '💥', '\u{7f}'];
+        (0..n).map(|_| *self.pick(CHARS)).collect()
+    }
+
+    /// A JSON value of no use as a field's value: the wrong type, or absurdly nested.
+    fn wrong_value(&mut self) -> J {
+        match self.below(7) {
+            0 => json!(self.next() as i64),
+            1 => json!([self.text(3), 1, null]),
+            2 => json!({ "nested": { "deeper": self.text(4) } }),
+            3 => json!(true),
+            4 => json!(-1.5e300),
+            5 => json!("x".repeat(70_000)),
+            // A NUL character is refused wherever it is.
+            _ => json!(format!("{}\u{0}", self.text(5))),
+        }
+    }
+}
+
+/// One request that is wrong in some way: a method, a path, a query and a body. Every one must
+/// be refused (4xx) with a message and change nothing.
+fn bad_request(rng: &mut Rng) -> (&'static str, String, Vec<u8>) {
+    const COLLECTIONS: &[&str] = &["contacts", "companies", "groups", "notes", "memberships", "users", "teams"];
+    let collection = *rng.pick(COLLECTIONS);
+    let odd_id = match rng.below(6) {
+        0 => "%FF%FE".to_owned(),
+        1 => "a".repeat(65 + rng.below(5000)),
+        2 => "no%20such%20id".to_owned(),
+        3 => "%00".to_owned(),
+        4 => format!("missing-{}", rng.next()),
+        _ => "..%2F..%2Fetc".to_owned(),
+    };
+    let json = |v: J| serde_json::to_vec(&v).unwrap();
+    match rng.below(12) {
+        // A field of the wrong type, or one that does not exist.
+        0 => {
+            let field = *rng.pick(&["last_name", "access", "manager", "users", "custom", "contact_id", "done", "due"]);
+            (
+                "POST",
+                format!("/v1/{collection}"),
+                json(json!({ "id": format!("bad-{}", rng.next()), field: rng.wrong_value() })),
+            )
+        }
+        1 => {
+            let field = format!("no_such_{}", rng.text(4).replace(['"', '\\'], ""));
+            ("POST", format!("/v1/{collection}"), json(json!({ field: 1 })))
+        }
+        // A body that is not a JSON object: nested beyond reason, bytes, an array, too large.
+        2 => {
+            let depth = 200 + rng.below(100_000);
+            ("POST", format!("/v1/{collection}"), format!("{}{}", "[".repeat(depth), "]".repeat(depth)).into_bytes())
+        }
+        3 => {
+            let n = rng.below(2000);
+            ("POST", format!("/v1/{collection}"), rng.bytes(n))
+        }
+        4 => ("POST", format!("/v1/{collection}"), json(json!([1, 2, 3]))),
+        5 => ("POST", format!("/v1/{collection}"), vec![b' '; 1024 * 1024 + 1 + rng.below(1000)]),
+        // A bad id to create, change or delete.
+        6 => {
+            let n = 1 + rng.below(80);
+            ("POST", format!("/v1/{collection}"), json(json!({ "id": rng.text(n) + " " })))
+        }
+        7 => ("PATCH", format!("/v1/{collection}/{odd_id}"), json(json!({ "last_name": "x" }))),
+        8 => ("DELETE", format!("/v1/{collection}/{odd_id}"), Vec::new()),
+        // Odd query parameters.
+        9 => {
+            let query = match rng.below(6) {
+                0 => "limit=-1".to_owned(),
+                1 => "limit=abc".to_owned(),
+                2 => "limit=99999999999999999999".to_owned(),
+                3 => "no_such_field=1".to_owned(),
+                4 => format!("last_name=%FF{}", rng.below(10)),
+                _ => "limit=1&limit=2&after=%C3".to_owned(),
+            };
+            ("GET", format!("/v1/{collection}?{query}"), Vec::new())
+        }
+        // A method a path does not take, or no such path.
+        10 => (*rng.pick(&["PUT", "PATCH", "DELETE"]), format!("/v1/{collection}"), Vec::new()),
+        _ => (
+            "GET",
+            format!(
+                "/v1/{}/{}/{}",
+                rng.text(3).replace(['/', '%', '?', '#', ' ', '\n', '\t', '"', '\\'], "q"),
+                odd_id,
+                rng.below(9)
+            ),
+            Vec::new(),
+        ),
+    }
+}
+
+/// Every record of every kind.
+fn everything(store: &crmsync::store::Store) -> crate::harness::Snapshot {
+    let mut out = crate::harness::Snapshot::new();
+    for kind in Kind::ALL {
+        store.for_each(kind, |id, r| drop(out.insert((kind, id.to_owned()), r.fields))).unwrap();
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_thousands_of_random_bad_requests_are_refused_with_a_message_and_change_nothing() {
+    let seed = std::env::var("CRMSYNC_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(crmsync::hlc::wall_ms);
+    println!("random bad requests, seed {seed} (CRMSYNC_SEED={seed} replays them)");
+    let env = Env::start().await;
+    env.create_all_set("everyone").await;
+    crate::harness::seed_contacts(env.main(), 20, "c").await;
+    let remote = env.remote("laptop", "everyone").await;
+    crate::harness::wait_converged(env.main(), remote.remote.store()).await;
+    let (main_before, remote_before) = (everything(env.main().store()), everything(remote.remote.store()));
+    let client = crate::harness::http_client();
+    let mut rng = Rng(seed);
+    let mut outcomes: std::collections::BTreeMap<(&str, u16), usize> = Default::default();
+    for n in 0..3000 {
+        let (side, base) = if n % 2 == 0 { ("main", &env.api.base) } else { ("remote", &remote.api.base) };
+        let (method, path, body) = bad_request(&mut rng);
+        let what = format!("{side}: {method} {} ({} bytes of body)", &path[..path.len().min(120)], body.len());
+        let request = client
+            .request(method.parse().unwrap(), format!("{base}{path}"))
+            .bearer_auth(&env.token)
+            .header("content-type", "application/json")
+            .body(body);
+        let resp = request.send().await.unwrap_or_else(|e| panic!("{what}: no answer: {e}"));
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        *outcomes.entry((side, status)).or_default() += 1;
+        assert!((400..500).contains(&status), "{what}: answered {status}: {text}");
+        let body: J = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{what}: {status} {text:?} is not JSON"));
+        assert!(body["error"].as_str().is_some_and(|e| e.len() > 10), "{what}: no clear message: {body}");
+    }
+    println!("outcomes (side, status): {outcomes:?}");
+    // Nothing changed, and both still answer.
+    assert_eq!(env.api.get("/v1/status").await.0, 200);
+    assert_eq!(remote.api.get("/v1/status").await.0, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(everything(env.main().store()) == main_before, "a refused request changed the main");
+    assert!(everything(remote.remote.store()) == remote_before, "a refused request changed the remote");
+    assert_eq!(remote.remote.store().uploads_len().unwrap(), 0, "a refused request queued an upload");
+    remote.stop().await;
+}

@@ -6,6 +6,8 @@
 //! - A remote holds a record while at least one of its targets (its set, its subscription
 //!   list) holds it: an upsert adds the target, a leave takes it away, and the record goes when
 //!   no target is left — or at once, when the main deleted it.
+//! - A record made here is held locally until the main answers for it: its state, or its
+//!   leave (the main routed it; the stream may hold only the leave by the time the remote reads).
 //! - **Versions never go back.** A message older than what is known of the record (held, or
 //!   gone) changes nothing; one of the same version only changes which targets hold it (one
 //!   change may enter one target and leave another).
@@ -75,7 +77,10 @@ pub fn decide(held: Held, bit: u8, op: Op, v: u64) -> Action {
         (Op::Upsert, Some((version, holders))) if v == version && holders & bit == 0 => {
             Action::SetHolders { holders: holders | bit }
         }
-        (Op::Leave, Some((version, holders))) if v >= version => match holders & !bit {
+        // A leave also answers for a record made here: the main holds a version of it (it
+        // routed it), and the remote may never have seen that version (the stream keeps only
+        // the latest message of a subject, the leave), so it is no longer only local.
+        (Op::Leave, Some((version, holders))) if v >= version => match holders & !bit & !HELD_LOCALLY {
             0 => Action::Remove,
             left => Action::SetHolders { holders: left },
         },
@@ -175,6 +180,22 @@ mod tests {
                 Action::SetHolders { holders: SUB },
             ),
             ("leaving the last target removes it", held(7, SET), SET, Op::Leave, 8, Action::Remove),
+            (
+                "a record made here whose main version was replaced by its leave goes",
+                held(0, HELD_LOCALLY),
+                SET,
+                Op::Leave,
+                8,
+                Action::Remove,
+            ),
+            (
+                "a record made here leaving one target of two stays, no longer only local",
+                held(0, HELD_LOCALLY | SUB),
+                SET,
+                Op::Leave,
+                8,
+                Action::SetHolders { holders: SUB },
+            ),
             ("a leave older than the record changes nothing", held(7, SET), SET, Op::Leave, 5, Action::Skip),
             ("a leave of a record not held is remembered", gone(3), SET, Op::Leave, 8, Action::MarkGone),
             ("a state older than a leave does not bring it back", gone(8), SET, Op::Upsert, 7, Action::Skip),

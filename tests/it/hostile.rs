@@ -501,55 +501,9 @@ async fn hostile_a_remote_refuses_at_once_to_create_again_what_was_deleted_but_n
     remote.stop().await;
 }
 
-/// A small seeded generator (SplitMix64): a failing run replays with its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-
-    /// A string of `n` characters, from ASCII letters to control characters and emoji.
-    fn text(&mut self, n: usize) -> String {
-        const CHARS: &[char] =
-            &['a', 'Z', '0', ' ', '.', '*', '>', '/', '%', '"', '\\', '\n', '\t', 'é', '💥', '\u{7f}'];
-        (0..n).map(|_| *self.pick(CHARS)).collect()
-    }
-
-    /// A JSON value of no use as a field's value: the wrong type, or absurdly nested.
-    fn wrong_value(&mut self) -> J {
-        match self.below(7) {
-            0 => json!(self.next() as i64),
-            1 => json!([self.text(3), 1, null]),
-            2 => json!({ "nested": { "deeper": self.text(4) } }),
-            3 => json!(true),
-            4 => json!(-1.5e300),
-            5 => json!("x".repeat(70_000)),
-            // A NUL character is refused wherever it is.
-            _ => json!(format!("{}\u{0}", self.text(5))),
-        }
-    }
-}
-
 /// One request that is wrong in some way: a method, a path, a query and a body. Every one must
 /// be refused (4xx) with a message and change nothing.
-fn bad_request(rng: &mut Rng) -> (&'static str, String, Vec<u8>) {
+fn bad_request(rng: &mut crate::harness::Rng) -> (&'static str, String, Vec<u8>) {
     const COLLECTIONS: &[&str] = &["contacts", "companies", "groups", "notes", "memberships", "users", "teams"];
     let collection = *rng.pick(COLLECTIONS);
     let odd_id = match rng.below(6) {
@@ -631,7 +585,7 @@ fn everything(store: &crmsync::store::Store) -> crate::harness::Snapshot {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_thousands_of_random_bad_requests_are_refused_with_a_message_and_change_nothing() {
-    let seed = std::env::var("CRMSYNC_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(crmsync::hlc::wall_ms);
+    let seed = crate::harness::seed();
     println!("random bad requests, seed {seed} (CRMSYNC_SEED={seed} replays them)");
     let env = Env::start().await;
     env.create_all_set("everyone").await;
@@ -640,7 +594,7 @@ async fn hostile_thousands_of_random_bad_requests_are_refused_with_a_message_and
     crate::harness::wait_converged(env.main(), remote.remote.store()).await;
     let (main_before, remote_before) = (everything(env.main().store()), everything(remote.remote.store()));
     let client = crate::harness::http_client();
-    let mut rng = Rng(seed);
+    let mut rng = crate::harness::Rng(seed);
     let mut outcomes: std::collections::BTreeMap<(&str, u16), usize> = Default::default();
     for n in 0..3000 {
         let (side, base) = if n % 2 == 0 { ("main", &env.api.base) } else { ("remote", &remote.api.base) };

@@ -5,6 +5,7 @@ mod harness;
 
 mod api;
 mod bench;
+mod chaos;
 mod cluster;
 mod durability;
 mod edits;

@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use crmsync::main_service::{Main, SetRequest};
+use crmsync::main_service::SetRequest;
 use crmsync::model::Kind;
 use crmsync::routing::RoutingConfig;
 use crmsync::wire::Target;
@@ -13,8 +13,7 @@ use crate::harness::{Env, Snapshot, snapshot};
 
 /// What the main's own evaluation says a remote should hold: every record its set or its
 /// subscription list holds (children by their contact).
-pub fn expected_for(main: &Main, remote: &str) -> Snapshot {
-    let store = main.store();
+pub fn expected_for(store: &crmsync::store::Store, remote: &str) -> Snapshot {
     let mut config = RoutingConfig::default();
     for kind in [Kind::Set, Kind::User, Kind::Remote] {
         store
@@ -52,7 +51,7 @@ pub fn expected_for(main: &Main, remote: &str) -> Snapshot {
 pub async fn wait_exact(env: &Env, remote: &crate::harness::RemoteHandle, name: &str) -> usize {
     let start = Instant::now();
     loop {
-        let want = expected_for(env.main(), name);
+        let want = expected_for(env.main().store(), name);
         let have = snapshot(remote.remote.store());
         if want == have {
             return want.keys().filter(|(k, _)| *k == Kind::Contact).count();

@@ -403,10 +403,8 @@ async fn setup(dir: &Path, seed: u64) -> Chaos {
         let data = dir.join(name);
         crmsync::remote_service::init(&file, &data).unwrap();
         let port = free_port();
-        let mut args = vec!["remote", "serve", "--listen", &format!("127.0.0.1:{port}")]
-            .iter()
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>();
+        let mut args: Vec<String> =
+            vec!["remote".into(), "serve".into(), "--listen".into(), format!("127.0.0.1:{port}")];
         if name == "laptop" {
             args.extend(["--nats".to_owned(), chaos.proxy.url()]);
         }

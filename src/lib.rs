@@ -28,7 +28,8 @@ pub mod transport;
 pub mod wall_clock;
 
 pub use crmsync_core::{
-    access, apply, bundle, date, hlc, lifecycle, merge, model, names, outgoing, query, routing, schedule, schema, wire,
+    access, apply, assign, bundle, date, hlc, lifecycle, merge, model, names, outgoing, query, routing, schedule,
+    schema, wire,
 };
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! proof). The services fetch the facts a decision needs, call it here, and carry out the plan
 //! it returns:
 //! - [`names`], [`model`] (records and fields), [`date`], [`hlc`]: the data;
-//! - [`query`]: the set query language;
+//! - [`query`]: the set query language; [`assign`]: the command line's `FIELD=VALUE` pairs;
 //! - [`merge`]: stamps, newest-stamp-wins merging, and what the main accepts from a remote;
 //! - [`routing`]: which targets hold a record, and what a change makes enter or leave them;
 //! - [`access`]: who may do what through the APIs (roles), and see which records;
@@ -17,6 +17,7 @@
 
 pub mod access;
 pub mod apply;
+pub mod assign;
 pub mod bundle;
 pub mod date;
 pub mod hlc;
@@ -30,6 +31,9 @@ pub mod routing;
 pub mod schedule;
 pub mod schema;
 pub mod wire;
+
+#[cfg(test)]
+mod fuzzing;
 
 #[cfg(test)]
 mod boundary {

@@ -332,7 +332,9 @@ impl SessionReport {
     /// Whether the session moved anything: one that did not is no line of a sync log, only a
     /// sign of life (it still counts as a sync at the main).
     pub fn is_empty(&self) -> bool {
-        self.received + self.sent + self.refused + self.conflicts == 0
+        // Each counter on its own: a report comes from a remote, and a sum of its counters
+        // could overflow (a panic, or a wrap to 0 that would drop a session from the log).
+        [self.received, self.sent, self.refused, self.conflicts] == [0; 4]
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -467,5 +469,29 @@ mod tests {
         assert!(SessionReport::decode_checked(b"\xc1", "db1", "r1").is_err());
         assert!(!report.is_empty());
         assert!(SessionReport { received: 0, ..report }.is_empty());
+    }
+
+    /// Found by the property tests of `fuzzing.rs`: counters that sum past `u64::MAX` made
+    /// `is_empty` panic (overflow checks) or, wrapping to 0, call a busy session empty.
+    #[test]
+    fn a_report_with_huge_counters_is_not_empty() {
+        let report = SessionReport {
+            product: PRODUCT.into(),
+            schema: SCHEMA_MAJOR,
+            db: "db1".into(),
+            remote: "r1".into(),
+            id: "01J".into(),
+            started_ms: 1,
+            ended_ms: 2,
+            received: u64::MAX,
+            sent: 1,
+            refused: 0,
+            conflicts: 0,
+            mode: "continuous".into(),
+        };
+        let decoded = SessionReport::decode_checked(&report.encode(), "db1", "r1").unwrap();
+        assert!(!decoded.is_empty());
+        let all = SessionReport { sent: u64::MAX, refused: u64::MAX, conflicts: u64::MAX, ..decoded };
+        assert!(!all.is_empty());
     }
 }

@@ -9,7 +9,7 @@ use super::{
     Command, MainCommand, OnOff, RecordCommand, RemoteCommand, SetCommand, SetSpecArgs, SubscriptionCommand,
     UserCommand,
 };
-use crmsync::model::{FieldType, Kind};
+use crmsync::model::Kind;
 
 pub async fn run(client: &Client, command: Command, as_json: bool) -> Result<(), ClientError> {
     match command {
@@ -214,56 +214,10 @@ fn usage(message: String) -> ClientError {
     ClientError::Usage(message)
 }
 
-/// Turns `FIELD=VALUE` pairs into a JSON body, typed by the kind's fields.
+/// Turns `FIELD=VALUE` pairs into a JSON body, typed by the kind's fields (see
+/// [`crmsync::assign`]).
 pub fn pairs_to_json(kind: Kind, pairs: &[String], base: Option<&str>) -> Result<J, ClientError> {
-    let mut body = match base {
-        Some(text) => match serde_json::from_str::<J>(text) {
-            Ok(J::Object(m)) => m,
-            Ok(_) => return Err(usage("--from-json must be a JSON object".into())),
-            Err(e) => return Err(usage(format!("--from-json is not valid JSON: {e}"))),
-        },
-        None => serde_json::Map::new(),
-    };
-    for pair in pairs {
-        let Some((name, value)) = pair.split_once('=') else {
-            return Err(usage(format!(
-                "{pair:?} is not FIELD=VALUE; the fields of {} are {}",
-                kind.a(),
-                field_names(kind)
-            )));
-        };
-        if let Some(custom) = name.strip_prefix("custom.") {
-            let map = body.entry("custom").or_insert_with(|| json!({}));
-            if let J::Object(m) = map {
-                // `custom.NAME=` clears that custom field alone.
-                let value = if value.is_empty() { J::Null } else { J::String(value.to_owned()) };
-                m.insert(custom.to_owned(), value);
-            }
-            continue;
-        }
-        let typed = if value.is_empty() {
-            J::Null
-        } else {
-            match kind.field(name).map(|f| f.ty) {
-                Some(FieldType::Names | FieldType::Refs(_)) => {
-                    J::Array(value.split(',').map(|s| J::String(s.trim().to_owned())).collect())
-                }
-                Some(FieldType::Bool) => {
-                    value.parse::<bool>().map(J::Bool).unwrap_or_else(|_| J::String(value.to_owned()))
-                }
-                Some(FieldType::Int | FieldType::Count) => {
-                    value.parse::<i64>().map(J::from).unwrap_or_else(|_| J::String(value.to_owned()))
-                }
-                _ => J::String(value.to_owned()),
-            }
-        };
-        body.insert(name.to_owned(), typed);
-    }
-    Ok(J::Object(body))
-}
-
-fn field_names(kind: Kind) -> String {
-    kind.fields().iter().map(|f| f.name).collect::<Vec<_>>().join(", ")
+    crmsync::assign::parse_assignments(kind, pairs, base).map_err(usage)
 }
 
 async fn record(client: &Client, kind: Kind, cmd: RecordCommand, as_json: bool) -> Result<(), ClientError> {

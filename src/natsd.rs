@@ -74,6 +74,9 @@ pub struct NatsdOptions {
     pub websocket_port: Option<u16>,
     /// Membership of a JetStream cluster on this host.
     pub cluster: Option<ClusterNode>,
+    /// JetStream writes every message to disk before acknowledging it (`sync_interval:
+    /// always`), instead of within seconds: no acknowledged write lost to a power loss, at a cost.
+    pub sync_always: bool,
 }
 
 /// One node of a local JetStream cluster: its name, its route port, and every node's route
@@ -130,8 +133,9 @@ impl NatsServer {
             None => String::new(),
         };
         let cluster = opts.cluster.as_ref().map(ClusterNode::config).unwrap_or_default();
+        let sync = if opts.sync_always { ", sync_interval: always" } else { "" };
         let text = format!(
-            "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {} }}\n{tls}{websocket}{cluster}{}",
+            "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {}{sync} }}\n{tls}{websocket}{cluster}{}",
             quote(&opts.store_dir),
             opts.auth.as_deref().unwrap_or_default()
         );

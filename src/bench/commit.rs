@@ -25,10 +25,10 @@ pub(super) async fn commit_figures(args: &BenchArgs, figures: &mut Figures) -> a
         let mut http_secs = Vec::new();
         let mut raw_secs = Vec::new();
         for _ in 0..args.runs {
-            let (path, raw) = commit_write_path(sets, changes, args.clients).await?;
+            let (path, raw) = commit_write_path(sets, changes, args).await?;
             path_secs.push(path);
             raw_secs.push(raw);
-            http_secs.push(commit_http(sets, changes, args.clients).await?);
+            http_secs.push(commit_http(sets, changes, args).await?);
         }
         let (path, http, raw) = (median(path_secs), median(http_secs), median(raw_secs));
         let n = changes as f64;
@@ -57,9 +57,10 @@ pub(super) async fn commit_figures(args: &BenchArgs, figures: &mut Figures) -> a
 
 /// Seconds for the main's write path (in this process) to commit `changes` new contacts, and
 /// for a bare async publish of the same messages in the same server.
-async fn commit_write_path(sets: usize, changes: usize, clients: usize) -> anyhow::Result<(f64, f64)> {
+async fn commit_write_path(sets: usize, changes: usize, args: &BenchArgs) -> anyhow::Result<(f64, f64)> {
+    let clients = args.clients;
     let scratch = Scratch::new("commit")?;
-    let nats = fresh_nats(&scratch).await?;
+    let nats = fresh_nats(&scratch, args.nats_sync_always).await?;
     let main = Main::start(MainConfig::new(nats.url(), scratch.0.join("main"))).await?;
     for s in 0..sets {
         main.create_set(&SetRequest { name: format!("set{s}"), all: true, ..Default::default() }).await?;
@@ -81,9 +82,10 @@ async fn commit_write_path(sets: usize, changes: usize, clients: usize) -> anyho
     Ok((secs, raw))
 }
 
-async fn commit_http(sets: usize, changes: usize, clients: usize) -> anyhow::Result<f64> {
+async fn commit_http(sets: usize, changes: usize, args: &BenchArgs) -> anyhow::Result<f64> {
+    let clients = args.clients;
     let scratch = Scratch::new("commit-http")?;
-    let nats = fresh_nats(&scratch).await?;
+    let nats = fresh_nats(&scratch, args.nats_sync_always).await?;
     let port = free_port();
     let dir = scratch.0.join("main").to_string_lossy().into_owned();
     let main = Service::spawn(

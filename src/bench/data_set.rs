@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crmsync::model::Kind;
-use crmsync::natsd::{NatsServer, NatsdOptions, free_port};
+use crmsync::natsd::free_port;
 use crmsync::transport::Nats;
 use crmsync::wire::SYNC_STREAM;
 use serde_json::{Value as J, json};
@@ -18,11 +18,7 @@ use crate::demo::{DemoSize, generate};
 /// Rebuild, catch-up, latency, memory and disk for one data set.
 pub(super) async fn data_set_figures(args: &BenchArgs, contacts: usize, figures: &mut Figures) -> anyhow::Result<()> {
     let scratch = Scratch::new("data")?;
-    let store_dir = scratch.0.join("nats");
-    let nats = tokio::task::spawn_blocking(move || {
-        NatsServer::start(&NatsdOptions { port: 0, store_dir, ..Default::default() })
-    })
-    .await??;
+    let nats = super::services::fresh_nats(&scratch, args.nats_sync_always).await?;
     let main_port = free_port();
     let main_dir = scratch.0.join("main");
     let main_dir_s = main_dir.to_string_lossy().into_owned();

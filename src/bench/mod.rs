@@ -42,6 +42,13 @@ pub struct BenchArgs {
     /// A tiny run that only shows the benchmark works (for CI).
     #[arg(long)]
     pub smoke: bool,
+    /// Only the commit and routing figures (no data sets).
+    #[arg(long)]
+    pub commit_only: bool,
+    /// Run nats-server with `sync_interval: always` (every message on disk before its
+    /// acknowledgement), to measure what that costs.
+    #[arg(long)]
+    pub nats_sync_always: bool,
 }
 
 impl BenchArgs {
@@ -64,8 +71,10 @@ pub async fn run(args: BenchArgs, as_json: bool) -> anyhow::Result<()> {
     report.insert("machine".into(), machine());
     report.insert("runs".into(), args.runs.into());
     report.insert("seed".into(), args.seed.into());
+    report.insert("nats_sync_always".into(), args.nats_sync_always.into());
     let mut sizes = Vec::new();
-    for &n in &args.contacts {
+    let data_sets = if args.commit_only { &[][..] } else { &args.contacts[..] };
+    for &n in data_sets {
         eprintln!("bench: {n} contacts …");
         let mut figures = Figures::new();
         data_set_figures(&args, n, &mut figures).await.with_context(|| format!("benchmarking {n} contacts"))?;

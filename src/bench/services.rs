@@ -167,10 +167,12 @@ pub(super) async fn wait_backlog_zero(http: &reqwest::Client, base: &str) -> any
     }
 }
 
-pub(super) async fn fresh_nats(scratch: &Scratch) -> anyhow::Result<NatsServer> {
+/// A nats-server of its own for one figure, in `scratch`; with `sync_always`, every message on
+/// disk before its acknowledgement.
+pub(super) async fn fresh_nats(scratch: &Scratch, sync_always: bool) -> anyhow::Result<NatsServer> {
     let store_dir = scratch.0.join("nats");
     Ok(tokio::task::spawn_blocking(move || {
-        NatsServer::start(&NatsdOptions { port: 0, store_dir, ..Default::default() })
+        NatsServer::start(&NatsdOptions { port: 0, store_dir, sync_always, ..Default::default() })
     })
     .await??)
 }

@@ -37,3 +37,20 @@ async fn the_benchmark_smoke_run_reports_every_figure() {
     assert!(targets.len() >= 5, "{targets:?}");
     assert!(targets.iter().all(|t| t["met"].is_boolean() && t["value"].is_string()), "{targets:?}");
 }
+
+/// `--commit-only --nats-sync-always`: the commit figures alone, on a nats-server that writes
+/// every message to disk before acknowledging it, and the report says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_benchmark_measures_commits_alone_on_a_server_that_syncs_every_message() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
+        .args(["--json", "bench", "--smoke", "--commit-only", "--nats-sync-always"])
+        .env("CRMSYNC_LOG", "error")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["nats_sync_always"], true);
+    assert_eq!(report["sizes"].as_array().map(Vec::len), Some(0), "no data sets: {report}");
+    assert!(report["commit"]["sets_10"]["write_path_per_second"].as_f64().is_some_and(|v| v > 0.0), "{report}");
+}

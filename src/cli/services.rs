@@ -291,10 +291,13 @@ async fn start_nats(args: &UpArgs, authority: &Path) -> anyhow::Result<Vec<NatsS
     let data = args.data.clone();
     Ok(tokio::task::spawn_blocking(move || {
         if single {
+            // One server holds the only copy: every message on disk before it is acknowledged,
+            // so a crash of nats-server loses no change anyone was told is saved.
             let opts = NatsdOptions {
                 port: base,
                 store_dir: data.join("nats"),
                 auth: Some(settings("nats-resolver")?),
+                sync_always: true,
                 ..Default::default()
             };
             return NatsServer::start(&opts).map(|s| vec![s]);

@@ -176,6 +176,9 @@ async fn crmsync_up_runs_everything_on_one_machine_and_resumes_from_its_data() {
     let authority = data.join("nats-authority.json");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&authority).unwrap().permissions().mode() & 0o777, 0o600);
+    // Its one server writes every message to disk before acknowledging it.
+    let config = std::fs::read_to_string(data.join("nats.conf")).unwrap();
+    assert!(config.contains("sync_interval: always"), "{config}");
     stop(&mut up, Stop::Term).await;
 
     // Started again on the same data: nothing seeded twice, nothing lost.
@@ -184,5 +187,47 @@ async fn crmsync_up_runs_everything_on_one_machine_and_resumes_from_its_data() {
     assert_eq!(status["counts"]["contact"], 50, "{status}");
     assert_eq!(apis[0].get("/v1/contacts/contact-7").await.1["city"], "Ithaca");
     wait_for_status(&apis[2], |s| s["counts"]["contact"] == 50).await;
+    stop(&mut up, Stop::Term).await;
+}
+
+/// `crmsync up --cluster`: three nats-servers in a JetStream cluster, every stream on three
+/// replicas, the main and the demo remotes connected to all three nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crmsync_up_cluster_runs_three_nodes_with_three_replicas() {
+    use crate::harness::{Api, Stop, crmsync_process, stop, wait_for_status};
+    let dir = tempfile::tempdir().unwrap();
+    let port = crmsync::natsd::free_port;
+    // Three client ports in a row from --nats-port: find a free run of them.
+    let nats = (0..50)
+        .map(|_| port())
+        .find(|p| *p < 65000 && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()))
+        .unwrap();
+    let (main, laptop, branch) = (port(), port(), port());
+    let (main_listen, remotes) = (format!("127.0.0.1:{main}"), format!("127.0.0.1:{laptop},127.0.0.1:{branch}"));
+    let nats_port = nats.to_string();
+    let args = [
+        "up",
+        "--cluster",
+        "--nats-port",
+        &nats_port,
+        "--main-listen",
+        &main_listen,
+        "--remote-listen",
+        &remotes,
+        "--contacts",
+        "20",
+        "--data",
+    ];
+    let data = dir.path().join("crmsync-data");
+    let mut up = crmsync_process(&args, &data);
+    let token = crate::harness::admin_token(&data.join("main")).await;
+    let main_api = Api::new(format!("http://127.0.0.1:{main}")).with_token(&token);
+    let status = wait_for_status(&main_api, |s| s["counts"]["contact"] == 20).await;
+    assert_eq!(status["nats"]["replicas"], 3, "{status}");
+    let urls = status["nats"]["url"].as_str().unwrap().to_owned();
+    assert_eq!(urls.split(',').count(), 3, "{urls}");
+    let laptop_api = Api::new(format!("http://127.0.0.1:{laptop}")).with_token(&token);
+    let status = wait_for_status(&laptop_api, |s| s["counts"]["contact"] == 20).await;
+    assert_eq!(status["nats"]["url"], urls.as_str(), "the bundle names every node");
     stop(&mut up, Stop::Term).await;
 }

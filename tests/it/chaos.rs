@@ -291,7 +291,12 @@ impl Chaos {
 
     /// Starts again what is due back at step `n` (everything, with `None`); returns what.
     async fn bring_back(&mut self, n: Option<usize>) -> Vec<String> {
-        let (due, later): (Vec<_>, Vec<_>) = self.down.iter().partition(|(at, _)| n.is_none_or(|n| *at <= n));
+        // The main does not start without NATS: it waits while nats-server is down.
+        let nats_stays_down = self.down.iter().any(|(at, d)| matches!(d, Down::Nats) && n.is_some_and(|n| *at > n));
+        let (due, later): (Vec<_>, Vec<_>) = self
+            .down
+            .iter()
+            .partition(|(at, d)| n.is_none_or(|n| *at <= n) && !(nats_stays_down && matches!(d, Down::Main)));
         self.down = later;
         let mut back = Vec::new();
         // NATS first: the main does not start without it.
@@ -356,7 +361,10 @@ fn seed_ids() -> Vec<String> {
 
 async fn setup(dir: &Path, seed: u64) -> Chaos {
     let nats = tokio::task::block_in_place(|| {
-        NatsServer::start(&NatsdOptions { store_dir: dir.join("nats"), ..Default::default() })
+        // As `crmsync up` runs it: every message on disk before its acknowledgement, so a kill -9
+        // of nats-server loses nothing acknowledged (at its default it can lose its last
+        // milliseconds, an upload among them; see the README's Operations).
+        NatsServer::start(&NatsdOptions { store_dir: dir.join("nats"), sync_always: true, ..Default::default() })
     })
     .expect("nats-server starts (run ops/install-nats-server)");
     let proxy = Proxy::start(nats.port).await;
@@ -433,6 +441,12 @@ async fn chaos_every_remote_converges_on_the_mains_evaluation_through_kills_and_
     }
     let back = chaos.bring_back(None).await;
     println!("end: started again: {back:?}; the laptop's connection restored");
+    // A main started again just as nats-server died exits (it owns the streams and cannot
+    // start without them): start it once more, now that NATS is up.
+    if chaos.main.child.try_wait().is_ok_and(|exited| exited.is_some()) {
+        println!("end: the main had exited (started while NATS was down); starting it again");
+        chaos.main.restart().await;
+    }
     chaos.proxy.cut.send_replace(false);
     chaos.wait_quiet().await;
 

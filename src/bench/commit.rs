@@ -114,13 +114,13 @@ async fn commit_http(sets: usize, changes: usize, args: &BenchArgs) -> anyhow::R
 
 /// The router's cost per change with 100 sets, each of two users and a query on the state:
 /// deciding the targets, and encoding the one message that goes to all of them. No IO.
-pub(super) fn routing_figures(figures: &mut Figures) {
+pub(super) fn routing_figures(figures: &mut Figures, sets: usize) {
     use crmsync::routing::{RoutingConfig, SetSpec, targets};
     let mut config = RoutingConfig::default();
     for u in 0..20 {
         config.user_teams.insert(format!("user-{u}"), vec![format!("team-{}", u % 3)]);
     }
-    for s in 0..100 {
+    for s in 0..sets {
         let state = crate::demo::STATES[s % crate::demo::STATES.len()].0;
         config.sets.insert(
             format!("set{s}"),
@@ -177,13 +177,13 @@ pub(super) fn routing_figures(figures: &mut Figures) {
         start.elapsed().as_secs_f64() * 1e6 / contacts.len() as f64
     };
     figures.line(
-        "routing cost per change, 100 sets",
+        &format!("routing cost per change, {sets} sets"),
         format!("{per_change_us:.1} µs ({deciding_us:.1} µs deciding)"),
         String::new(),
         String::new(),
     );
     figures.set(
-        "routing_us_per_change_100_sets",
+        &format!("routing_us_per_change_{sets}_sets"),
         json!({ "total": per_change_us, "deciding": deciding_us, "targets_per_change": routed as f64 / contacts.len() as f64 }),
     );
 }

@@ -10,6 +10,7 @@ mod commit;
 mod data_set;
 mod raw;
 mod report;
+mod scale;
 mod services;
 
 use anyhow::Context;
@@ -45,6 +46,16 @@ pub struct BenchArgs {
     /// Only the commit and routing figures (no data sets).
     #[arg(long)]
     pub commit_only: bool,
+    /// Only the scale simulation: --scale-sets sets and --scale-remotes remotes on one
+    /// nats-server and one main.
+    #[arg(long)]
+    pub scale: bool,
+    /// Sets of the scale simulation.
+    #[arg(long, default_value_t = 1000)]
+    pub scale_sets: usize,
+    /// Remotes of the scale simulation (each with its consumer).
+    #[arg(long, default_value_t = 10000)]
+    pub scale_remotes: usize,
     /// Run nats-server with `sync_interval: always` (every message on disk before its
     /// acknowledgement), to measure what that costs.
     #[arg(long)]
@@ -59,6 +70,8 @@ impl BenchArgs {
             self.commit_changes = 200;
             self.latency_changes = 50;
             self.clients = 8;
+            self.scale_sets = 20;
+            self.scale_remotes = 100;
         }
         self.runs = self.runs.max(1);
         self
@@ -72,6 +85,17 @@ pub async fn run(args: BenchArgs, as_json: bool) -> anyhow::Result<()> {
     report.insert("runs".into(), args.runs.into());
     report.insert("seed".into(), args.seed.into());
     report.insert("nats_sync_always".into(), args.nats_sync_always.into());
+    if args.scale {
+        let mut figures = Figures::new();
+        scale::scale_figures(&args, &mut figures).await.context("the scale simulation")?;
+        routing_figures(&mut figures, args.scale_sets);
+        if as_json {
+            println!("{}", J::Object(figures.json));
+        } else {
+            print_table(&format!("scale: {} sets, {} remotes", args.scale_sets, args.scale_remotes), &figures);
+        }
+        return Ok(());
+    }
     let mut sizes = Vec::new();
     let data_sets = if args.commit_only { &[][..] } else { &args.contacts[..] };
     for &n in data_sets {
@@ -88,7 +112,7 @@ pub async fn run(args: BenchArgs, as_json: bool) -> anyhow::Result<()> {
     eprintln!("bench: commit …");
     let mut figures = Figures::new();
     commit_figures(&args, &mut figures).await.context("benchmarking commits")?;
-    routing_figures(&mut figures);
+    routing_figures(&mut figures, 100);
     if !as_json {
         print_table("commit and routing", &figures);
     }

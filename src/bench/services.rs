@@ -58,7 +58,7 @@ impl Service {
         Ok(service)
     }
 
-    fn pid(&self) -> Option<u32> {
+    pub(super) fn pid(&self) -> Option<u32> {
         self.child.id()
     }
 

@@ -54,3 +54,23 @@ async fn the_benchmark_measures_commits_alone_on_a_server_that_syncs_every_messa
     assert_eq!(report["sizes"].as_array().map(Vec::len), Some(0), "no data sets: {report}");
     assert!(report["commit"]["sets_10"]["write_path_per_second"].as_f64().is_some_and(|v| v > 0.0), "{report}");
 }
+
+/// `--scale`: many sets and remotes on one server, each remote with its consumer; the remotes
+/// of one set run and every figure is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scale_simulation_reports_consumers_memory_routing_and_latency() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
+        .args(["--json", "bench", "--smoke", "--scale"])
+        .env("CRMSYNC_LOG", "error")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let scale = &report["scale"];
+    assert_eq!((scale["sets"].as_u64(), scale["remotes"].as_u64()), (Some(20), Some(100)), "{report}");
+    for figure in ["/register_seconds", "/nats_memory_bytes", "/main_memory_bytes", "/latency_ms/p99"] {
+        assert!(scale.pointer(figure).and_then(|v| v.as_f64()).is_some_and(|v| v > 0.0), "{figure} in {scale}");
+    }
+    assert!(report["routing_us_per_change_20_sets"]["total"].as_f64().is_some_and(|v| v > 0.0), "{report}");
+}

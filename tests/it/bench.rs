@@ -1,16 +1,22 @@
 //! The benchmark runs (tiny sizes) and reports every figure, so it cannot rot. Its numbers
 //! are not judged here: timings belong to `crmsync bench`, not to tests.
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_benchmark_smoke_run_reports_every_figure() {
+/// Runs `crmsync --json bench ARGS` and returns its report.
+async fn bench(args: &[&str]) -> serde_json::Value {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
-        .args(["--json", "bench", "--smoke"])
+        .args(["--json", "bench"])
+        .args(args)
         .env("CRMSYNC_LOG", "error")
         .output()
         .await
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_benchmark_smoke_run_reports_every_figure() {
+    let report = bench(&["--smoke"]).await;
     let size = &report["sizes"][0];
     assert_eq!(size["contacts"], 1000);
     for figure in ["/load/per_second", "/rebuild_100/per_second", "/rebuild_100/raw_per_second", "/catch_up/per_second"]
@@ -42,14 +48,7 @@ async fn the_benchmark_smoke_run_reports_every_figure() {
 /// every message to disk before acknowledging it, and the report says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_benchmark_measures_commits_alone_on_a_server_that_syncs_every_message() {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
-        .args(["--json", "bench", "--smoke", "--commit-only", "--nats-sync-always"])
-        .env("CRMSYNC_LOG", "error")
-        .output()
-        .await
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = bench(&["--smoke", "--commit-only", "--nats-sync-always"]).await;
     assert_eq!(report["nats_sync_always"], true);
     assert_eq!(report["sizes"].as_array().map(Vec::len), Some(0), "no data sets: {report}");
     assert!(report["commit"]["sets_10"]["write_path_per_second"].as_f64().is_some_and(|v| v > 0.0), "{report}");
@@ -59,14 +58,7 @@ async fn the_benchmark_measures_commits_alone_on_a_server_that_syncs_every_messa
 /// of one set run and every figure is reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_scale_simulation_reports_consumers_memory_routing_and_latency() {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
-        .args(["--json", "bench", "--smoke", "--scale"])
-        .env("CRMSYNC_LOG", "error")
-        .output()
-        .await
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = bench(&["--smoke", "--scale"]).await;
     let scale = &report["scale"];
     assert_eq!((scale["sets"].as_u64(), scale["remotes"].as_u64()), (Some(20), Some(100)), "{report}");
     for figure in ["/register_seconds", "/nats_memory_bytes", "/main_memory_bytes", "/latency_ms/p99"] {

@@ -150,3 +150,31 @@ async fn a_cluster_node_killed_in_a_burst_of_writes_loses_nothing_acknowledged_a
     laptop.stop().await;
     main.stop().await;
 }
+
+/// `main serve --replicas`: the streams take the count given, and a main started again with
+/// another count changes the existing streams in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn main_serve_puts_its_streams_on_the_replicas_it_is_given_and_changes_existing_ones() {
+    use crate::harness::{Stop, crmsync_process, stop, wait_for_status};
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = cluster(dir.path()).await;
+    let urls = cluster_urls(&nodes);
+    let js = jetstream(&urls).await;
+    let main_dir = dir.path().join("main");
+    let port = crmsync::natsd::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    for replicas in ["1", "3"] {
+        let args = ["main", "serve", "--nats", &urls, "--listen", &listen, "--replicas", replicas, "--data"];
+        let mut main = crmsync_process(&args, &main_dir);
+        let token = admin_token(&main_dir).await;
+        let api = Api::new(format!("http://{listen}")).with_token(&token);
+        let status = wait_for_status(&api, |s| s["role"] == "main").await;
+        assert_eq!(status["nats"]["replicas"].to_string(), replicas, "{status}");
+        for stream in ["CRM_EVENTS", "CRM_SYNC", "CRM_UP"] {
+            let info = js.get_stream(stream).await.unwrap().info().await.unwrap().clone();
+            assert_eq!(info.config.num_replicas.to_string(), replicas, "{stream}");
+        }
+        stop(&mut main, Stop::Term).await;
+        let _ = main.wait().await;
+    }
+}

@@ -207,10 +207,13 @@ impl<'a> TargetChange<'a> {
     /// entirely is not among them: no remote uses it (deleting a set in use is refused), and
     /// its subjects are purged.
     pub fn between(before: &'a [TargetDef], after: &'a [TargetDef]) -> Vec<TargetChange<'a>> {
+        // By target, not by searching the list for each: a main with ten thousand remotes has
+        // as many targets, and every remote registered compares them all.
+        let before: BTreeMap<&Target, &TargetDef> = before.iter().map(|b| (&b.target, b)).collect();
         after
             .iter()
             .filter_map(|def| {
-                let old = before.iter().find(|b| b.target == def.target);
+                let old = before.get(&def.target).copied();
                 (old != Some(def)).then_some(TargetChange { before: old, after: def })
             })
             .collect()

@@ -16,6 +16,9 @@ pub enum ServiceError {
     Invalid(String),
     #[error("there is no {kind} with id {id:?}")]
     NotFound { kind: Kind, id: String },
+    /// Something other than a record is not there (a token of a user); the message says what.
+    #[error("{0}")]
+    Missing(String),
     #[error("{} with id {id:?} already exists", .kind.a())]
     Exists { kind: Kind, id: String },
     #[error("field `{field}`: there is no {kind} with id {id:?}")]
@@ -50,7 +53,7 @@ impl ServiceError {
     pub fn status(&self) -> u16 {
         match self {
             ServiceError::Input(_) | ServiceError::Name(_) | ServiceError::Invalid(_) => 400,
-            ServiceError::NotFound { .. } => 404,
+            ServiceError::NotFound { .. } | ServiceError::Missing(_) => 404,
             ServiceError::Exists { .. } | ServiceError::Conflict(_) => 409,
             ServiceError::MissingRef { .. } => 422,
             ServiceError::Busy(_) | ServiceError::Unavailable(_) | ServiceError::Committed(_) => 503,

@@ -518,6 +518,15 @@ pub fn new_token() -> (String, String) {
     (token, hash)
 }
 
+/// The id of a token, shown when it is made and in a user's list of tokens, to revoke it
+/// alone: the first 12 hex digits of its hash (not a secret: it does not sign anyone in).
+pub fn token_id(hash: &str) -> &str {
+    &hash[..hash.len().min(TOKEN_ID_LEN)]
+}
+
+/// Hex digits of a token's hash that make its id.
+pub const TOKEN_ID_LEN: usize = 12;
+
 /// The hash a user record keeps of `token` (hex SHA-256).
 pub fn token_hash(token: &str) -> String {
     data_encoding::HEXLOWER.encode(&Sha256::digest(token.trim().as_bytes()))

@@ -188,6 +188,11 @@ pub enum UserCommand {
     /// Make a new API token for a user (at the main; administrators and managers). It is
     /// shown once: keep it (`--token`, CRMSYNC_TOKEN or a file CRMSYNC_TOKEN_FILE names).
     Token { user: String },
+    /// List the ids of a user's API tokens (at the main; administrators and managers).
+    Tokens { user: String },
+    /// Revoke one API token of a user by its id (shown when it was made, and by `user
+    /// tokens`): a lost laptop's token stops working while the user's others go on.
+    RevokeToken { user: String, token_id: String },
     /// Revoke every API token of a user (at the main; administrators and managers): a lost
     /// laptop's token stops working, at the main at once and at each remote once it syncs.
     RevokeTokens { user: String },

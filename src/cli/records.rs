@@ -51,7 +51,30 @@ pub async fn run(client: &Client, command: Command, as_json: bool) -> Result<(),
                 println!("{answer}");
             } else {
                 println!("{}", answer["token"].as_str().unwrap_or_default());
-                eprintln!("a new API token of {user}; it is not shown again");
+                let id = answer["token_id"].as_str().unwrap_or_default();
+                eprintln!("a new API token of {user} (id {id}); it is not shown again");
+            }
+        }
+        Command::User(UserCommand::Tokens { user }) => {
+            let answer = client.get(&format!("/v1/users/{user}/tokens"), &[]).await?;
+            if as_json {
+                println!("{answer}");
+            } else {
+                let ids = answer["token_ids"].as_array().cloned().unwrap_or_default();
+                for id in &ids {
+                    println!("{}", id.as_str().unwrap_or_default());
+                }
+                if ids.is_empty() {
+                    println!("{user} has no API token");
+                }
+            }
+        }
+        Command::User(UserCommand::RevokeToken { user, token_id }) => {
+            let answer = client.delete(&format!("/v1/users/{user}/tokens/{token_id}")).await?;
+            if as_json {
+                println!("{answer}");
+            } else {
+                println!("the API token {token_id} of {user} is revoked");
             }
         }
         Command::User(UserCommand::RevokeTokens { user }) => {

@@ -7,7 +7,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use serde_json::json;
 
 use super::auth::Authenticated;
@@ -35,7 +35,8 @@ pub fn main_api(main: Main) -> Router {
         .route("/v1/remotes/{name}/sessions", get(remote_sessions))
         .route("/v1/sessions", get(list_sessions))
         .route("/v1/accept-syncs", post(accept_syncs))
-        .route("/v1/users/{id}/tokens", post(new_token).delete(revoke_tokens))
+        .route("/v1/users/{id}/tokens", get(list_tokens).post(new_token).delete(revoke_tokens))
+        .route("/v1/users/{id}/tokens/{token_id}", delete(revoke_token))
         .route("/v1/rebuild", post(main_rebuild));
     super::api(main, own)
 }
@@ -303,7 +304,25 @@ async fn accept_syncs(
 async fn new_token(State(main): State<Main>, caller: Authenticated, ApiPath(id): ApiPath<String>) -> ApiResult {
     caller.permit(&Request::Configure("users' tokens"))?;
     let token = main.new_token(&id).await?;
-    ok(StatusCode::CREATED, json!({ "user": id, "token": token }))
+    let token_id = crate::identity::token_id(&crate::identity::token_hash(&token)).to_owned();
+    ok(StatusCode::CREATED, json!({ "user": id, "token": token, "token_id": token_id }))
+}
+
+/// The ids of a user's tokens (not the tokens: those are shown once, when made).
+async fn list_tokens(State(main): State<Main>, caller: Authenticated, ApiPath(id): ApiPath<String>) -> ApiResult {
+    caller.permit(&Request::Configure("users' tokens"))?;
+    ok(StatusCode::OK, json!({ "user": id, "token_ids": main.token_ids(&id)? }))
+}
+
+/// Revokes one token of a user, by its id.
+async fn revoke_token(
+    State(main): State<Main>,
+    caller: Authenticated,
+    ApiPath((id, token_id)): ApiPath<(String, String)>,
+) -> ApiResult {
+    caller.permit(&Request::Configure("users' tokens"))?;
+    main.revoke_token(&id, &token_id).await?;
+    ok(StatusCode::OK, json!({ "user": id, "revoked": token_id, "token_ids": main.token_ids(&id)? }))
 }
 
 /// Revokes every token of a user.

@@ -150,6 +150,43 @@ impl Main {
         Ok(token)
     }
 
+    /// The ids of `user`'s API tokens ([`crate::identity::token_id`]).
+    pub fn token_ids(&self, user: &str) -> Result<Vec<String>, ServiceError> {
+        crate::names::check("user id", user)?;
+        let record = self
+            .inner
+            .store
+            .get(Kind::User, user)?
+            .ok_or_else(|| ServiceError::NotFound { kind: Kind::User, id: user.to_owned() })?;
+        Ok(model::names(&record.fields, model::TOKENS)
+            .iter()
+            .map(|h| crate::identity::token_id(h).to_owned())
+            .collect())
+    }
+
+    /// Revokes the one API token of `user` whose id is `token_id`, at the main at once and at
+    /// each remote once the user's new state reaches it.
+    pub async fn revoke_token(&self, user: &str, token_id: &str) -> Result<(), ServiceError> {
+        crate::names::check("user id", user)?;
+        let stamp = self.inner.clock.now();
+        self.commit(Kind::User, user, |current| {
+            let current = current.ok_or_else(|| ServiceError::NotFound { kind: Kind::User, id: user.to_owned() })?;
+            let tokens = model::names(&current.fields, model::TOKENS);
+            let kept: Vec<String> =
+                tokens.iter().filter(|h| crate::identity::token_id(h) != token_id).cloned().collect();
+            if kept.len() == tokens.len() || token_id.len() != crate::identity::TOKEN_ID_LEN {
+                return Err(ServiceError::Missing(format!(
+                    "user {user} has no API token with id {token_id:?}; `crmsync user tokens {user}` lists their ids"
+                )));
+            }
+            let mut fields = current.fields.clone();
+            crate::merge::apply_patch(&mut fields, &vec![(model::TOKENS.to_owned(), Value::List(kept))], stamp);
+            Ok(Decision::Upsert(fields))
+        })
+        .await?;
+        Ok(())
+    }
+
     /// Revokes every API token of `user`, at the main at once and at each remote once the
     /// user's new state reaches it.
     pub async fn revoke_tokens(&self, user: &str) -> Result<(), ServiceError> {

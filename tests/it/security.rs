@@ -396,7 +396,40 @@ async fn the_apis_require_a_token_and_roles_and_access_decide_what_each_user_get
     assert_eq!(at_laptop("bo").post("/v1/contacts", &json!({ "id": "b2" })).await.0, 403);
     assert_eq!(Api::new(laptop.api.base.clone()).get("/v1/status").await.0, 401);
 
+    // One token revoked alone: the lost laptop's stops working, the user's other goes on.
+    let (code, out, err) = cli(&env.api, &["user", "token", "sam"]).await;
+    assert_eq!(code, 0, "{err}");
+    let (spare, spare_id) =
+        (out.trim().to_owned(), crmsync::identity::token_id(&crmsync::identity::token_hash(out.trim())).to_owned());
+    assert!(err.contains(&spare_id), "the id is shown with the token: {err}");
+    let first_id = crmsync::identity::token_id(&crmsync::identity::token_hash(&tokens["sam"])).to_owned();
+    let (code, out, err) = cli(&env.api, &["user", "tokens", "sam"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&first_id) && out.contains(&spare_id), "{out}");
+    let (code, out, err) = cli(&env.api, &["user", "revoke-token", "sam", &first_id]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("revoked"), "{out}");
+    assert_eq!(as_user("sam").get("/v1/status").await.0, 401);
+    let spare_api = Api::new(env.api.base.clone()).with_token(&spare);
+    assert_eq!(spare_api.get("/v1/status").await.0, 200);
+    let (status, body) = env.api.get("/v1/users/sam/tokens").await;
+    assert_eq!((status, body["token_ids"].clone()), (200, json!([spare_id])), "{body}");
+    let (status, body) = env.api.delete(&format!("/v1/users/sam/tokens/{first_id}")).await;
+    assert_eq!(status, 404, "an unknown id: {body}");
+    assert!(body["error"].as_str().unwrap().contains("user tokens sam"), "{body}");
+    assert_eq!(as_user("bo").get("/v1/users/sam/tokens").await.0, 403);
+    let tokens = {
+        let mut t = tokens.clone();
+        t.insert("sam", spare);
+        t
+    };
+    let at_laptop = |id: &str| Api::new(laptop.api.base.clone()).with_token(&tokens[id]);
+
     // Revoked, a user's tokens stop working at the main at once, and at the remote once synced.
+    wait_for("sam's spare token reaches the laptop", Duration::from_secs(20), || async {
+        at_laptop("sam").get("/v1/status").await.0 == 200
+    })
+    .await;
     let (code, out, err) = cli(&env.api, &["user", "revoke-tokens", "sam"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("revoked"), "{out}");

@@ -484,6 +484,13 @@ impl Nats {
     }
 
     /// Publishes routed messages in order, pipelined, and waits for every ack.
+    ///
+    /// Without `Nats-Msg-Id`: a main that replays the stream after a crash routes the same
+    /// changes again, older states before newer ones, and each subject must end with the
+    /// newest. With message ids, a nats-server restarted in between remembers only the ids of
+    /// the messages it still holds: the replayed older state (whose message a newer one had
+    /// replaced) was taken as new, and the newer one dropped as a repeat. A state sent twice
+    /// costs a remote nothing (it applies a version only once).
     pub async fn publish_routed(&self, batch: &[crate::outgoing::OutboxEntry]) -> Result<(), TransportError> {
         let ttl = format!("{}s", TOMBSTONE_TTL.as_secs());
         let mut messages = Vec::new();
@@ -491,7 +498,6 @@ impl Nats {
             let payload = bytes::Bytes::from(entry.payload.clone());
             for subject in &entry.subjects {
                 let mut headers = HeaderMap::new();
-                headers.insert("Nats-Msg-Id", entry.msg_id(subject).as_str());
                 if entry.tombstone {
                     headers.insert("Nats-TTL", ttl.as_str());
                 }

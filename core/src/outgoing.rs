@@ -9,20 +9,13 @@ use serde::{Deserialize, Serialize};
 /// every subject listed (a record's state is the same in every target that holds it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OutboxEntry {
-    /// The `CRM_EVENTS` sequence of the change that caused it; with the subject, the
-    /// message's `Nats-Msg-Id`.
+    /// The `CRM_EVENTS` sequence of the change that caused it.
     pub seq: u64,
     pub subjects: Vec<String>,
     #[serde(with = "payload_bytes")]
     pub payload: Vec<u8>,
     /// A delete or leave: expires from `CRM_SYNC` after the longest remote expiry.
     pub tombstone: bool,
-}
-
-impl OutboxEntry {
-    pub fn msg_id(&self, subject: &str) -> String {
-        format!("{}:{subject}", self.seq)
-    }
 }
 
 /// An edit made at a remote, waiting to be published to `CRM_UP`.

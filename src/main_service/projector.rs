@@ -3,8 +3,8 @@
 //!
 //! Architecture invariant: the projection, the applied position and the outbox change in one
 //! transaction. A crash anywhere leaves them consistent; the outbox publisher (publisher.rs)
-//! delivers what is in the outbox with deterministic message ids, so nothing is lost or
-//! doubled.
+//! delivers what is in the outbox, in order, so nothing is lost, and what a replay routes again
+//! ends each subject with the newest state (a remote applies a state once).
 
 use crate::model::Record;
 use crate::model::{Fields, Kind};

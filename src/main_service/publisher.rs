@@ -1,7 +1,7 @@
 //! Publishes the outbox to `CRM_SYNC`, in order, and drops each entry once NATS has
-//! acknowledged it. An entry published twice (a crash between the ack and the drop) carries
-//! the same `Nats-Msg-Id` and the same version, so NATS or, past the deduplication window,
-//! the remote's version check discards the copy.
+//! acknowledged it. An entry published twice (a crash between the ack and the drop, or a
+//! replay of the stream after a crash) carries the same version, so the remote's version check
+//! discards the copy; messages carry no `Nats-Msg-Id` (ARCHITECTURE decision 44).
 
 use std::sync::Arc;
 use std::time::Duration;

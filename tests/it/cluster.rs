@@ -1,6 +1,7 @@
-//! A three-node JetStream cluster on this host: streams on three replicas, the main and a
-//! remote connected to every node, and a node killed (SIGKILL) in the middle of a burst of
-//! writes at both: every change answered 2xx reaches the main and the remote, none twice.
+//! A three-node JetStream cluster on this host: streams on three replicas, the main and three
+//! remotes connected to every node, and a node killed (SIGKILL) in the middle of a burst of
+//! writes at the main and at two remotes: every change answered 2xx reaches the main and every
+//! remote, none twice.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -77,16 +78,20 @@ async fn a_cluster_node_killed_in_a_burst_of_writes_loses_nothing_acknowledged_a
     let token = admin_token(&main_dir).await;
     let api = Api::new(base).with_token(&token);
     main.create_set(&SetRequest { name: "everyone".into(), all: true, ..Default::default() }).await.unwrap();
-    let request = RemoteRequest { name: "laptop".into(), set: "everyone".into(), ..Default::default() };
-    let bundle = main.create_remote(&request).await.unwrap();
-    assert_eq!(bundle.nats_url, urls, "the bundle names every node");
-    let file = dir.path().join("laptop.bundle.json");
-    std::fs::write(&file, serde_json::to_vec(&bundle).unwrap()).unwrap();
-    let laptop_dir = dir.path().join("laptop");
-    crmsync::remote_service::init(&file, &laptop_dir).unwrap();
-    let laptop = Remote::start(RemoteConfig::new(laptop_dir)).await.unwrap();
-    let (laptop_base, _stop_laptop) = serve(crmsync::http::remote_api(laptop.clone())).await;
-    let laptop_api = Api::new(laptop_base).with_token(&token);
+    // Three remotes on every node: two people editing, one only receiving.
+    let mut remotes = Vec::new();
+    for name in ["laptop", "tablet", "branch"] {
+        let request = RemoteRequest { name: name.into(), set: "everyone".into(), ..Default::default() };
+        let bundle = main.create_remote(&request).await.unwrap();
+        assert_eq!(bundle.nats_url, urls, "the bundle names every node");
+        let file = dir.path().join(format!("{name}.bundle.json"));
+        std::fs::write(&file, serde_json::to_vec(&bundle).unwrap()).unwrap();
+        let data = dir.path().join(name);
+        crmsync::remote_service::init(&file, &data).unwrap();
+        let remote = Remote::start(RemoteConfig::new(data)).await.unwrap();
+        let (base, stop_api) = serve(crmsync::http::remote_api(remote.clone())).await;
+        remotes.push((remote, Api::new(base).with_token(&token), stop_api));
+    }
 
     let js = jetstream(&urls).await;
     for stream in ["CRM_EVENTS", "CRM_SYNC", "CRM_UP"] {
@@ -94,11 +99,16 @@ async fn a_cluster_node_killed_in_a_burst_of_writes_loses_nothing_acknowledged_a
         assert_eq!(info.config.num_replicas, 3, "{stream}");
     }
 
-    // A burst at both ends; the leader of CRM_EVENTS is killed in its middle, and comes back.
+    // A burst at the main and at two remotes; the leader of CRM_EVENTS is killed in its
+    // middle, and comes back.
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let (main_done, laptop_done) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let at_main = tokio::spawn(write_until(api.clone(), "m", stopped.clone(), main_done.clone()));
-    let at_laptop = tokio::spawn(write_until(laptop_api.clone(), "r", stopped, laptop_done.clone()));
+    let writers: Vec<_> = [(api.clone(), "m"), (remotes[0].1.clone(), "r"), (remotes[1].1.clone(), "t")]
+        .into_iter()
+        .map(|(api, prefix)| {
+            let done = Arc::new(AtomicUsize::new(0));
+            (prefix, done.clone(), tokio::spawn(write_until(api, prefix, stopped.clone(), done)))
+        })
+        .collect();
     wait_for("the burst is under way", Duration::from_secs(30), || async {
         main.store().counts().unwrap()[&Kind::Contact] >= 30
     })
@@ -108,33 +118,32 @@ async fn a_cluster_node_killed_in_a_burst_of_writes_loses_nothing_acknowledged_a
     tokio::task::block_in_place(|| nodes[n].kill());
     tokio::time::sleep(Duration::from_secs(3)).await;
     tokio::task::block_in_place(|| nodes[n].restart()).unwrap();
-    // The burst goes on after the node is back: 50 more writes acknowledged at each end.
-    let (main_then, laptop_then) = (main_done.load(Ordering::SeqCst), laptop_done.load(Ordering::SeqCst));
-    wait_for("writes go on at both ends", Duration::from_secs(60), || async {
-        main_done.load(Ordering::SeqCst) >= main_then + 50 && laptop_done.load(Ordering::SeqCst) >= laptop_then + 50
+    // The burst goes on after the node is back: 50 more writes acknowledged at each writer.
+    let then: Vec<usize> = writers.iter().map(|(_, done, _)| done.load(Ordering::SeqCst)).collect();
+    wait_for("writes go on everywhere", Duration::from_secs(60), || async {
+        writers.iter().zip(&then).all(|((_, done, _), then)| done.load(Ordering::SeqCst) >= then + 50)
     })
     .await;
     stop.send_replace(true);
-    let ((from_main, sent_main, slow_main), (from_laptop, sent_laptop, slow_laptop)) =
-        (at_main.await.unwrap(), at_laptop.await.unwrap());
-    eprintln!(
-        "killed {victim} for 3 s: {} of {sent_main} writes at the main answered 2xx (slowest {:.2} s), {} of \
-         {sent_laptop} at the laptop (slowest {:.2} s)",
-        from_main.len(),
-        slow_main.as_secs_f64(),
-        from_laptop.len(),
-        slow_laptop.as_secs_f64()
-    );
+    let mut acknowledged = Vec::new();
+    for (prefix, _, writer) in writers {
+        let (ids, sent, slowest) = writer.await.unwrap();
+        eprintln!(
+            "killed {victim} for 3 s: {} of {sent} writes by {prefix} answered 2xx (slowest {:.2} s)",
+            ids.len(),
+            slowest.as_secs_f64()
+        );
+        acknowledged.extend(ids);
+    }
 
-    // Everything acknowledged is at the main and at the laptop.
-    wait_for("the laptop's edits reach the main", Duration::from_secs(60), || async {
-        from_laptop.iter().all(|id| main.store().get(Kind::Contact, id).unwrap().is_some())
+    // Everything acknowledged is at the main and at every remote.
+    wait_for("the remotes' edits reach the main", Duration::from_secs(60), || async {
+        acknowledged.iter().all(|id| main.store().get(Kind::Contact, id).unwrap().is_some())
     })
     .await;
-    for id in &from_main {
-        assert!(main.store().get(Kind::Contact, id).unwrap().is_some(), "{id} was acknowledged and is gone");
+    for (remote, _, _) in &remotes {
+        wait_converged(&main, remote.store()).await;
     }
-    wait_converged(&main, laptop.store()).await;
 
     // None twice: each contact is one event of CRM_EVENTS.
     let mut events = BTreeMap::new();
@@ -147,7 +156,9 @@ async fn a_cluster_node_killed_in_a_burst_of_writes_loses_nothing_acknowledged_a
     let doubled: Vec<_> = events.iter().filter(|(_, n)| **n > 1).collect();
     assert!(doubled.is_empty(), "changes committed twice: {doubled:?}");
     assert_eq!(events.len(), main.store().counts().unwrap()[&Kind::Contact] as usize);
-    laptop.stop().await;
+    for (remote, _, _) in remotes {
+        remote.stop().await;
+    }
     main.stop().await;
 }
 

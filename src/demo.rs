@@ -33,31 +33,7 @@ const INDUSTRIES: [&str; 5] = ["Retail", "Software", "Logistics", "Health", "Fin
 pub const PHASES: [&[Kind]; 6] =
     [&[Kind::Team], &[Kind::User], &[Kind::Company], &[Kind::Group], &[Kind::Contact], &[Kind::Note, Kind::Membership]];
 
-/// A small deterministic generator (splitmix64): the same seed gives the same data.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-
-    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
+pub use crmsync::rng::Rng;
 
 /// How much to generate.
 #[derive(Debug, Clone, Copy)]

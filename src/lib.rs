@@ -28,7 +28,7 @@ pub mod transport;
 pub mod wall_clock;
 
 pub use crmsync_core::{
-    access, apply, assign, bundle, date, hlc, lifecycle, merge, model, names, outgoing, query, routing, schedule,
+    access, apply, assign, bundle, date, hlc, lifecycle, merge, model, names, outgoing, query, rng, routing, schedule,
     schema, wire,
 };
 

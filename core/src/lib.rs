@@ -27,6 +27,7 @@ pub mod model;
 pub mod names;
 pub mod outgoing;
 pub mod query;
+pub mod rng;
 pub mod routing;
 pub mod schedule;
 pub mod schema;

@@ -445,9 +445,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_session_report_is_checked_like_a_message() {
-        let report = SessionReport {
+    /// A session of remote `r1` of database `db1` that received 3 changes.
+    fn report() -> SessionReport {
+        SessionReport {
             product: PRODUCT.into(),
             schema: SCHEMA_MAJOR,
             db: "db1".into(),
@@ -460,7 +460,12 @@ mod tests {
             refused: 0,
             conflicts: 0,
             mode: "continuous".into(),
-        };
+        }
+    }
+
+    #[test]
+    fn a_session_report_is_checked_like_a_message() {
+        let report = report();
         assert_eq!(SessionReport::decode_checked(&report.encode(), "db1", "r1"), Ok(report.clone()));
         let other_db = SessionReport::decode_checked(&report.encode(), "db2", "r1").unwrap_err();
         assert!(other_db.contains("db1") && other_db.contains("db2"), "{other_db}");
@@ -475,20 +480,7 @@ mod tests {
     /// `is_empty` panic (overflow checks) or, wrapping to 0, call a busy session empty.
     #[test]
     fn a_report_with_huge_counters_is_not_empty() {
-        let report = SessionReport {
-            product: PRODUCT.into(),
-            schema: SCHEMA_MAJOR,
-            db: "db1".into(),
-            remote: "r1".into(),
-            id: "01J".into(),
-            started_ms: 1,
-            ended_ms: 2,
-            received: u64::MAX,
-            sent: 1,
-            refused: 0,
-            conflicts: 0,
-            mode: "continuous".into(),
-        };
+        let report = SessionReport { received: u64::MAX, sent: 1, ..report() };
         let decoded = SessionReport::decode_checked(&report.encode(), "db1", "r1").unwrap();
         assert!(!decoded.is_empty());
         let all = SessionReport { sent: u64::MAX, refused: u64::MAX, conflicts: u64::MAX, ..decoded };

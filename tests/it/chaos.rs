@@ -373,8 +373,16 @@ async fn setup(dir: &Path, seed: u64) -> Chaos {
     let main_args = ["main", "serve", "--nats", &nats.url(), "--listen", &format!("127.0.0.1:{port}"), "--data"];
     let main = Service::start("main", main_args.iter().map(|s| s.to_string()).collect(), &main_dir, port);
     let token = admin_token(&main_dir).await;
-    let mut chaos =
-        Chaos { rng: Rng(seed), token, nats, proxy, main, remotes: Vec::new(), contacts: seed_ids(), down: Vec::new() };
+    let mut chaos = Chaos {
+        rng: Rng::new(seed),
+        token,
+        nats,
+        proxy,
+        main,
+        remotes: Vec::new(),
+        contacts: seed_ids(),
+        down: Vec::new(),
+    };
     wait_for("the main answers", Duration::from_secs(30), || async {
         chaos.at_main("GET", "/v1/status", None).await == 200
     })

@@ -434,41 +434,32 @@ pub fn http_client_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
 }
 
-/// A small seeded generator (SplitMix64): a failing run replays with its seed.
-pub struct Rng(pub u64);
+/// The seeded generator of the randomized tests (a failing run replays with its seed), and
+/// what they draw from it beyond numbers.
+pub use crmsync::rng::Rng;
 
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
+pub trait Draw {
+    fn bytes(&mut self, n: usize) -> Vec<u8>;
+    fn text(&mut self, n: usize) -> String;
+    fn wrong_value(&mut self) -> J;
+}
 
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-
-    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
+impl Draw for Rng {
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next_u64() as u8).collect()
     }
 
     /// A string of `n` characters, from ASCII letters to control characters and emoji.
-    pub fn text(&mut self, n: usize) -> String {
+    fn text(&mut self, n: usize) -> String {
         const CHARS: &[char] =
             &['a', 'Z', '0', ' ', '.', '*', '>', '/', '%', '"', '\\', '\n', '\t', 'é', '💥', '\u{7f}'];
         (0..n).map(|_| *self.pick(CHARS)).collect()
     }
 
     /// A JSON value of no use as a field's value: the wrong type, or absurdly nested.
-    pub fn wrong_value(&mut self) -> J {
+    fn wrong_value(&mut self) -> J {
         match self.below(7) {
-            0 => json!(self.next() as i64),
+            0 => json!(self.next_u64() as i64),
             1 => json!([self.text(3), 1, null]),
             2 => json!({ "nested": { "deeper": self.text(4) } }),
             3 => json!(true),

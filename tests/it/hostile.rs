@@ -10,7 +10,7 @@ use serde_json::{Value as J, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::harness::{Api, Env, wait_for};
+use crate::harness::{Api, Draw, Env, wait_for};
 
 /// Sends one request and returns its status, its `Allow` header and its body as JSON (a body
 /// that is not JSON fails the test: every answer of the API is JSON).
@@ -511,7 +511,7 @@ fn bad_request(rng: &mut crate::harness::Rng) -> (&'static str, String, Vec<u8>)
         1 => "a".repeat(65 + rng.below(5000)),
         2 => "no%20such%20id".to_owned(),
         3 => "%00".to_owned(),
-        4 => format!("missing-{}", rng.next()),
+        4 => format!("missing-{}", rng.next_u64()),
         _ => "..%2F..%2Fetc".to_owned(),
     };
     let json = |v: J| serde_json::to_vec(&v).unwrap();
@@ -522,7 +522,7 @@ fn bad_request(rng: &mut crate::harness::Rng) -> (&'static str, String, Vec<u8>)
             (
                 "POST",
                 format!("/v1/{collection}"),
-                json(json!({ "id": format!("bad-{}", rng.next()), field: rng.wrong_value() })),
+                json(json!({ "id": format!("bad-{}", rng.next_u64()), field: rng.wrong_value() })),
             )
         }
         1 => {
@@ -594,7 +594,7 @@ async fn hostile_thousands_of_random_bad_requests_are_refused_with_a_message_and
     crate::harness::wait_converged(env.main(), remote.remote.store()).await;
     let (main_before, remote_before) = (everything(env.main().store()), everything(remote.remote.store()));
     let client = crate::harness::http_client();
-    let mut rng = crate::harness::Rng(seed);
+    let mut rng = crate::harness::Rng::new(seed);
     let mut outcomes: std::collections::BTreeMap<(&str, u16), usize> = Default::default();
     for n in 0..3000 {
         let (side, base) = if n % 2 == 0 { ("main", &env.api.base) } else { ("remote", &remote.api.base) };
